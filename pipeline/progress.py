@@ -1,0 +1,109 @@
+"""Telling the user what is happening: a tqdm bar on a terminal, plain
+periodic lines otherwise, and the closing summary."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from tqdm import tqdm
+
+log = logging.getLogger("pipeline")
+
+LOG_INTERVAL_S = 30.0  # plain progress lines when stderr is not a terminal
+
+
+@dataclass
+class RunCounters:
+    """What this run did (the manifest holds the totals over all runs)."""
+
+    rows_embedded: int = 0
+    rows_rejected: dict[str, int] = field(default_factory=dict)
+    rows_done: int = 0
+    units_done: int = 0
+    tokens: int = 0
+    pieces: int = 0
+
+    def reject(self, reason: str, n: int = 1) -> None:
+        self.rows_rejected[reason] = self.rows_rejected.get(reason, 0) + n
+
+
+class Progress:
+    def __init__(self, total_rows: int | None, enabled: bool | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._started = clock()
+        self._last_log = self._started
+        self._total = total_rows
+        self.rows = 0
+        self.tokens = 0
+        on_terminal = sys.stderr.isatty()
+        self._plain = enabled is not False and not on_terminal
+        self._bar = None
+        if enabled is not False and on_terminal:
+            self._bar = tqdm(total=total_rows, unit="row", unit_scale=True, dynamic_ncols=True, file=sys.stderr)
+
+    def advance(self, rows: int, tokens: int) -> None:
+        self.rows += rows
+        self.tokens += tokens
+        if self._bar is not None:
+            self._bar.update(rows)
+            self._bar.set_postfix_str(f"{_human(self.tokens)} tokens", refresh=False)
+        elif self._plain and self._clock() - self._last_log >= LOG_INTERVAL_S:
+            self._last_log = self._clock()
+            log.info(self.line())
+
+    def line(self) -> str:
+        elapsed = max(self._clock() - self._started, 1e-9)
+        rate = self.rows / elapsed
+        done = f"{self.rows:,}" + (f"/{self._total:,} rows ({100 * self.rows / max(self._total, 1):.0f}%)" if self._total else " rows")
+        eta = ""
+        if self._total and rate > 0:
+            eta = f", ETA {_duration(max(self._total - self.rows, 0) / rate)}"
+        return f"progress: {done}, {_human(self.tokens)} tokens, {rate:,.0f} rows/s{eta}"
+
+    def elapsed_s(self) -> float:
+        return self._clock() - self._started
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The closing summary, for people."""
+    run = summary["run"]
+    total = summary["job"]
+    rejected = ", ".join(f"{n:,} {why}" for why, n in sorted(run["rows_rejected"].items())) or "none"
+    lines = [
+        f"{summary['status']}: {run['rows_embedded']:,} rows embedded, rejected: {rejected}; "
+        f"{run['tokens']:,} tokens, {run['requests']:,} requests, {run['retries']:,} retries "
+        f"in {_duration(run['elapsed_s'])} ({run['rows_per_s']:,.0f} rows/s)",
+        f"job {summary['name']}: {total['rows_done']:,}"
+        + (f"/{total['total_rows']:,}" if total.get("total_rows") is not None else "")
+        + f" rows done in {total['units_done']:,} parts -> {summary['output']}",
+    ]
+    for name, p in summary["providers"].items():
+        state = p["state"] + (f" ({p['reason']})" if p.get("reason") else "")
+        lines.append(
+            f"  {name}: {state}; {p['requests']:,} requests, {p['inputs']:,} inputs, {p['tokens']:,} tokens, "
+            f"{p['retries']:,} retries, {p['rate_limited']:,} rate-limited"
+        )
+    return lines
+
+
+def _human(n: float) -> str:
+    for unit in ("", "k", "M", "G"):
+        if abs(n) < 1000:
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000.0
+    return f"{n:.1f}T"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")

@@ -1,0 +1,41 @@
+"""What every provider offers the dispatcher."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ..config import ProviderConfig
+from ..errors import BadResponseError
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    vectors: np.ndarray  # float32 [n_inputs, dim], C-contiguous
+    usage_tokens: int | None  # what the provider says it billed, when it says
+
+
+class Provider(Protocol):
+    name: str
+    config: ProviderConfig
+
+    async def start(self) -> None: ...
+
+    async def embed(self, texts: list[str]) -> EmbedResult: ...
+
+    async def close(self) -> None: ...
+
+
+def check_vectors(vectors: np.ndarray, n_inputs: int, dimensions: int | None, provider: str) -> None:
+    """Refuse an answer before anything is written: one finite vector per input,
+    one length for all, equal to `dimensions` when the job sets it."""
+    if vectors.ndim != 2 or vectors.shape[0] != n_inputs:
+        got = vectors.shape[0] if vectors.ndim >= 1 else 0
+        raise BadResponseError(f"{got} vectors for {n_inputs} inputs", provider=provider)
+    if vectors.shape[1] == 0:
+        raise BadResponseError("empty vectors", provider=provider)
+    if dimensions is not None and vectors.shape[1] != dimensions:
+        raise BadResponseError(f"vectors of length {vectors.shape[1]}, expected {dimensions}", provider=provider)
+    if not np.isfinite(vectors).all():
+        raise BadResponseError("vector holds NaN or infinity", provider=provider)

@@ -1,0 +1,136 @@
+"""An OpenAI-compatible `/embeddings` endpoint: the only module that speaks HTTP.
+
+It absorbs the dialects met in the field: `embedding` or `embeddings` (ctyun),
+`data` out of order, float lists or base64 whatever was asked, error bodies
+under HTTP 200, word or numeric error codes.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from ..config import ProviderConfig
+from ..errors import BadResponseError, ProviderError, classify
+from .base import EmbedResult, check_vectors
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0  # a dead host should fail fast even when requests may take long
+USER_AGENT = "embedding-pipeline/0.1"
+REDACTED = "***"
+
+
+class OpenAIProvider:
+    def __init__(self, cfg: ProviderConfig, dimensions: int | None) -> None:
+        assert cfg.base_url is not None and cfg.model is not None
+        self.name = cfg.name
+        self.config = cfg
+        self._dimensions = dimensions
+        self._url = cfg.base_url.rstrip("/") + "/embeddings"
+        self._key = cfg.api_key or ""
+        # base64 halves the bytes and the parsing; dropped for a provider that refuses it.
+        self.encoding_format = "base64"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self.config.max_concurrency, enable_cleanup_closed=True)
+        timeout = aiohttp.ClientTimeout(
+            total=self.config.timeout_s, sock_connect=min(CONNECT_TIMEOUT_S, self.config.timeout_s)
+        )
+        headers = {"Authorization": f"Bearer {self._key}", "User-Agent": USER_AGENT}
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def embed(self, texts: list[str]) -> EmbedResult:
+        try:
+            return await self._post(texts)
+        except ProviderError as err:
+            if self.encoding_format == "base64" and err.kind == "bad_input" and _about_encoding(err):
+                log.info("%s refuses encoding_format=base64; asking for floats from now on", self.name)
+                self.encoding_format = "float"
+                return await self._post(texts)
+            raise
+
+    async def _post(self, texts: list[str]) -> EmbedResult:
+        assert self._session is not None, "start() first"
+        body: dict[str, Any] = {"model": self.config.model, "input": texts, "encoding_format": self.encoding_format}
+        if self._dimensions is not None:
+            body["dimensions"] = self._dimensions
+        try:
+            async with self._session.post(self._url, json=body) as resp:
+                status = resp.status
+                headers = dict(resp.headers)
+                raw = await resp.read()
+        except Exception as exc:  # noqa: BLE001 - every failure is classified in one place
+            raise self._redact(classify(provider=self.name, exc=exc)) from exc
+        try:
+            payload = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            if status >= 400:
+                text = raw[:500].decode("utf-8", errors="replace")
+                raise self._redact(classify(provider=self.name, status=status, body=text, headers=headers)) from None
+            raise BadResponseError(f"response is not JSON ({len(raw)} bytes)", provider=self.name) from exc
+        if status >= 400 or (isinstance(payload, dict) and payload.get("error") and not payload.get("data")):
+            raise self._redact(classify(provider=self.name, status=status, body=payload, headers=headers))
+        vectors = self._vectors(payload, len(texts))
+        check_vectors(vectors, len(texts), self._dimensions, self.name)
+        usage = payload.get("usage") if isinstance(payload, dict) else None
+        billed = usage.get("total_tokens", usage.get("prompt_tokens")) if isinstance(usage, dict) else None
+        return EmbedResult(vectors, billed if isinstance(billed, int) else None)
+
+    def _vectors(self, payload: Any, n_inputs: int) -> np.ndarray:
+        data = payload.get("data") if isinstance(payload, dict) else None
+        if not isinstance(data, list):
+            raise BadResponseError("response has no 'data' list", provider=self.name)
+        if len(data) != n_inputs:
+            raise BadResponseError(f"{len(data)} vectors for {n_inputs} inputs", provider=self.name)
+        rows: list[np.ndarray | None] = [None] * n_inputs
+        for position, item in enumerate(data):
+            if not isinstance(item, dict):
+                raise BadResponseError("a 'data' item is not an object", provider=self.name)
+            index = item.get("index", position)
+            if not isinstance(index, int) or not 0 <= index < n_inputs or rows[index] is not None:
+                raise BadResponseError(f"bad or repeated index {index!r} in 'data'", provider=self.name)
+            rows[index] = self._decode(item.get("embedding", item.get("embeddings")))
+        lengths = {len(r) for r in rows if r is not None}
+        if len(lengths) != 1:
+            raise BadResponseError(f"vectors of differing lengths {sorted(lengths)[:4]}", provider=self.name)
+        return np.stack(rows)  # type: ignore[arg-type]
+
+    def _decode(self, value: Any) -> np.ndarray:
+        """A float list or a base64 string of little-endian float32, whatever was asked."""
+        if isinstance(value, str):
+            try:
+                raw = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise BadResponseError("embedding is neither floats nor base64", provider=self.name) from None
+            if len(raw) % 4:
+                raise BadResponseError("base64 embedding is not whole float32 values", provider=self.name)
+            return np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False)
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
+            value = value[0]  # a relay that nests one vector in a list
+        if isinstance(value, list) and value and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+            return np.asarray(value, dtype=np.float32)
+        raise BadResponseError("an item has no 'embedding' or 'embeddings' vector", provider=self.name)
+
+    def _redact(self, err: ProviderError) -> ProviderError:
+        """Some relays echo the key back in their messages."""
+        if self._key and self._key in err.message:
+            err.message = err.message.replace(self._key, REDACTED)
+            err.args = (err.message,)
+        return err
+
+
+def _about_encoding(err: ProviderError) -> bool:
+    text = err.message.lower()
+    return "encoding_format" in text or "base64" in text or "encoding format" in text

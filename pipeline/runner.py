@@ -1,0 +1,384 @@
+"""Wires the stages together: sources -> texts -> packing -> dispatch -> sink -> manifest.
+
+Owns the event loop, the bounded window of units in flight, progress, the
+closing summary and the graceful stop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import sink
+from .config import JobConfig
+from .dispatch import Dispatcher
+from .errors import EXIT_OK, BadInputError, ConfigError, PipelineError, WorkLeftError
+from .manifest import Manifest, RunLock, job_fingerprint, manifest_lock, orphan_parts
+from .packing import pack
+from .progress import Progress, RunCounters, summary_lines
+from .providers import Provider, build_provider
+from .sources import InputFile, Unit, check_columns, find_inputs, iter_units
+from .texts import combine, prepare, row_texts
+
+log = logging.getLogger("pipeline")
+
+MAX_UNITS_IN_FLIGHT = 16  # bounds memory: each unit holds rows_per_part rows and their vectors
+GRACE_S = 20.0  # after SIGTERM/SIGINT, in-flight units get this long; inside Airflow's/k8s' 30 s
+PROBE_TEXT = "dimension probe"  # sent once per output when the job does not fix `dimensions`
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    shard: tuple[int, int] | None = None  # (k, n)
+    limit: int | None = None  # embed only the first ROWS rows
+    restart: bool = False
+    progress: bool | None = None  # None: a bar on a terminal, lines otherwise
+    grace_s: float = GRACE_S
+
+
+def run_job(job: JobConfig, options: RunOptions) -> int:
+    """Run a job to completion or to a clean stop. Returns the exit status;
+    raises PipelineError for the one-line errors."""
+    return asyncio.run(_Run(job, options).main())
+
+
+class _Run:
+    def __init__(self, job: JobConfig, options: RunOptions) -> None:
+        self.job = job
+        self.opts = options
+        self.out_dir = Path(job.output.path)
+        self.counters = RunCounters()
+        self.error: PipelineError | None = None
+        self.stopping = False
+        self.files: list[InputFile] = []
+        self.manifest: Manifest
+        self.dispatcher: Dispatcher
+        self.progress: Progress
+        self.dim = 0
+
+    async def main(self) -> int:
+        self.files = find_inputs(self.job.input)
+        check_columns(self.files, self.job.input)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"output.path: cannot create {self.out_dir} ({err.strerror})") from None
+        if not os.access(self.out_dir, os.W_OK):
+            raise ConfigError(f"output.path: {self.out_dir} is not writable")
+        with RunLock(self.out_dir, self.opts.shard):
+            self.manifest = Manifest.open(
+                self.out_dir, self.job, job_fingerprint(self.job, self.files), restart=self.opts.restart
+            )
+            with manifest_lock(self.out_dir):
+                sink.clean_temp_files(self.out_dir)
+                for orphan in orphan_parts(self.out_dir, self.manifest):
+                    orphan.unlink(missing_ok=True)
+            for folder in (sink.REJECTS_DIR, sink.PARTIAL_DIR):
+                (self.out_dir / folder).mkdir(exist_ok=True)
+            providers = [build_provider(cfg, self.job) for cfg in self.job.providers]
+            try:
+                return await self._with_providers(providers)
+            finally:
+                await asyncio.gather(*(p.close() for p in providers), return_exceptions=True)
+
+    async def _with_providers(self, providers: list[Provider]) -> int:
+        self.dispatcher = Dispatcher(providers, self.job.retry)
+        self.progress = Progress(None, self.opts.progress)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            await asyncio.gather(*(p.start() for p in providers))
+            self.dim = await self._dimensions()
+            self.dispatcher.dimensions = self.dim
+            await self._process_units()
+        except PipelineError as err:
+            self.error = self.error or err
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            self.progress.close()
+        return self._finish()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.stopping:
+            log.warning("second %s: stopping now", sig.name)
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+            return
+        log.warning("%s: finishing in-flight work (up to %.0fs), then stopping", sig.name, self.opts.grace_s)
+        self.stopping = True
+        self.error = self.error or WorkLeftError(f"interrupted by {sig.name}; rerun to continue")
+
+    async def _dimensions(self) -> int:
+        known = self.manifest.data.get("dimensions") or self.job.embedding.dimensions
+        if known:
+            dim = int(known)
+        else:
+            result = await self.dispatcher.embed([PROBE_TEXT], 2)
+            dim = int(result.vectors.shape[1])
+        if self.manifest.data.get("dimensions") != dim:
+            self.manifest.update(lambda data: data.update(dimensions=dim))
+        return dim
+
+    # -- the unit loop ------------------------------------------------------
+
+    def _wanted(self, seq: int) -> bool:
+        if self.manifest.is_done(seq):
+            return False
+        if self.opts.shard is not None:
+            k, n = self.opts.shard
+            return seq % n == k
+        return True
+
+    def _window(self) -> int:
+        slots = sum(p.max_concurrency for p in self.job.providers)
+        rows_in_flight = slots * self.job.batching.max_inputs_per_request
+        return max(2, min(MAX_UNITS_IN_FLIGHT, math.ceil(rows_in_flight / self.job.output.rows_per_part) + 1))
+
+    async def _process_units(self) -> None:
+        totals: dict[str, int] = {}
+        units = iter_units(self.files, self.job.input, self.job.output.rows_per_part, self._wanted, totals)
+        window = asyncio.Semaphore(self._window())
+        tasks: set[asyncio.Task[None]] = set()
+        limit = self.opts.limit
+        try:
+            while not self.stopping:
+                await window.acquire()
+                unit = await asyncio.to_thread(next, units, None)
+                if unit is None or self.stopping or (limit is not None and unit.row_offset >= limit):
+                    window.release()
+                    break
+                end = unit.table.num_rows if limit is None else min(unit.table.num_rows, limit - unit.row_offset)
+                task = asyncio.create_task(self._unit(unit, end))
+                tasks.add(task)
+                task.add_done_callback(lambda t: (tasks.discard(t), window.release()))
+        except PipelineError as err:
+            self.error = self.error or err
+        finally:
+            if tasks:
+                _, pending = await asyncio.wait(tasks, timeout=self.opts.grace_s if self.stopping else None)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        if totals and self.manifest.data.get("total_units") != totals["units"]:
+            self.manifest.update(lambda d: d.update(total_units=totals["units"], total_rows=totals["rows"]))
+
+    async def _unit(self, unit: Unit, end: int) -> None:
+        try:
+            await self._embed_unit(unit, end)
+        except PipelineError as err:
+            self.error = self.error or err
+            self.stopping = True
+        except asyncio.CancelledError:
+            self.error = self.error or WorkLeftError("stopped before in-flight work finished; rerun to continue")
+            raise
+
+    async def _embed_unit(self, unit: Unit, end: int) -> None:
+        seq_key = str(unit.seq)
+        partial = self.manifest.partial.get(seq_key)
+        begin = partial["rows_done"] if partial else 0
+        if begin >= end:
+            return
+        table = unit.table.slice(begin, end - begin)
+        ids = sink.id_array(table, self.job, unit.row_offset + begin).to_pylist()
+        texts = row_texts(table, self.job.input)
+        prepared = await asyncio.to_thread(prepare, texts, self.job.embedding, ids)
+
+        vectors = np.zeros((len(prepared.pieces), self.dim), dtype=np.float32)
+        refused: dict[int, str | None] = {}  # piece -> provider error code
+        is_last_piece = np.r_[prepared.piece_row[1:] != prepared.piece_row[:-1], True] if prepared.pieces else []
+        reported = 0
+
+        async def send(a: int, b: int) -> None:
+            nonlocal reported
+            tokens = int(prepared.piece_tokens[a:b].sum())
+            try:
+                result = await self.dispatcher.embed(prepared.pieces[a:b], tokens)
+            except BadInputError as err:
+                if b - a == 1:
+                    refused[a] = err.code or (str(err.status) if err.status else None)
+                else:  # isolate the offending rows; the others still get embedded
+                    mid = (a + b) // 2
+                    await asyncio.gather(send(a, mid), send(mid, b))
+                return
+            vectors[a:b] = result.vectors
+            rows_finished = int(np.count_nonzero(is_last_piece[a:b]))
+            reported += rows_finished
+            self.progress.advance(rows_finished, tokens)
+
+        max_inputs, max_tokens = self._request_limits()
+        slices = pack(prepared.piece_tokens, prepared.piece_bytes, max_inputs=max_inputs, max_tokens=max_tokens)
+        await asyncio.gather(*(send(a, b) for a, b in slices))
+        self.progress.advance(prepared.n_rows - reported, 0)  # rows that got no vector
+
+        ok = np.ones(len(prepared.pieces), dtype=bool)
+        codes: list[str | None] = [None] * prepared.n_rows
+        reasons = list(prepared.reasons)
+        for piece, code in refused.items():
+            ok[piece] = False
+            row = int(prepared.piece_row[piece])
+            reasons[row] = "provider_rejected"
+            codes[row] = code
+        row_vectors, has = combine(vectors, prepared)
+        for row in range(prepared.n_rows):
+            if reasons[row] is None and not has[row]:
+                reasons[row] = "empty"  # every chunk of it was blank
+        has &= np.array([r is None for r in reasons], dtype=bool)
+        tokens = int(prepared.piece_tokens[ok].sum())
+        result = pa.table(
+            {
+                "vector": sink.vector_array(row_vectors, has, self.dim),
+                sink.REASON_COLUMN: pa.array(reasons, pa.string()),
+                sink.CODE_COLUMN: pa.array(codes, pa.string()),
+            }
+        )
+        await asyncio.to_thread(self._commit, unit, begin, end, result, tokens, partial)
+
+    def _request_limits(self) -> tuple[int, int]:
+        """The job's budgets, lowered to the strictest provider's own."""
+        max_inputs = self.job.batching.max_inputs_per_request
+        max_tokens = self.job.batching.max_tokens_per_request
+        for p in self.job.providers:
+            max_inputs = min(max_inputs, p.max_inputs_per_request or max_inputs)
+            max_tokens = min(max_tokens, p.max_tokens_per_request or max_tokens)
+        return max_inputs, max(max_tokens, self.job.embedding.max_input_tokens)
+
+    def _commit(self, unit: Unit, begin: int, end: int, result: pa.Table, tokens: int, partial: dict[str, Any] | None) -> None:
+        """Write the unit's part (or its partial rows), then record it in the manifest."""
+        name = sink.part_name(unit.seq)
+        if partial:
+            earlier = pq.read_table(self.out_dir / sink.PARTIAL_DIR / partial["file"])
+            result = pa.concat_tables([earlier, result.cast(earlier.schema)])
+            tokens += partial["tokens"]
+        table = unit.table.slice(0, end)
+        reasons = result.column(sink.REASON_COLUMN).to_pylist()
+        rejected: dict[str, int] = {}
+        for reason in reasons[begin:]:
+            if reason is not None:
+                rejected[reason] = rejected.get(reason, 0) + 1
+                self.counters.reject(reason)
+        new_embedded = sum(r is None for r in reasons[begin:])
+        self.counters.rows_embedded += new_embedded
+        self.counters.rows_done += end - begin
+        self.counters.tokens += tokens - (partial["tokens"] if partial else 0)
+        record = {
+            "rows": end,
+            "embedded": sum(r is None for r in reasons),
+            "rejected": {k: v for k, v in _count(reasons).items() if k is not None},
+            "tokens": tokens,
+        }
+        finished = end == unit.table.num_rows
+        if not finished:  # --limit cut this unit short: keep its rows for a later run
+            temp = sink.temp_path(self.out_dir / sink.PARTIAL_DIR / name)
+            sink.write_table_atomic(temp, result)
+
+            def keep_partial(data: dict[str, Any]) -> None:
+                os.replace(temp, self.out_dir / sink.PARTIAL_DIR / name)
+                sink.fsync_dir(self.out_dir / sink.PARTIAL_DIR)
+                data["partial"][str(unit.seq)] = {"rows_done": end, "file": name, "tokens": tokens}
+
+            self.manifest.update(keep_partial)
+            return
+        vector = result.column("vector").combine_chunks()
+        part = sink.part_table(self.job, table, unit.row_offset, vector, self.dim)
+        part_temp = sink.temp_path(self.out_dir / name)
+        sink.write_table_atomic(part_temp, part)
+        reject_temp = None
+        rejected_rows = [i for i, r in enumerate(reasons) if r is not None]
+        if rejected_rows:
+            ids = part.column(0).take(rejected_rows).to_pylist()
+            codes = result.column(sink.CODE_COLUMN).take(rejected_rows).to_pylist()
+            reject_temp = sink.temp_path(self.out_dir / sink.REJECTS_DIR / name)
+            sink.write_table_atomic(reject_temp, sink.rejects_table(ids, [reasons[i] for i in rejected_rows], codes, name))
+
+        def commit(data: dict[str, Any]) -> None:
+            if str(unit.seq) in data["units"]:  # another process finished it first
+                part_temp.unlink(missing_ok=True)
+                if reject_temp:
+                    reject_temp.unlink(missing_ok=True)
+                return
+            if reject_temp:
+                os.replace(reject_temp, self.out_dir / sink.REJECTS_DIR / name)
+            os.replace(part_temp, self.out_dir / name)
+            sink.fsync_dir(self.out_dir)
+            data["units"][str(unit.seq)] = record
+            data["partial"].pop(str(unit.seq), None)
+
+        self.manifest.update(commit)
+        if partial:
+            (self.out_dir / sink.PARTIAL_DIR / partial["file"]).unlink(missing_ok=True)
+        self.counters.units_done += 1
+
+    # -- the end --------------------------------------------------------------
+
+    def _finish(self) -> int:
+        done_here = self.error is None and not self.stopping
+        complete = self.manifest.complete() and self.opts.limit is None
+        status = "complete" if complete else ("done" if done_here else "stopped")
+        summary = self._summary(status)
+        with manifest_lock(self.out_dir):
+            sink.merge_rejects(self.out_dir, (int(s) for s in self.manifest.units))
+            sink.write_json_atomic(self.out_dir / "_summary.json", summary)
+            if complete and done_here:
+                sink.write_atomic(self.out_dir / "_SUCCESS", b"")
+        for line in summary_lines(summary):
+            log.info(line)
+        if self.error is not None:
+            raise self.error
+        return EXIT_OK
+
+    def _summary(self, status: str) -> dict[str, Any]:
+        elapsed = self.progress.elapsed_s()
+        providers = self.dispatcher.provider_report()
+        totals = self.manifest.counters()
+
+        def record_run(data: dict[str, Any]) -> None:
+            data["runs"] = (data.get("runs", []) + [{
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "shard": list(self.opts.shard) if self.opts.shard else None,
+                "status": status,
+                "rows": self.counters.rows_done,
+                "providers": providers,
+            }])[-50:]
+
+        self.manifest.update(record_run)
+        return {
+            "name": self.job.name,
+            "status": status,
+            "output": str(self.out_dir),
+            "model": self.job.embedding.model,
+            "dimensions": self.dim,
+            "error": str(self.error) if self.error else None,
+            "run": {
+                "rows_embedded": self.counters.rows_embedded,
+                "rows_rejected": self.counters.rows_rejected,
+                "rows_done": self.counters.rows_done,
+                "tokens": self.counters.tokens,
+                "requests": sum(p["requests"] for p in providers.values()),
+                "retries": sum(p["retries"] for p in providers.values()),
+                "elapsed_s": round(elapsed, 3),
+                "rows_per_s": round(self.counters.rows_done / elapsed, 1) if elapsed > 0 else 0.0,
+            },
+            "job": {**totals, "total_rows": self.manifest.data.get("total_rows"),
+                    "total_units": self.manifest.data.get("total_units")},
+            "providers": providers,
+        }
+
+
+def _count(values: list[Any]) -> dict[Any, int]:
+    counts: dict[Any, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return counts

@@ -1,0 +1,216 @@
+"""Find inputs, fingerprint them, and stream them as units of work.
+
+A unit is a fixed slice of one input file (`rows_per_part` rows, fewer at the
+end of a file), numbered in input order. Unit boundaries depend only on the
+inputs and `rows_per_part`, so every run and every shard sees the same units,
+and unit N always becomes `part-N.parquet`.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .config import InputConfig
+from .errors import ConfigError
+
+FileFormat = Literal["parquet", "csv"]
+PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".tsv")
+READ_BATCH_ROWS = 8192  # Arrow batch size while streaming; memory is bounded by a unit anyway
+CSV_BLOCK_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    format: FileFormat
+    size: int
+    mtime_ns: int
+
+    def fingerprint(self) -> dict[str, object]:
+        return {"path": self.path, "size": self.size, "mtime_ns": self.mtime_ns}
+
+
+@dataclass(frozen=True)
+class Unit:
+    seq: int  # global, in input order
+    file_index: int
+    file_start_row: int  # first row within its file
+    row_offset: int  # first row over all inputs (the default id)
+    table: pa.Table  # the columns the job reads, `num_rows` rows
+
+
+def find_inputs(cfg: InputConfig) -> list[InputFile]:
+    """Every input file, in a stable order: list order, then sorted within a glob or directory."""
+    found: list[str] = []
+    for pattern in cfg.paths:
+        if "://" in pattern:
+            raise ConfigError(f"input.path: {pattern}: remote filesystems are not supported yet")
+        if os.path.isdir(pattern):
+            matches = sorted(
+                str(p)
+                for p in Path(pattern).rglob("*")
+                if p.is_file() and not _hidden(p.relative_to(pattern)) and _format_of(str(p), "auto")
+            )
+            if not matches:
+                raise ConfigError(f"input.path: {pattern}: directory holds no .parquet or .csv file")
+        elif glob.has_magic(pattern):
+            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise ConfigError(f"input.path: {pattern}: matches no file")
+        elif os.path.isfile(pattern):
+            matches = [pattern]
+        else:
+            raise ConfigError(f"input.path: {pattern}: no such file or directory")
+        found.extend(matches)
+    files = []
+    for path in dict.fromkeys(os.path.abspath(p) for p in found):
+        fmt = _format_of(path, cfg.format)
+        if fmt is None:
+            raise ConfigError(f"input.path: {path}: unknown format; set input.format to parquet or csv")
+        try:
+            st = os.stat(path)
+            with open(path, "rb"):
+                pass
+        except OSError as err:
+            raise ConfigError(f"input.path: {path}: cannot read ({err.strerror})") from None
+        files.append(InputFile(path, fmt, st.st_size, st.st_mtime_ns))
+    return files
+
+
+def check_columns(files: list[InputFile], cfg: InputConfig) -> None:
+    """Every column the job names exists in every input (reads schemas only)."""
+    for f in files:
+        names = set(read_schema(f).names)
+        for role, cols in (
+            ("text_column" if cfg.text_column else "text_template", cfg.text_columns),
+            ("id_column", (cfg.id_column,) if cfg.id_column else ()),
+            ("keep_columns", cfg.keep_columns),
+        ):
+            for col in cols:
+                if col not in names:
+                    known = ", ".join(sorted(names)[:20])
+                    raise ConfigError(f"input.{role}: column {col!r} is not in {f.path} (columns: {known})")
+
+
+def read_schema(f: InputFile) -> pa.Schema:
+    try:
+        if f.format == "parquet":
+            return pq.read_schema(f.path)
+        with pacsv.open_csv(f.path, read_options=pacsv.ReadOptions(block_size=1 << 16)) as reader:
+            return reader.schema
+    except (pa.ArrowException, OSError) as err:
+        raise ConfigError(f"input.path: {f.path}: not a readable {f.format} file ({_first_line(err)})") from None
+
+
+def iter_units(
+    files: list[InputFile],
+    cfg: InputConfig,
+    rows_per_part: int,
+    wanted: Callable[[int], bool],
+    totals: dict[str, int] | None = None,
+) -> Iterator[Unit]:
+    """Yield the units for which `wanted(seq)` is true, in order; once every
+    input is read, `totals` gets the count of all units and rows.
+
+    Parquet files whose units are all unwanted are skipped from metadata; a
+    CSV must be read to know where its units fall.
+    """
+    seq = 0
+    row_offset = 0
+    columns = list(cfg.read_columns)
+    for index, f in enumerate(files):
+        try:
+            if f.format == "parquet":
+                parquet = pq.ParquetFile(f.path)
+                n_rows = parquet.metadata.num_rows
+                n_units = -(-n_rows // rows_per_part)
+                if not any(wanted(s) for s in range(seq, seq + n_units)):
+                    seq, row_offset = seq + n_units, row_offset + n_rows
+                    continue
+                batches = parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns)
+            else:
+                batches = _csv_batches(f.path, columns)
+            for start, table in _slices(batches, rows_per_part):
+                if wanted(seq):
+                    yield Unit(seq, index, start, row_offset, table)
+                seq += 1
+                row_offset += table.num_rows
+        except pa.ArrowException as err:
+            raise ConfigError(f"input.path: {f.path}: cannot read ({_first_line(err)})") from None
+    if totals is not None:
+        totals.update(units=seq, rows=row_offset)
+
+
+def count_units(files: list[InputFile], cfg: InputConfig, rows_per_part: int) -> tuple[int, int]:
+    """(units, rows) over all inputs; free for Parquet, a streaming pass for CSV."""
+    units = rows = 0
+    for f in files:
+        if f.format == "parquet":
+            n = pq.ParquetFile(f.path).metadata.num_rows
+        else:
+            n = sum(b.num_rows for b in _csv_batches(f.path, list(cfg.read_columns)[:1]))
+        units += -(-n // rows_per_part)
+        rows += n
+    return units, rows
+
+
+def _csv_batches(path: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    # CSV has no types: every column is read as text, so a late odd value
+    # cannot break type inference halfway through a file.
+    convert = pacsv.ConvertOptions(
+        include_columns=columns,
+        column_types={c: pa.string() for c in columns},
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=False,  # "" stays an empty string, a bare empty field is null
+    )
+    read = pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES)
+    parse = pacsv.ParseOptions(newlines_in_values=True, delimiter="\t" if path.endswith(".tsv") else ",")
+    with pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert) as reader:
+        yield from reader
+
+
+def _slices(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[tuple[int, pa.Table]]:
+    """Regroup a stream of batches into tables of exactly `rows` rows (the last may be short)."""
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+    start = 0
+    for batch in batches:
+        while batch.num_rows:
+            take = min(rows - pending_rows, batch.num_rows)
+            pending.append(batch.slice(0, take))
+            pending_rows += take
+            batch = batch.slice(take)
+            if pending_rows == rows:
+                yield start, pa.Table.from_batches(pending)
+                start += rows
+                pending, pending_rows = [], 0
+    if pending_rows:
+        yield start, pa.Table.from_batches(pending)
+
+
+def _format_of(path: str, configured: str) -> FileFormat | None:
+    if configured in ("parquet", "csv"):
+        return configured  # type: ignore[return-value]
+    lower = path.lower()
+    if lower.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if lower.endswith(CSV_SUFFIXES):
+        return "csv"
+    return None
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith((".", "_")) for part in relative.parts)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

