@@ -28,6 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # the disk or the file system said no, outside a run's own handling
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}; rerun to continue", file=sys.stderr)
+        return EXIT_WORK_LEFT
     except KeyboardInterrupt:
         print("error: interrupted; rerun to continue", file=sys.stderr)
         return EXIT_WORK_LEFT

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Mapping, get_args
 
@@ -308,6 +308,8 @@ def _make(cls: type, where: str, values: Mapping[str, Any]) -> Any:
     kwargs = {}
     for f in fields(cls):
         if f.name not in values:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ConfigError(f"{where}.{f.name}: required")
             continue
         value = values[f.name]
         kwargs[f.name] = _coerce(f"{where}.{f.name}", value, str(f.type))
@@ -329,7 +331,8 @@ def _coerce(where: str, value: Any, annotation: str) -> Any:
         value = float(value)
     elif annotation.startswith("str") or annotation in ("Format", "TooLongPolicy", "EmptyPolicy", "ProviderType"):
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected text, got {value!r}")
+            got = type(value).__name__ if where.endswith(".api_key") else repr(value)  # never echo a key
+            raise ConfigError(f"{where}: expected text, got {got}")
     return value
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from .config import RetryConfig
 from .errors import BadInputError, BadResponseError, ProviderError, WorkLeftError, classify
+from .limits import RateWindow
 from .providers import EmbedResult, Provider
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class Route:
         self.cool_until = 0.0
         self.unusable_reason: str | None = None
         self.stats = ProviderStats()
+        self.rate = RateWindow(provider.config.requests_per_minute, provider.config.tokens_per_minute)
 
     def state(self, now: float) -> ProviderState:
         if self.unusable_reason is not None:
@@ -135,6 +137,8 @@ class Dispatcher:
                 if route.unusable_reason is not None:  # it failed while this request waited
                     avoid = route
                     continue
+                await self._wait_for_rate(route, tokens)
+                route.rate.sent(tokens)
                 route.in_flight += 1
                 route.stats.requests += 1
                 started = self._clock()
@@ -152,6 +156,7 @@ class Dispatcher:
                     return result
                 finally:
                     route.in_flight -= 1
+                    route.rate.answered(tokens, self._clock())
             last = err
             route.stats.failures[err.kind] = route.stats.failures.get(err.kind, 0) + 1
             if err.kind == "bad_input":
@@ -171,6 +176,13 @@ class Dispatcher:
         if last is not None and not self.usable():
             raise WorkLeftError(self._no_provider_message())
         raise WorkLeftError(f"a request failed {self._retry.max_attempts} times (retry.max_attempts); last: {last}")
+
+    async def _wait_for_rate(self, route: Route, tokens: int) -> None:
+        """Hold the request until the provider's RPM/TPM window has room for it."""
+        if not route.rate.limited:
+            return
+        while (delay := route.rate.delay_s(tokens, self._clock())) > 0:
+            await self._sleep(delay)
 
     def _pick(self, avoid: Route | None) -> Route | None:
         """The best usable provider: lowest priority first, then fewest requests

@@ -23,7 +23,7 @@ from . import sink
 from .config import JobConfig
 from .dispatch import Dispatcher
 from .errors import EXIT_OK, BadInputError, ConfigError, PipelineError, WorkLeftError
-from .manifest import Manifest, RunLock, job_fingerprint, manifest_lock, orphan_parts
+from .manifest import MAX_RUNS_KEPT, Manifest, RunLock, job_fingerprint, manifest_lock, orphan_parts
 from .packing import pack
 from .progress import Progress, RunCounters, summary_lines
 from .providers import Provider, build_provider
@@ -83,6 +83,10 @@ class _Run:
                 sink.clean_temp_files(self.out_dir)
                 for orphan in orphan_parts(self.out_dir, self.manifest):
                     orphan.unlink(missing_ok=True)
+            if self.manifest.complete() and (self.out_dir / "_SUCCESS").exists():
+                rows = self.manifest.counters()["rows_done"]
+                log.info("job %s is already complete: %s rows in %s (--restart redoes it)", self.job.name, f"{rows:,}", self.out_dir)
+                return EXIT_OK
             for folder in (sink.REJECTS_DIR, sink.PARTIAL_DIR):
                 (self.out_dir / folder).mkdir(exist_ok=True)
             providers = [build_provider(cfg, self.job) for cfg in self.job.providers]
@@ -180,6 +184,13 @@ class _Run:
             await self._embed_unit(unit, end)
         except PipelineError as err:
             self.error = self.error or err
+            self.stopping = True
+        except OSError as err:  # a full disk or a lost permission: what is committed stays committed
+            self.error = self.error or WorkLeftError(f"cannot write to {self.out_dir}: {err.strerror or err}")
+            self.stopping = True
+        except Exception as err:  # a bug: stop cleanly, keep what is done, say so
+            log.debug("unit %d failed", unit.seq, exc_info=True)
+            self.error = self.error or WorkLeftError(f"internal error in part {unit.seq}: {type(err).__name__}: {err}")
             self.stopping = True
         except asyncio.CancelledError:
             self.error = self.error or WorkLeftError("stopped before in-flight work finished; rerun to continue")
@@ -324,14 +335,23 @@ class _Run:
     # -- the end --------------------------------------------------------------
 
     def _finish(self) -> int:
+        """Record the run, write the summary, and `_SUCCESS` if the whole job
+        is done, judged on the latest manifest: another shard may have just
+        finished the last part."""
         done_here = self.error is None and not self.stopping
-        complete = self.manifest.complete() and self.opts.limit is None
-        status = "complete" if complete else ("done" if done_here else "stopped")
-        summary = self._summary(status)
+        providers = self.dispatcher.provider_report()
         with manifest_lock(self.out_dir):
+            latest = Manifest.read(self.out_dir)
+            if latest is not None:
+                self.manifest = latest
+            complete = done_here and self.opts.limit is None and self.manifest.complete()
+            status = "complete" if complete else ("done" if done_here else "stopped")
+            summary = self._summary(status, providers)
+            self.manifest.data["runs"] = (self.manifest.data.get("runs", []) + [summary["run"]])[-MAX_RUNS_KEPT:]
+            sink.write_json_atomic(self.manifest.path, self.manifest.data)
             sink.merge_rejects(self.out_dir, (int(s) for s in self.manifest.units))
             sink.write_json_atomic(self.out_dir / "_summary.json", summary)
-            if complete and done_here:
+            if complete:
                 sink.write_atomic(self.out_dir / "_SUCCESS", b"")
         for line in summary_lines(summary):
             log.info(line)
@@ -339,21 +359,8 @@ class _Run:
             raise self.error
         return EXIT_OK
 
-    def _summary(self, status: str) -> dict[str, Any]:
+    def _summary(self, status: str, providers: dict[str, dict[str, Any]]) -> dict[str, Any]:
         elapsed = self.progress.elapsed_s()
-        providers = self.dispatcher.provider_report()
-        totals = self.manifest.counters()
-
-        def record_run(data: dict[str, Any]) -> None:
-            data["runs"] = (data.get("runs", []) + [{
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "shard": list(self.opts.shard) if self.opts.shard else None,
-                "status": status,
-                "rows": self.counters.rows_done,
-                "providers": providers,
-            }])[-50:]
-
-        self.manifest.update(record_run)
         return {
             "name": self.job.name,
             "status": status,
@@ -362,6 +369,9 @@ class _Run:
             "dimensions": self.dim,
             "error": str(self.error) if self.error else None,
             "run": {
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "status": status,
+                "shard": list(self.opts.shard) if self.opts.shard else None,
                 "rows_embedded": self.counters.rows_embedded,
                 "rows_rejected": self.counters.rows_rejected,
                 "rows_done": self.counters.rows_done,
@@ -370,9 +380,13 @@ class _Run:
                 "retries": sum(p["retries"] for p in providers.values()),
                 "elapsed_s": round(elapsed, 3),
                 "rows_per_s": round(self.counters.rows_done / elapsed, 1) if elapsed > 0 else 0.0,
+                "providers": providers,
             },
-            "job": {**totals, "total_rows": self.manifest.data.get("total_rows"),
-                    "total_units": self.manifest.data.get("total_units")},
+            "job": {
+                **self.manifest.counters(),
+                "total_rows": self.manifest.data.get("total_rows"),
+                "total_units": self.manifest.data.get("total_units"),
+            },
             "providers": providers,
         }
 

@@ -40,11 +40,15 @@ def temp_path(final: Path) -> Path:
 
 def write_atomic(final: Path, data: bytes) -> None:
     tmp = temp_path(final)
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
+        raise
     fsync_dir(final.parent)
 
 

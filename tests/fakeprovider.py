@@ -54,6 +54,7 @@ import json
 import random
 import re
 import threading
+import time
 from collections import deque
 from functools import cache
 from typing import Any, Iterable, Literal
@@ -122,6 +123,7 @@ class FakeProvider:
         self._script: deque[str] = deque()
         self.add_script(*script)
         self._requests: list[dict[str, Any]] = []
+        self._arrivals: list[float] = []  # time.monotonic() of each POST, for rate-limit checks
         self._inputs: list[str] = []
         self._successes = 0
         self._in_flight = 0
@@ -143,6 +145,11 @@ class FakeProvider:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def arrivals(self) -> list[float]:
+        with self._lock:
+            return list(self._arrivals)
 
     @property
     def requests(self) -> list[dict[str, Any]]:
@@ -241,6 +248,7 @@ class FakeProvider:
             body = None
         with self._lock:
             self._requests.append(body if isinstance(body, dict) else {"_raw": raw})
+            self._arrivals.append(time.monotonic())
             directive = self._script.popleft() if self._script else "ok"
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
