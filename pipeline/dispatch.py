@@ -162,8 +162,9 @@ class Dispatcher:
             if err.kind == "bad_input":
                 raise err
             if err.kind == "unusable":
-                route.unusable_reason = str(err)
-                log.warning("provider %s is unusable for this job: %s", route.name, err)
+                # reasons are keyed by provider already: drop the "name: " that str(err) starts with
+                route.unusable_reason = str(err).removeprefix(f"{route.name}: ")
+                log.warning("provider %s is unusable for this job: %s", route.name, route.unusable_reason)
                 continue
             delay = retry_delay_s(attempt, err, self._retry, self._rand)
             if err.kind == "rate_limited":

@@ -178,7 +178,8 @@ def classify(
         return ProviderUnusableError(message or "endpoint not found (check base_url)", **fields)
     if status is not None and status >= 500:
         return TransientError(message or f"server error {status}", retry_after_s=retry_after, **fields)
-    if code_l in TRANSIENT_CODES or (err_type or "") in TRANSIENT_TYPES or code_l.isdigit():
+    numbered_failure = code_l.isdigit() and status not in (400, 413, 422)  # under 400 a number is the rows' fault
+    if code_l in TRANSIENT_CODES or (err_type or "") in TRANSIENT_TYPES or numbered_failure:
         # Numeric codes ("500001") are ctyun's model-invocation failures.
         return TransientError(message or "provider error", retry_after_s=retry_after, **fields)
     if status in (400, 422) and DIMENSIONS_PATTERN.search(message):

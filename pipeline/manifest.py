@@ -165,7 +165,7 @@ class Manifest:
     def counters(self) -> dict[str, Any]:
         rows = embedded = tokens = 0
         rejected: dict[str, int] = {}
-        for record in self.units.values():
+        for record in [*self.units.values(), *self.partial.values()]:
             rows += record["rows"]
             embedded += record["embedded"]
             tokens += record["tokens"]
@@ -192,11 +192,10 @@ def discard_outputs(out_dir: Path) -> None:
 
 def orphan_parts(out_dir: Path, manifest: Manifest) -> list[Path]:
     """Part files the manifest does not list: written by a run that died before committing."""
-    listed = {part_name(int(seq)) for seq in manifest.units}
+    listed = {part_name(int(seq)) for seq in [*manifest.units, *manifest.partial]}
     orphans = [p for p in out_dir.glob("part-*.parquet") if p.name not in listed]
     orphans += [p for p in (out_dir / REJECTS_DIR).glob("part-*.parquet") if p.name not in listed]
-    listed_partial = {r["file"] for r in manifest.partial.values()}
-    orphans += [p for p in (out_dir / PARTIAL_DIR).glob("*.parquet") if p.name not in listed_partial]
+    orphans += [p for p in (out_dir / PARTIAL_DIR).glob("*.parquet") if p.name not in listed]
     return orphans
 
 

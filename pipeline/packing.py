@@ -25,8 +25,8 @@ def pack(
     both tiktoken and the byte estimate. An input over the budget on its own
     travels alone (the provider will judge it). Empty input gives no slice.
     """
-    if max_inputs < 1 or max_tokens < 1:
-        raise ValueError("max_inputs and max_tokens must be at least 1")
+    if not (1 <= max_inputs < math.inf and 1 <= max_tokens < math.inf):  # also refuses nan
+        raise ValueError("max_inputs and max_tokens must be finite and at least 1")
     if len(tokens) != len(nbytes):
         raise ValueError("tokens and nbytes differ in length")
     slices: list[tuple[int, int]] = []

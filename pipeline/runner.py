@@ -199,7 +199,9 @@ class _Run:
     async def _embed_unit(self, unit: Unit, end: int) -> None:
         seq_key = str(unit.seq)
         partial = self.manifest.partial.get(seq_key)
-        begin = partial["rows_done"] if partial else 0
+        # The partial file, not the manifest, says how far it got: a kill may
+        # fall between replacing it and recording it.
+        begin = pq.read_metadata(self.out_dir / sink.PARTIAL_DIR / partial["file"]).num_rows if partial else 0
         if begin >= end:
             return
         table = unit.table.slice(begin, end - begin)
@@ -267,70 +269,65 @@ class _Run:
         return max_inputs, max(max_tokens, self.job.embedding.max_input_tokens)
 
     def _commit(self, unit: Unit, begin: int, end: int, result: pa.Table, tokens: int, partial: dict[str, Any] | None) -> None:
-        """Write the unit's part (or its partial rows), then record it in the manifest."""
-        name = sink.part_name(unit.seq)
+        """Write the unit's part and its rejects, then record it in the manifest.
+
+        A unit cut short by --limit is recorded as partial: its part holds the
+        rows done so far, and `_partial.d` keeps their reasons for the run
+        that finishes it.
+        """
+        seq, name = str(unit.seq), sink.part_name(unit.seq)
         if partial:
             earlier = pq.read_table(self.out_dir / sink.PARTIAL_DIR / partial["file"])
             result = pa.concat_tables([earlier, result.cast(earlier.schema)])
             tokens += partial["tokens"]
-        table = unit.table.slice(0, end)
         reasons = result.column(sink.REASON_COLUMN).to_pylist()
-        rejected: dict[str, int] = {}
         for reason in reasons[begin:]:
             if reason is not None:
-                rejected[reason] = rejected.get(reason, 0) + 1
                 self.counters.reject(reason)
-        new_embedded = sum(r is None for r in reasons[begin:])
-        self.counters.rows_embedded += new_embedded
+        self.counters.rows_embedded += sum(r is None for r in reasons[begin:])
         self.counters.rows_done += end - begin
         self.counters.tokens += tokens - (partial["tokens"] if partial else 0)
-        record = {
-            "rows": end,
-            "embedded": sum(r is None for r in reasons),
-            "rejected": {k: v for k, v in _count(reasons).items() if k is not None},
-            "tokens": tokens,
-        }
         finished = end == unit.table.num_rows
-        if not finished:  # --limit cut this unit short: keep its rows for a later run
-            temp = sink.temp_path(self.out_dir / sink.PARTIAL_DIR / name)
-            sink.write_table_atomic(temp, result)
 
-            def keep_partial(data: dict[str, Any]) -> None:
-                os.replace(temp, self.out_dir / sink.PARTIAL_DIR / name)
-                sink.fsync_dir(self.out_dir / sink.PARTIAL_DIR)
-                data["partial"][str(unit.seq)] = {"rows_done": end, "file": name, "tokens": tokens}
-
-            self.manifest.update(keep_partial)
-            return
-        vector = result.column("vector").combine_chunks()
-        part = sink.part_table(self.job, table, unit.row_offset, vector, self.dim)
-        part_temp = sink.temp_path(self.out_dir / name)
-        sink.write_table_atomic(part_temp, part)
-        reject_temp = None
-        rejected_rows = [i for i, r in enumerate(reasons) if r is not None]
-        if rejected_rows:
-            ids = part.column(0).take(rejected_rows).to_pylist()
-            codes = result.column(sink.CODE_COLUMN).take(rejected_rows).to_pylist()
-            reject_temp = sink.temp_path(self.out_dir / sink.REJECTS_DIR / name)
-            sink.write_table_atomic(reject_temp, sink.rejects_table(ids, [reasons[i] for i in rejected_rows], codes, name))
+        part = sink.part_table(self.job, unit.table.slice(0, end), unit.row_offset, result.column("vector").combine_chunks(), self.dim)
+        staged: dict[Path, pa.Table] = {self.out_dir / name: part}
+        rejected = [i for i, r in enumerate(reasons) if r is not None]
+        if rejected:
+            ids = part.column(0).take(rejected).to_pylist()
+            codes = result.column(sink.CODE_COLUMN).take(rejected).to_pylist()
+            staged[self.out_dir / sink.REJECTS_DIR / name] = sink.rejects_table(ids, [reasons[i] for i in rejected], codes, name)
+        if not finished:
+            staged[self.out_dir / sink.PARTIAL_DIR / name] = result
+        temps = {final: sink.temp_path(final) for final in staged}
+        for final, table in staged.items():
+            sink.write_table_atomic(temps[final], table)
 
         def commit(data: dict[str, Any]) -> None:
-            if str(unit.seq) in data["units"]:  # another process finished it first
-                part_temp.unlink(missing_ok=True)
-                if reject_temp:
-                    reject_temp.unlink(missing_ok=True)
+            if seq in data["units"]:  # another process finished it first
+                for temp in temps.values():
+                    temp.unlink(missing_ok=True)
                 return
-            if reject_temp:
-                os.replace(reject_temp, self.out_dir / sink.REJECTS_DIR / name)
-            os.replace(part_temp, self.out_dir / name)
-            sink.fsync_dir(self.out_dir)
-            data["units"][str(unit.seq)] = record
-            data["partial"].pop(str(unit.seq), None)
+            (self.out_dir / sink.REJECTS_DIR / name).unlink(missing_ok=True)  # a partial's, superseded
+            for final, temp in temps.items():
+                os.replace(temp, final)
+            for folder in {final.parent for final in temps}:
+                sink.fsync_dir(folder)
+            record = {
+                "rows": end,
+                "embedded": sum(r is None for r in reasons),
+                "rejected": {k: v for k, v in _count(reasons).items() if k is not None},
+                "tokens": tokens,
+            }
+            if finished:
+                data["units"][seq] = record
+                data["partial"].pop(seq, None)
+            else:
+                data["partial"][seq] = {**record, "file": name}
 
         self.manifest.update(commit)
-        if partial:
-            (self.out_dir / sink.PARTIAL_DIR / partial["file"]).unlink(missing_ok=True)
-        self.counters.units_done += 1
+        if finished:
+            (self.out_dir / sink.PARTIAL_DIR / name).unlink(missing_ok=True)
+            self.counters.units_done += 1
 
     # -- the end --------------------------------------------------------------
 
@@ -349,7 +346,7 @@ class _Run:
             summary = self._summary(status, providers)
             self.manifest.data["runs"] = (self.manifest.data.get("runs", []) + [summary["run"]])[-MAX_RUNS_KEPT:]
             sink.write_json_atomic(self.manifest.path, self.manifest.data)
-            sink.merge_rejects(self.out_dir, (int(s) for s in self.manifest.units))
+            sink.merge_rejects(self.out_dir, (int(s) for s in [*self.manifest.units, *self.manifest.partial]))
             sink.write_json_atomic(self.out_dir / "_summary.json", summary)
             if complete:
                 sink.write_atomic(self.out_dir / "_SUCCESS", b"")

@@ -33,7 +33,9 @@ class OpenAIProvider:
         self.config = cfg
         self._dimensions = dimensions
         self._url = cfg.base_url.rstrip("/") + "/embeddings"
-        self._key = cfg.api_key or ""
+        # A key read from a mounted secret often ends in a newline, which no
+        # HTTP header may carry; keys never hold whitespace.
+        self._key = (cfg.api_key or "").strip()
         # base64 halves the bytes and the parsing; dropped for a provider that refuses it.
         self.encoding_format = "base64"
         self._session: aiohttp.ClientSession | None = None
