@@ -24,8 +24,8 @@ ProviderType = Literal["openai", "local"]
 MAX_INPUTS_PER_REQUEST = 2048  # the OpenAI API's own limit
 MAX_TOKENS_PER_INPUT = 8192  # the OpenAI API's own limit
 DEFAULT_ROWS_PER_PART = 10_000  # one unit of work = one part file; also the resume granularity
-ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-TEMPLATE_FIELD = re.compile(r"\{([^{}]+)\}")
+ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # $$ writes a literal $
+TEMPLATE_FIELD = re.compile(r"(?<!\{)\{([^{}!:]+)(?:![rsa])?(?::[^{}]*)?\}")  # {name}, {name:spec}; {{ is literal
 
 
 @dataclass(frozen=True)
@@ -279,7 +279,7 @@ def _build_job(raw: dict[str, Any], job_path: Path, env_missing: tuple[str, ...]
         _reject_unknown(prov, [f.name for f in fields(ProviderConfig)], where)
         prov = dict(prov)
         prov.setdefault("model", embedding_cfg.model)
-        if prov.get("type", "openai") == "openai" and "api_key" not in prov:
+        if prov.get("type", "openai") == "openai" and not prov.get("api_key"):
             raise ConfigError(f"{where}.api_key: required for an openai provider (write api_key: ${{ENV_VAR}})")
         try:
             providers.append(_make(ProviderConfig, where, prov))
@@ -372,6 +372,8 @@ def _expand_env(value: Any, where: str, missing: list[tuple[str, str]]) -> Any:
 
         def fill(match: re.Match[str]) -> str:
             name = match.group(1)
+            if name is None:
+                return "$"
             if name not in os.environ:
                 missing.append((name, where or "job"))
                 return match.group(0)

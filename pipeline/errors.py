@@ -163,7 +163,10 @@ def classify(
         return TransientError(f"{type(exc).__name__}: {exc}"[:MAX_ERROR_TEXT_CHARS], provider=provider)
 
     message, code, err_type = _error_fields(body)
-    retry_after = retry_after_seconds(headers or {}, now_s=now_s)
+    # OpenAI sends x-ratelimit-reset-* on every answer: they bound a rate-limit
+    # wait, never a 5xx backoff.
+    retry_after = retry_after_seconds(headers or {}, now_s=now_s, with_reset=False)
+    rate_limit_wait = retry_after_seconds(headers or {}, now_s=now_s)
     fields = dict(provider=provider, status=status, code=code)
     text = f"{message} {code or ''} {err_type or ''}"
     code_l = (code or "").lower()
@@ -173,7 +176,7 @@ def classify(
     if QUOTA_PATTERN.search(text) and status != 429 and code_l not in RATE_LIMIT_CODES:
         return ProviderUnusableError(message, **fields)
     if status == 429 or code_l in RATE_LIMIT_CODES or RATE_LIMIT_PATTERN.search(text):
-        return RateLimitedError(message or "rate limited", retry_after_s=retry_after, **fields)
+        return RateLimitedError(message or "rate limited", retry_after_s=rate_limit_wait, **fields)
     if status == 404 and code_l in ("", "not_found"):
         return ProviderUnusableError(message or "endpoint not found (check base_url)", **fields)
     if status is not None and status >= 500:
@@ -214,7 +217,9 @@ def _short(text: str) -> str:
     return text if len(text) <= MAX_ERROR_TEXT_CHARS else text[: MAX_ERROR_TEXT_CHARS - 1] + "…"
 
 
-def retry_after_seconds(headers: Mapping[str, str], *, now_s: float | None = None) -> float | None:
+def retry_after_seconds(
+    headers: Mapping[str, str], *, now_s: float | None = None, with_reset: bool = True
+) -> float | None:
     """Seconds to wait from `retry-after-ms`, `Retry-After` (seconds or HTTP date)
     or `x-ratelimit-reset-requests/tokens` ("1s", "6m0s", "20ms"); None if absent."""
     lower = {k.lower(): v for k, v in headers.items()}
@@ -232,6 +237,8 @@ def retry_after_seconds(headers: Mapping[str, str], *, now_s: float | None = Non
                 secs = None
         if secs is not None:
             return max(0.0, secs)
+    if not with_reset:
+        return None
     resets = [_duration_seconds(lower.get(k)) for k in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
     known = [r for r in resets if r is not None]
     return max(0.0, max(known)) if known else None
