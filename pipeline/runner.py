@@ -97,7 +97,7 @@ class _Run:
 
     async def _with_providers(self, providers: list[Provider]) -> int:
         self.dispatcher = Dispatcher(providers, self.job.retry)
-        self.progress = Progress(None, self.opts.progress)
+        self.progress = Progress(self._rows_to_do(), self.opts.progress)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -113,6 +113,19 @@ class _Run:
                 loop.remove_signal_handler(sig)
             self.progress.close()
         return self._finish()
+
+    def _rows_to_do(self) -> int | None:
+        """Rows this run has left, when known without reading the inputs (for the ETA)."""
+        if self.opts.shard is not None:
+            return None
+        total = self.manifest.data.get("total_rows")
+        if total is None and all(f.format == "parquet" for f in self.files):
+            total = sum(pq.ParquetFile(f.path).metadata.num_rows for f in self.files)
+        if total is None:
+            return None
+        if self.opts.limit is not None:
+            total = min(total, self.opts.limit)
+        return max(0, total - self.manifest.counters()["rows_done"])
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self.stopping:
