@@ -124,7 +124,9 @@ class Dispatcher:
         """
         last: ProviderError | None = None
         avoid: Route | None = None
-        for attempt in range(1, self._retry.max_attempts + 1):
+        attempt = 0
+        while attempt < self._retry.max_attempts:
+            attempt += 1
             route = self._pick(avoid)
             if route is None:
                 raise WorkLeftError(self._no_provider_message())
@@ -135,6 +137,7 @@ class Dispatcher:
                 route.stats.retries += 1
             async with route.slots:
                 if route.unusable_reason is not None:  # it failed while this request waited
+                    attempt -= 1  # nothing was sent: no attempt used
                     avoid = route
                     continue
                 await self._wait_for_rate(route, tokens)
@@ -165,6 +168,8 @@ class Dispatcher:
                 # reasons are keyed by provider already: drop the "name: " that str(err) starts with
                 route.unusable_reason = str(err).removeprefix(f"{route.name}: ")
                 log.warning("provider %s is unusable for this job: %s", route.name, route.unusable_reason)
+                if self.usable():
+                    attempt -= 1  # routing around a provider that can never work is not a retry
                 continue
             delay = retry_delay_s(attempt, err, self._retry, self._rand)
             if err.kind == "rate_limited":

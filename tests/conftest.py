@@ -11,12 +11,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
-from fakeprovider import FakeProvider, vector_for
-
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `pipeline` is imported from the checkout, installed or not
+    sys.path.insert(0, str(REPO))
+
+from fakeprovider import FakeProvider, vector_for  # noqa: E402
 KEY_VAR = "EMB_TEST_KEY"
 KEY = "sk-test-key"  # FakeProvider's default key
 MODEL = "text-embedding-3-small"
@@ -132,9 +133,3 @@ def assert_vectors_exact(table: pa.Table, texts: list[str | None], dim: int, col
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
-
-
-@pytest.fixture
-def fake() -> Any:
-    with FakeProvider(dim=8) as fp:
-        yield fp
