@@ -1,9 +1,11 @@
-"""Routing, per-provider limits, retries and accounting.
+"""Routing, per-provider limits, retries, circuits and accounting.
 
 One request is one call of `Dispatcher.embed`: it picks a provider, waits for
-a free slot there, sends, and on failure reads the failure's class to decide
-between retrying (after a backoff, preferably elsewhere), routing around a
-provider that is unusable for this job, or handing the failure back.
+a slot there (adaptive concurrency) and for room in its RPM/TPM window,
+sends, and on failure reads the failure's class to decide between retrying
+(after a backoff, preferably elsewhere), routing around a provider that is
+unusable for this job, or handing the failure back. A provider that keeps
+failing is opened as a circuit, cooled down, then probed with one request.
 """
 from __future__ import annotations
 
@@ -17,16 +19,20 @@ from typing import Awaitable, Callable, Literal
 import numpy as np
 
 from .config import RetryConfig
-from .errors import BadInputError, BadResponseError, ProviderError, WorkLeftError, classify
-from .limits import RateWindow
+from .errors import BadInputError, BadResponseError, ProviderError, ProviderUnusableError, WorkLeftError, classify
+from .limits import AdaptiveConcurrency, RateWindow
 from .providers import EmbedResult, Provider
 
 log = logging.getLogger(__name__)
 
 MAX_RETRY_AFTER_S = 120.0  # beyond this, fail over or give up instead of sleeping
 LATENCY_SAMPLES = 2048  # latencies kept per provider for p50/p95
+CIRCUIT_FAILURES = 5  # consecutive failed answers that open a provider's circuit
+CIRCUIT_COOLDOWN_BACKOFFS = 4  # an open circuit rests this many initial backoffs, doubling per reopening
+CIRCUIT_OPENS_TO_GIVE_UP = 4  # its probe failed after this many rests in a row: down for this run
+HALF_OPEN_POLL_S = 0.05  # how often others look while one request probes a half-open circuit
 
-ProviderState = Literal["ready", "cooling", "unusable"]
+ProviderState = Literal["ready", "cooling", "open", "unusable"]
 
 
 def backoff_s(attempt: int, initial_s: float, cap_s: float, rand: Callable[[], float] = random.random) -> float:
@@ -80,17 +86,39 @@ class Route:
         self.provider = provider
         self.name = provider.name
         self.priority = provider.config.priority
-        self.slots = asyncio.Semaphore(provider.config.max_concurrency)
+        self.concurrency = AdaptiveConcurrency(provider.config.max_concurrency)
+        self.rate = RateWindow(provider.config.requests_per_minute, provider.config.tokens_per_minute)
         self.in_flight = 0
-        self.cool_until = 0.0
+        self._slot_freed = asyncio.Condition()
+        self.cool_until = 0.0  # rate limited or circuit open until then
+        self.failures_in_a_row = 0
+        self.circuit_opens = 0  # times opened since the last success
+        self.probing = False  # a half-open circuit lets one request through
         self.unusable_reason: str | None = None
         self.stats = ProviderStats()
-        self.rate = RateWindow(provider.config.requests_per_minute, provider.config.tokens_per_minute)
 
     def state(self, now: float) -> ProviderState:
         if self.unusable_reason is not None:
             return "unusable"
+        if self.circuit_opens:
+            return "open"
         return "cooling" if now < self.cool_until else "ready"
+
+    def available_at(self, now: float) -> float:
+        """When this provider can take a request (now or later)."""
+        if self.circuit_opens and self.probing:
+            return now + HALF_OPEN_POLL_S
+        return max(now, self.cool_until)
+
+    async def acquire(self) -> None:
+        async with self._slot_freed:
+            await self._slot_freed.wait_for(lambda: self.in_flight < self.concurrency.allowed)
+            self.in_flight += 1
+
+    async def release(self) -> None:
+        async with self._slot_freed:
+            self.in_flight -= 1
+            self._slot_freed.notify_all()
 
 
 class Dispatcher:
@@ -116,72 +144,128 @@ class Dispatcher:
     def reasons(self) -> dict[str, str]:
         return {r.name: r.unusable_reason for r in self.routes if r.unusable_reason}
 
+    def mark_unusable(self, route: Route, reason: str) -> None:
+        if route.unusable_reason is None:
+            route.unusable_reason = reason
+            log.warning("provider %s is unusable for this job: %s", route.name, reason)
+
     async def embed(self, texts: list[str], tokens: int) -> EmbedResult:
         """Embed one request's texts, retrying across providers.
 
         Raises BadInputError when the rows themselves are refused (the caller
         isolates them), WorkLeftError when attempts or providers run out.
         """
+        return await self._with_retries(texts, tokens, pinned=None)
+
+    async def embed_on(self, route: Route, texts: list[str], tokens: int) -> EmbedResult:
+        """Embed on this provider alone (the start-up probe), with its retries;
+        raises the provider's own error when it cannot answer."""
+        return await self._with_retries(texts, tokens, pinned=route)
+
+    async def _with_retries(self, texts: list[str], tokens: int, pinned: Route | None) -> EmbedResult:
         last: ProviderError | None = None
         avoid: Route | None = None
         attempt = 0
         while attempt < self._retry.max_attempts:
             attempt += 1
-            route = self._pick(avoid)
-            if route is None:
+            route = pinned or self._pick(avoid)
+            if route is None or route.unusable_reason is not None:
+                if pinned is not None:
+                    raise ProviderUnusableError(pinned.unusable_reason or "unusable", provider=pinned.name)
                 raise WorkLeftError(self._no_provider_message())
-            wait = route.cool_until - self._clock()
-            if wait > 0:
+            # Rest out a rate limit or an open circuit, or wait while another
+            # request probes a half-open one: waiting costs no attempt.
+            while (wait := route.available_at(self._clock()) - self._clock()) > 0 and route.unusable_reason is None:
                 await self._sleep(wait)
             if attempt > 1:
                 route.stats.retries += 1
-            async with route.slots:
-                if route.unusable_reason is not None:  # it failed while this request waited
-                    attempt -= 1  # nothing was sent: no attempt used
-                    avoid = route
-                    continue
-                await self._wait_for_rate(route, tokens)
-                route.rate.sent(tokens)
-                route.in_flight += 1
-                route.stats.requests += 1
-                started = self._clock()
-                try:
-                    result = await route.provider.embed(texts)
-                    if self.dimensions is not None and result.vectors.shape[1] != self.dimensions:
-                        raise BadResponseError(
-                            f"vectors of length {result.vectors.shape[1]}, this job's are {self.dimensions}",
-                            provider=route.name,
-                        )
-                except Exception as exc:  # noqa: BLE001 - classified in one place
-                    err = classify(provider=route.name, exc=exc)
-                else:
-                    self._record_success(route, len(texts), tokens, result, self._clock() - started)
-                    return result
-                finally:
-                    route.in_flight -= 1
-                    route.rate.answered(tokens, self._clock())
-            last = err
-            route.stats.failures[err.kind] = route.stats.failures.get(err.kind, 0) + 1
+            outcome = await self._attempt(route, texts, tokens)
+            if isinstance(outcome, EmbedResult):
+                return outcome
+            if outcome is None:  # it became unusable while this request waited: nothing was sent
+                attempt -= 1
+                avoid = route
+                continue
+            last = err = outcome
             if err.kind == "bad_input":
                 raise err
             if err.kind == "unusable":
-                # reasons are keyed by provider already: drop the "name: " that str(err) starts with
-                route.unusable_reason = str(err).removeprefix(f"{route.name}: ")
-                log.warning("provider %s is unusable for this job: %s", route.name, route.unusable_reason)
+                if pinned is not None:
+                    raise err
                 if self.usable():
                     attempt -= 1  # routing around a provider that can never work is not a retry
                 continue
             delay = retry_delay_s(attempt, err, self._retry, self._rand)
             if err.kind == "rate_limited":
-                route.stats.rate_limited += 1
                 route.cool_until = max(route.cool_until, self._clock() + delay)
             log.debug("retry %d after %s (%s); waiting %.2fs", attempt, err.kind, err, delay)
             avoid = route
-            if attempt < self._retry.max_attempts and self._pick(avoid) is route:
-                await self._sleep(delay)  # nowhere else to go: back off here
+            if attempt < self._retry.max_attempts and (pinned or self._pick(avoid)) is route:
+                # Nowhere else to go: back off here (a rest already ahead counts towards it).
+                remaining = delay - max(0.0, route.cool_until - self._clock())
+                if remaining > 1e-6:
+                    await self._sleep(remaining)
+        if pinned is not None and last is not None:
+            raise last
         if last is not None and not self.usable():
             raise WorkLeftError(self._no_provider_message())
         raise WorkLeftError(f"a request failed {self._retry.max_attempts} times (retry.max_attempts); last: {last}")
+
+    async def _attempt(self, route: Route, texts: list[str], tokens: int) -> EmbedResult | ProviderError | None:
+        """One request to one provider: the result, the classified failure, or
+        None when the provider was found unusable before anything was sent."""
+        await route.acquire()
+        half_open_probe = False
+        try:
+            if route.unusable_reason is not None:
+                return None
+            if route.circuit_opens:
+                half_open_probe = route.probing = True
+            await self._wait_for_rate(route, tokens)
+            route.rate.sent(tokens)
+            route.stats.requests += 1
+            started = self._clock()
+            try:
+                result = await route.provider.embed(texts)
+                if self.dimensions is not None and result.vectors.shape[1] != self.dimensions:
+                    raise BadResponseError(
+                        f"vectors of length {result.vectors.shape[1]}, this job's are {self.dimensions}",
+                        provider=route.name,
+                    )
+            except Exception as exc:  # noqa: BLE001 - classified in one place
+                err = classify(provider=route.name, exc=exc)
+                self._record_failure(route, err)
+                return err
+            finally:
+                route.rate.answered(tokens, self._clock())
+            self._record_success(route, len(texts), tokens, result, self._clock() - started)
+            return result
+        finally:
+            if half_open_probe:
+                route.probing = False
+            await route.release()
+
+    def _record_failure(self, route: Route, err: ProviderError) -> None:
+        route.stats.failures[err.kind] = route.stats.failures.get(err.kind, 0) + 1
+        if err.kind == "unusable":
+            # reasons are keyed by provider already: drop the "name: " that str(err) starts with
+            self.mark_unusable(route, str(err).removeprefix(f"{route.name}: "))
+        elif err.kind == "rate_limited":
+            route.stats.rate_limited += 1
+            route.concurrency.on_rate_limited()
+        elif err.kind in ("transient", "bad_response"):
+            route.failures_in_a_row += 1
+            if route.circuit_opens or route.failures_in_a_row >= CIRCUIT_FAILURES:
+                rest = min(
+                    self._retry.max_backoff_s,
+                    self._retry.initial_backoff_s * CIRCUIT_COOLDOWN_BACKOFFS * 2.0 ** min(route.circuit_opens, 30),
+                )
+                route.circuit_opens += 1
+                route.cool_until = max(route.cool_until, self._clock() + rest)
+                log.warning("provider %s: circuit open for %.2fs after %s (%s)", route.name, rest, err.kind, err)
+                if route.circuit_opens >= CIRCUIT_OPENS_TO_GIVE_UP:
+                    # Every probe after every rest failed: give it up for this run.
+                    self.mark_unusable(route, f"down: {route.failures_in_a_row} failures in a row; last: {err.message}")
 
     async def _wait_for_rate(self, route: Route, tokens: int) -> None:
         """Hold the request until the provider's RPM/TPM window has room for it."""
@@ -191,9 +275,10 @@ class Dispatcher:
             await self._sleep(delay)
 
     def _pick(self, avoid: Route | None) -> Route | None:
-        """The best usable provider: lowest priority first, then fewest requests
-        in flight, then the one cooling down for the shortest time; another
-        provider is preferred over `avoid` (the one that just failed)."""
+        """The best usable provider: one that can take a request now before
+        one resting; then the lowest priority; then the least loaded against
+        its current concurrency. Another provider is preferred over `avoid`
+        (the one that just failed)."""
         now = self._clock()
         candidates = [r for r in self.routes if r.unusable_reason is None]
         if not candidates:
@@ -202,10 +287,16 @@ class Dispatcher:
             candidates = [r for r in candidates if r is not avoid] or candidates
         return min(
             candidates,
-            key=lambda r: (max(0.0, r.cool_until - now) > 0, r.priority, r.in_flight / r.provider.config.max_concurrency, r.cool_until),
+            key=lambda r: (r.available_at(now) > now, r.priority, r.in_flight / r.concurrency.allowed, r.available_at(now)),
         )
 
     def _record_success(self, route: Route, n: int, tokens: int, result: EmbedResult, latency: float) -> None:
+        route.failures_in_a_row = 0
+        if route.circuit_opens:
+            log.info("provider %s: circuit closed again", route.name)
+            route.circuit_opens = 0
+            route.cool_until = 0.0
+        route.concurrency.on_success(latency)
         s = route.stats
         s.inputs += n
         s.tokens += tokens

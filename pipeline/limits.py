@@ -72,3 +72,52 @@ class RateWindow:
     def _expire(self, now: float) -> None:
         while self._done and self._done[0][0] + WINDOW_S + SAFETY_S <= now:
             self._done_tokens -= self._done.popleft()[1]
+
+
+LATENCY_RISE_FACTOR = 2.0  # recent latency this many times the usual: the provider is saturating
+LATENCY_FAST_ALPHA = 0.3
+LATENCY_SLOW_ALPHA = 0.03
+LATENCY_MIN_SAMPLES = 20  # no latency judgement before this many answers
+
+
+class AdaptiveConcurrency:
+    """How many requests a provider gets at once: AIMD between 1 and its
+    `max_concurrency`. A rate limit halves it, a latency spike trims it, and
+    each answered request adds 1/limit (one per window of successes). Only
+    successes raise it: fast error responses never speed anything up."""
+
+    def __init__(self, maximum: int) -> None:
+        if maximum < 1:
+            raise ValueError("maximum must be at least 1")
+        self.maximum = maximum
+        self.limit = float(maximum)
+        self._fast: float | None = None  # EWMA of recent latencies
+        self._slow: float | None = None  # EWMA of usual latencies
+        self._samples = 0
+        self._since_trim = 0
+
+    @property
+    def allowed(self) -> int:
+        return max(1, int(self.limit))
+
+    def on_success(self, latency_s: float) -> None:
+        if not latency_s >= 0:  # nan or negative: a clock glitch, not a signal
+            return
+        self._samples += 1
+        self._since_trim += 1
+        self._fast = latency_s if self._fast is None else self._fast + LATENCY_FAST_ALPHA * (latency_s - self._fast)
+        self._slow = latency_s if self._slow is None else self._slow + LATENCY_SLOW_ALPHA * (latency_s - self._slow)
+        rising = (
+            self._samples >= LATENCY_MIN_SAMPLES
+            and self._fast > LATENCY_RISE_FACTOR * self._slow
+            and self._since_trim >= self.allowed  # at most one trim per window of answers
+        )
+        if rising:
+            self.limit = max(1.0, self.limit * 0.8)
+            self._since_trim = 0
+        else:
+            self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
+
+    def on_rate_limited(self) -> None:
+        self.limit = max(1.0, self.limit / 2.0)
+        self._since_trim = 0

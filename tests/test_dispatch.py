@@ -273,3 +273,41 @@ def test_answer_of_another_length_than_the_jobs_dimensions_is_not_accepted() -> 
         dispatch([provider(fp, "a")], action, retry=RetryConfig(max_attempts=2, initial_backoff_s=0.01,
                                                                  max_backoff_s=0.05))
         assert fp.count() == 2
+
+
+# ------------------------------------------------------------------ circuits
+def test_a_provider_failing_in_a_row_is_opened_rested_then_probed_by_one_request_and_closed_on_success() -> None:
+    retry = RetryConfig(max_attempts=1, initial_backoff_s=0.5, max_backoff_s=60)
+    t = FakeTime()
+    seen: dict[str, Any] = {}
+    with FakeProvider(dim=8, script=["500"] * 5 + ["stall:0.3"]) as fp:
+
+        async def action(d: Dispatcher) -> list[Any]:
+            for _ in range(5):  # five answers in a row fail: the circuit opens
+                with pytest.raises(WorkLeftError):
+                    await embed_once(d)
+            seen["after_failures"] = d.provider_report()["a"]["state"]
+            opened_at = t.now
+            # Three requests arrive while it rests: one probes, the others wait for its answer.
+            results = await asyncio.gather(*(d.embed([f"t{i}"], 1) for i in range(3)))
+            seen["rested_s"] = t.now - opened_at
+            seen["after_probe"] = d.provider_report()["a"]["state"]
+            return results
+
+        results = dispatch([provider(fp, "a")], action, retry=retry, time=t)
+        assert fp.count() == 5 + 3  # no request was lost or sent twice, and none while open
+        assert fp.max_in_flight == 1  # the half-open probe went alone
+    assert seen["after_failures"] == "open"
+    assert seen["rested_s"] >= 0.5 * 4  # CIRCUIT_COOLDOWN_BACKOFFS initial backoffs
+    assert seen["after_probe"] == "ready"
+    for i, r in enumerate(results):
+        assert_exact(r.vectors, [f"t{i}"], 8)
+
+
+def test_a_provider_whose_probes_keep_failing_is_given_up_and_the_job_stops_with_work_left() -> None:
+    retry = RetryConfig(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.05)
+    with FakeProvider(dim=8, script=["500"] * 100) as fp:
+        with pytest.raises(WorkLeftError, match="down"):
+            dispatch([provider(fp, "a")], lambda d: asyncio.gather(*(d.embed([f"t{i}"], 1) for i in range(4))), retry=retry)
+        sent = fp.count()
+    assert sent <= 4 * 3  # bounded: never more than the attempts of the requests in flight

@@ -125,3 +125,51 @@ def test_provider_rpm_holds_over_real_http_as_the_server_counts_it(monkeypatch: 
     assert _max_in_any_window(arrivals, 1.0) <= rpm
     ideal = ((n - 1) // rpm) * 1.02  # the time the limit allows for n requests
     assert elapsed <= ideal * 1.15 + 0.3, f"{elapsed:.2f}s for {n} requests at {rpm}/window (ideal {ideal:.2f}s)"
+
+
+# ---------------------------------------------------------------- adaptive concurrency
+from pipeline.limits import LATENCY_MIN_SAMPLES, AdaptiveConcurrency  # noqa: E402
+
+
+def test_rate_limits_halve_concurrency_down_to_one_and_successes_grow_it_back_to_the_maximum() -> None:
+    c = AdaptiveConcurrency(16)
+    assert c.allowed == 16
+    for expected in (8, 4, 2, 1, 1):
+        c.on_rate_limited()
+        assert c.allowed == expected
+    answers = 0
+    while c.allowed < 16:
+        c.on_success(0.1)
+        answers += 1
+    # Additive increase: about one step per window of answers, so 1 -> 16 takes ~sum(1..15) answers.
+    assert 100 <= answers <= 140
+    for _ in range(1000):
+        c.on_success(0.1)
+    assert c.allowed == 16 and c.limit == 16.0
+
+
+def test_rising_latency_trims_concurrency_but_steady_latency_does_not() -> None:
+    steady = AdaptiveConcurrency(10)
+    for _ in range(200):
+        steady.on_success(0.2)
+    assert steady.allowed == 10
+    rising = AdaptiveConcurrency(10)
+    for _ in range(LATENCY_MIN_SAMPLES + 10):
+        rising.on_success(0.2)
+    for _ in range(5):
+        rising.on_success(2.0)  # ten times slower: the provider is saturating
+    assert rising.allowed < 10
+
+
+@pytest.mark.parametrize("latency", [float("nan"), -1.0])
+def test_nonsense_latencies_change_nothing(latency: float) -> None:
+    c = AdaptiveConcurrency(4)
+    c.on_rate_limited()
+    before = c.limit
+    c.on_success(latency)
+    assert c.limit == before
+
+
+def test_a_maximum_below_one_is_refused() -> None:
+    with pytest.raises(ValueError):
+        AdaptiveConcurrency(0)
