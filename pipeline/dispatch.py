@@ -172,7 +172,7 @@ class Dispatcher:
             if route is None or route.unusable_reason is not None:
                 if pinned is not None:
                     raise ProviderUnusableError(pinned.unusable_reason or "unusable", provider=pinned.name)
-                raise WorkLeftError(self._no_provider_message())
+                raise WorkLeftError(self.no_provider_message())
             # Rest out a rate limit or an open circuit, or wait while another
             # request probes a half-open one: waiting costs no attempt.
             while (wait := route.available_at(self._clock()) - self._clock()) > 0 and route.unusable_reason is None:
@@ -208,7 +208,7 @@ class Dispatcher:
         if pinned is not None and last is not None:
             raise last
         if last is not None and not self.usable():
-            raise WorkLeftError(self._no_provider_message())
+            raise WorkLeftError(self.no_provider_message())
         raise WorkLeftError(f"a request failed {self._retry.max_attempts} times (retry.max_attempts); last: {last}")
 
     async def _attempt(self, route: Route, texts: list[str], tokens: int) -> EmbedResult | ProviderError | None:
@@ -306,7 +306,7 @@ class Dispatcher:
         else:
             s.latencies_s.append(latency)
 
-    def _no_provider_message(self) -> str:
+    def no_provider_message(self) -> str:
         reasons = "; ".join(f"{name}: {why}" for name, why in self.reasons().items())
         return f"no provider can take work ({reasons})"
 

@@ -19,22 +19,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import sink
+from . import probe, sink
 from .config import JobConfig
 from .dispatch import Dispatcher
-from .errors import EXIT_OK, BadInputError, ConfigError, PipelineError, WorkLeftError
+from .errors import EXIT_OK, BadInputError, ConfigError, PipelineError, ProviderError, WorkLeftError
 from .manifest import MAX_RUNS_KEPT, Manifest, RunLock, job_fingerprint, manifest_lock, orphan_parts
 from .packing import pack
 from .progress import Progress, RunCounters, summary_lines
 from .providers import Provider, build_provider
 from .sources import InputFile, Unit, check_columns, find_inputs, iter_units
-from .texts import combine, prepare, row_texts
+from .texts import combine, encoding, prepare, row_texts
 
 log = logging.getLogger("pipeline")
 
 MAX_UNITS_IN_FLIGHT = 16  # bounds memory: each unit holds rows_per_part rows and their vectors
 GRACE_S = 20.0  # after SIGTERM/SIGINT, in-flight units get this long; inside Airflow's/k8s' 30 s
-PROBE_TEXT = "dimension probe"  # sent once per output when the job does not fix `dimensions`
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,7 @@ class _Run:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             await asyncio.gather(*(p.start() for p in providers))
-            self.dim = await self._dimensions()
+            self.dim = await self._vector_space()
             self.dispatcher.dimensions = self.dim
             await self._process_units()
         except PipelineError as err:
@@ -138,15 +137,32 @@ class _Run:
         self.stopping = True
         self.error = self.error or WorkLeftError(f"interrupted by {sig.name}; rerun to continue")
 
-    async def _dimensions(self) -> int:
-        known = self.manifest.data.get("dimensions") or self.job.embedding.dimensions
-        if known:
-            dim = int(known)
-        else:
-            result = await self.dispatcher.embed([PROBE_TEXT], 2)
-            dim = int(result.vectors.shape[1])
-        if self.manifest.data.get("dimensions") != dim:
-            self.manifest.update(lambda data: data.update(dimensions=dim))
+    async def _vector_space(self) -> int:
+        """Probe every provider; keep those whose vectors agree with this
+        output's (recorded by the run that started it, else the first
+        provider's by priority). Returns the vectors' length."""
+        recorded = self.manifest.data.get("probes")
+        reference = probe.decode(recorded) if recorded else None
+        routes = sorted(self.dispatcher.routes, key=lambda r: r.priority)
+        texts = list(probe.PROBE_TEXTS)
+        tokens = sum(len(t) for t in encoding().encode_ordinary_batch(texts))
+        answers = await asyncio.gather(
+            *(self.dispatcher.embed_on(r, texts, tokens) for r in routes), return_exceptions=True
+        )
+        for route, answer in zip(routes, answers):
+            if isinstance(answer, ProviderError):
+                self.dispatcher.mark_unusable(route, f"start-up probe failed: {answer.message or answer.kind}")
+            elif isinstance(answer, BaseException):
+                raise answer
+            elif reference is None:
+                reference = answer.vectors
+            elif (why := probe.mismatch(reference, answer.vectors)) is not None:
+                self.dispatcher.mark_unusable(route, why)
+        if reference is None:
+            raise WorkLeftError(self.dispatcher.no_provider_message())
+        dim = int(reference.shape[1])
+        if not recorded:
+            self.manifest.update(lambda data: data.update(dimensions=dim, probes=probe.encode(reference)))
         return dim
 
     # -- the unit loop ------------------------------------------------------

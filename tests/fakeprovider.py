@@ -112,13 +112,15 @@ class FakeProvider:
                  api_key: str = "sk-test-key", model: str = "text-embedding-3-small",
                  script: Iterable[str] = (), latency_s: float = 0.0,
                  quota_requests: int | None = None, shuffle: bool = False,
-                 reject_marker: str | None = None) -> None:
+                 reject_marker: str | None = None, serves: str = "") -> None:
         if dialect not in ("openai", "ctyun") or base64 not in ("honour", "ignore", "reject"):
             raise ValueError(f"bad dialect/base64: {dialect!r}/{base64!r}")
         self.dim, self.dialect, self.base64_mode = dim, dialect, base64
         self.api_key, self.model = api_key, model
         self.latency_s, self.quota_requests, self.shuffle = latency_s, quota_requests, shuffle
         self.reject_marker = reject_marker
+        # A relay serving another model under the requested name: `serves` salts every vector.
+        self.serves = serves
         self._lock = threading.Lock()
         self._script: deque[str] = deque()
         self.add_script(*script)
@@ -295,7 +297,7 @@ class FakeProvider:
                           "invalid_request_error", param="input")
 
         b64_out = want_b64 and self.base64_mode == "honour"
-        vectors = [vector_for(t, dim) for t in texts]
+        vectors = [vector_for(self.serves + t, dim) for t in texts]
         if directive == "nan":
             vectors[0] = vectors[0].copy()
             vectors[0][0] = np.float32("nan")

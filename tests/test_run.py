@@ -37,9 +37,10 @@ from conftest import (
 )
 from fakeprovider import FakeProvider, vector_for
 from pipeline.config import EmbeddingConfig
+from pipeline.probe import PROBE_TEXTS
 from pipeline.texts import prepare
 
-PROBE = "dimension probe"  # the runner's one extra request when the job leaves dimensions unset
+PROBES = set(PROBE_TEXTS)  # every run's one extra request per provider: the vector-space check
 SECRET = "sk-live-SECRET-0123456789abcdef"
 
 
@@ -56,8 +57,12 @@ def rejects(out: Path) -> list[dict[str, Any]]:
 
 
 def sent(fp: FakeProvider) -> Counter[str]:
-    """Texts the server answered, without the dimension probe."""
-    return Counter(t for t in fp.inputs_received if t != PROBE)
+    """Texts the server answered, without the start-up probes."""
+    return Counter(t for t in fp.inputs_received if t not in PROBES)
+
+
+def probe_requests(fp: FakeProvider) -> int:
+    return sum(1 for body in fp.requests if body.get("input") == list(PROBE_TEXTS))
 
 
 def one_error_line(stderr: str) -> str:
@@ -94,9 +99,8 @@ def test_every_row_once_in_input_order_with_exact_vectors(tmp_path: Path, fmt: s
                         embedding=embedding)
         result = run(job)
         assert result.returncode == 0, result.stderr
-        probes = 0 if dimensions else 1
-        assert fp.count() == expected_requests(40) + probes
-        assert fp.inputs_received.count(PROBE) == probes
+        assert fp.count() == expected_requests(40) + 1
+        assert probe_requests(fp) == 1
         assert sent(fp) == Counter(texts)  # each row's text sent exactly once
         if dimensions:
             assert all(r["dimensions"] == dimensions for r in fp.requests)
@@ -291,7 +295,7 @@ def test_limit_then_rerun_sends_every_row_exactly_once_and_a_complete_job_sends_
         assert second.returncode == 0, second.stderr
         assert (out / "_SUCCESS").exists()
         assert sent(fp) == Counter(texts)  # across both runs: each row once
-        assert fp.inputs_received.count(PROBE) == 1
+        assert probe_requests(fp) == 2  # one per run
         requests_so_far = fp.count()
 
         third = run(job)
@@ -367,7 +371,7 @@ def test_changing_how_rows_are_sent_keeps_the_progress(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         assert sent(fp1) == Counter(texts[:10])
         assert sent(fp2) == Counter(texts[10:])
-        assert fp2.inputs_received.count(PROBE) == 0
+        assert probe_requests(fp2) == 1  # the new provider is checked against the output's vectors
     assert_vectors_exact(read_parts(out), texts, 8)
 
 
