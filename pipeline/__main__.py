@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import sys
 from typing import Sequence
@@ -66,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=_positive, metavar="ROWS", help="embed only the first ROWS rows (a smoke test; no _SUCCESS)")
     run.add_argument("--restart", action="store_true", help="discard earlier progress in the output and start over")
     run.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar or lines")
+    run.add_argument("--grace-seconds", type=_seconds, metavar="S", default=None,
+                     help="after SIGTERM/Ctrl-C, how long in-flight work may finish before it is abandoned (default 20)")
     run.set_defaults(func=_run)
     validate = command("validate", "Check the job file, its inputs, columns and env vars; no API call.", "validate jobs/sample.yaml")
     validate.set_defaults(func=_validate)
@@ -85,6 +88,16 @@ def _shard(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
@@ -92,11 +105,15 @@ def _positive(text: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .config import load_job
     from .runner import RunOptions, run_job
 
     job = load_job(args.job)
     options = RunOptions(shard=args.shard, limit=args.limit, restart=args.restart, progress=args.progress)
+    if args.grace_seconds is not None:
+        options = replace(options, grace_s=args.grace_seconds)
     return run_job(job, options)
 
 

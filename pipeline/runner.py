@@ -13,7 +13,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Coroutine, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +31,7 @@ from .sources import InputFile, Unit, check_columns, find_inputs, iter_units
 from .texts import combine, encoding, prepare, row_texts
 
 log = logging.getLogger("pipeline")
+T = TypeVar("T")
 
 MAX_UNITS_IN_FLIGHT = 16  # bounds memory: each unit holds rows_per_part rows and their vectors
 GRACE_S = 20.0  # after SIGTERM/SIGINT, in-flight units get this long; inside Airflow's/k8s' 30 s
@@ -64,6 +65,10 @@ class _Run:
         self.dispatcher: Dispatcher
         self.progress: Progress
         self.dim = 0
+        self.in_flight: set[asyncio.Task[Any]] = set()  # cancelled when the grace period ends
+        self.committing: set[asyncio.Task[Any]] = set()  # writing to disk: left to finish (milliseconds)
+        self.grace: asyncio.TimerHandle | None = None
+        self.grace_over = False
 
     async def main(self) -> int:
         self.files = find_inputs(self.job.input)
@@ -102,12 +107,14 @@ class _Run:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             await asyncio.gather(*(p.start() for p in providers))
-            self.dim = await self._vector_space()
+            self.dim = await self._abandonable(self._vector_space())
             self.dispatcher.dimensions = self.dim
             await self._process_units()
         except PipelineError as err:
             self.error = self.error or err
         finally:
+            if self.grace is not None:
+                self.grace.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             self.progress.close()
@@ -127,15 +134,41 @@ class _Run:
         return max(0, total - self.manifest.counters()["rows_done"])
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        if self.stopping:
+        if self.grace is not None:
             log.warning("second %s: stopping now", sig.name)
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            self.grace.cancel()
+            self._end_grace()
             return
-        log.warning("%s: finishing in-flight work (up to %.0fs), then stopping", sig.name, self.opts.grace_s)
+        log.warning("%s: finishing in-flight work (up to %gs), then stopping", sig.name, self.opts.grace_s)
         self.stopping = True
         self.error = self.error or WorkLeftError(f"interrupted by {sig.name}; rerun to continue")
+        self._start_grace()
+
+    def _start_grace(self) -> None:
+        """From now, in-flight work has `grace_s` to finish; what is still
+        waiting on a provider then is abandoned (a rerun redoes it)."""
+        if self.grace is None:
+            self.grace = asyncio.get_running_loop().call_later(self.opts.grace_s, self._end_grace)
+
+    def _end_grace(self) -> None:
+        self.grace_over = True
+        waiting = [t for t in self.in_flight if not t.done() and t not in self.committing]
+        if waiting:
+            log.warning("stopping: abandoning %d part(s) still waiting on providers; a rerun redoes them", len(waiting))
+        for task in waiting:
+            task.cancel()
+
+    async def _abandonable(self, work: Coroutine[Any, Any, T]) -> T:
+        """Await `work` as in-flight work: the end of the grace period cancels it."""
+        task = asyncio.ensure_future(work)
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if self.grace_over and task.cancelled():
+                raise self.error or WorkLeftError("stopped; rerun to continue") from None
+            raise
 
     async def _vector_space(self) -> int:
         """Probe every provider; keep those whose vectors agree with this
@@ -196,15 +229,17 @@ class _Run:
                 end = unit.table.num_rows if limit is None else min(unit.table.num_rows, limit - unit.row_offset)
                 task = asyncio.create_task(self._unit(unit, end))
                 tasks.add(task)
-                task.add_done_callback(lambda t: (tasks.discard(t), window.release()))
+                self.in_flight.add(task)
+                task.add_done_callback(
+                    lambda t: (tasks.discard(t), self.in_flight.discard(t), self.committing.discard(t), window.release())
+                )
         except PipelineError as err:
             self.error = self.error or err
         finally:
             if tasks:
-                _, pending = await asyncio.wait(tasks, timeout=self.opts.grace_s if self.stopping else None)
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+                if self.stopping:
+                    self._start_grace()
+                await asyncio.wait(tasks)
         if totals and self.manifest.data.get("total_units") != totals["units"]:
             self.manifest.update(lambda d: d.update(total_units=totals["units"], total_rows=totals["rows"]))
 
@@ -286,6 +321,9 @@ class _Run:
                 sink.CODE_COLUMN: pa.array(codes, pa.string()),
             }
         )
+        task = asyncio.current_task()
+        assert task is not None
+        self.committing.add(task)  # the end of the grace period lets a commit finish
         await asyncio.to_thread(self._commit, unit, begin, end, result, tokens, partial)
 
     def _request_limits(self) -> tuple[int, int]:
