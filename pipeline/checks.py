@@ -8,7 +8,7 @@ from typing import Any
 
 from .config import load_job
 from .errors import ConfigError, JobChangedError
-from .manifest import Manifest, describe_change, job_fingerprint, run_lock_held
+from .manifest import Manifest, describe_change, job_fingerprint, run_lock_held, shard_locks_held
 from .packing import pack
 from .sources import check_columns, find_inputs, iter_units
 from .texts import prepare, row_texts
@@ -124,7 +124,32 @@ def job_status(job_file: str) -> dict[str, Any]:
         "partial_units": len(manifest.partial),
         "updated_at": manifest.data.get("updated_at"),
         "last_run": last_run,
+        "shards": _shards(manifest, shard_locks_held(out)),
     }
+
+
+def _shards(manifest: Manifest, running: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Every shard of every split seen (in the run history or holding a lock):
+    its parts done, its last recorded run, whether it runs now."""
+    last: dict[tuple[int, int], dict[str, Any]] = {}
+    for run in manifest.data.get("runs", []):
+        if run.get("shard"):
+            last[(run["shard"][0], run["shard"][1])] = run
+    splits = sorted({n for _, n in [*last, *running]})
+    total = manifest.data.get("total_units")
+    done = [int(seq) for seq in manifest.units]
+    shards = []
+    for n in splits:
+        for k in range(n):
+            run = last.get((k, n))
+            shards.append({
+                "shard": [k, n],
+                "units_done": sum(seq % n == k for seq in done),
+                "total_units": len(range(k, total, n)) if total is not None else None,
+                "last_run": {"status": run["status"], "finished_at": run["finished_at"]} if run else None,
+                "running": (k, n) in running,
+            })
+    return shards
 
 
 def status_lines(r: dict[str, Any]) -> list[str]:
@@ -145,4 +170,11 @@ def status_lines(r: dict[str, Any]) -> list[str]:
         lines.append(f"last run: {run['status']} at {run['finished_at']}" + (f" shard {run['shard'][0]}/{run['shard'][1]}" if run.get("shard") else ""))
         for name, p in run.get("providers", {}).items():
             lines.append(f"  {name}: {p['state']}; {p['requests']:,} requests, {p['tokens']:,} tokens, {p['retries']:,} retries")
+    for shard in r.get("shards", []):
+        k, n = shard["shard"]
+        total = shard["total_units"] if shard["total_units"] is not None else "?"
+        run = shard["last_run"]
+        last = f"last run {run['status']} at {run['finished_at']}" if run else "no run recorded"
+        lines.append(f"shard {k}/{n}: parts {shard['units_done']:,}/{total}; {last}"
+                     + ("; running now" if shard["running"] else ""))
     return lines

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ MANIFEST_LOCK = "_manifest.lock"
 RUN_LOCK = "_run.lock"
 FORMAT_VERSION = 1
 MAX_RUNS_KEPT = 50  # run history in the manifest stays small
+LOCK_RETRY_S = 0.25  # `status` holds a run lock for an instant to probe it; a real holder holds it for the run
+LOCK_POLL_S = 0.02
 OUTPUT_FILES = ("_SUCCESS", "_summary.json", "_rejects.parquet", MANIFEST_NAME)
 
 # What makes the vectors (or the output layout) what they are: changing any
@@ -221,23 +224,37 @@ class RunLock:
     def __enter__(self) -> RunLock:
         try:
             if self._shard is None:
-                self._take(RUN_LOCK, fcntl.LOCK_EX, "another run of this job is writing to")
+                self._take(RUN_LOCK, fcntl.LOCK_EX, "another run of this job")
             else:
                 k, n = self._shard
-                self._take(RUN_LOCK, fcntl.LOCK_SH, "an unsharded run of this job is writing to")
-                self._take(f"{RUN_LOCK}.shard-{k}-of-{n}", fcntl.LOCK_EX, f"shard {k}/{n} is already running on")
+                self._take(RUN_LOCK, fcntl.LOCK_SH, "an unsharded run of this job")
+                self._take(shard_lock_name(k, n), fcntl.LOCK_EX, f"another run of shard {k}/{n}")
         except BaseException:
             self.__exit__()
             raise
         return self
 
-    def _take(self, name: str, mode: int, message: str) -> None:
-        fh = open(self._out_dir / name, "a+b")
-        try:
-            fcntl.flock(fh.fileno(), mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise OutputLockedError(f"{message} {self._out_dir} (pid in {name}); wait for it or stop it") from None
+    def _take(self, name: str, mode: int, holder: str) -> None:
+        path = self._out_dir / name
+        fh = open(path, "a+b")
+        deadline = time.monotonic() + LOCK_RETRY_S
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(LOCK_POLL_S)
+                    continue
+                fh.close()
+                if name == RUN_LOCK and mode == fcntl.LOCK_EX and not _held(path, fcntl.LOCK_SH):
+                    holder = "a sharded run of this job"  # shards share the output lock; none holds it alone
+                else:
+                    pid = path.read_text(errors="replace").strip()
+                    holder += f" (pid {pid})" if pid.isdigit() else ""
+                raise OutputLockedError(
+                    f"output {self._out_dir} is in use: {holder} is writing to it; wait for it to end or stop it"
+                ) from None
         if mode == fcntl.LOCK_EX:
             fh.truncate(0)
             fh.write(f"{os.getpid()}\n".encode())
@@ -250,14 +267,35 @@ class RunLock:
         self._handles.clear()
 
 
+def shard_lock_name(k: int, n: int) -> str:
+    return f"{RUN_LOCK}.shard-{k}-of-{n}"
+
+
 def run_lock_held(out_dir: Path) -> bool:
     """Whether some run (any shard) holds the output now."""
-    path = out_dir / RUN_LOCK
-    if not path.exists():
+    return _held(out_dir / RUN_LOCK, fcntl.LOCK_EX)
+
+
+def shard_locks_held(out_dir: Path) -> list[tuple[int, int]]:
+    """The shards (k, n) whose run holds its lock now."""
+    held = []
+    for path in out_dir.glob(f"{RUN_LOCK}.shard-*-of-*"):
+        match = re.fullmatch(re.escape(RUN_LOCK) + r"\.shard-(\d+)-of-(\d+)", path.name)
+        if match and _held(path, fcntl.LOCK_EX):
+            held.append((int(match.group(1)), int(match.group(2))))
+    return sorted(held)
+
+
+def _held(path: Path, mode: int) -> bool:
+    """Whether another process holds `path` so that `mode` cannot be had.
+    Takes the lock for an instant when free; RunLock retries past that."""
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
         return False
-    with open(path, "a+b") as fh:
+    with fh:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh.fileno(), mode | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
         fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

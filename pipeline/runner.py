@@ -84,6 +84,8 @@ class _Run:
                 self.out_dir, self.job, job_fingerprint(self.job, self.files), restart=self.opts.restart
             )
             with manifest_lock(self.out_dir):
+                # Re-read under the lock: a shard may have committed a part since `open`.
+                self.manifest = Manifest.read(self.out_dir) or self.manifest
                 sink.clean_temp_files(self.out_dir)
                 for orphan in orphan_parts(self.out_dir, self.manifest):
                     orphan.unlink(missing_ok=True)

@@ -1,5 +1,6 @@
-"""What schedulers do to jobs: SIGTERM while a provider stalls. Real
-subprocesses, real files and a real loopback provider."""
+"""What schedulers do to jobs: SIGTERM while a provider stalls, N shards on
+one output (one of them killed), a second writer. Real subprocesses, real
+files and a real loopback provider; outputs compared row for row and bit for bit."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import (
     KEY,
@@ -32,6 +34,7 @@ from conftest import (
 )
 from fakeprovider import FakeProvider
 from pipeline import sink
+from pipeline.manifest import RunLock
 from pipeline.runner import GRACE_S as DEFAULT_GRACE_S
 
 DIM = 8
@@ -181,3 +184,92 @@ def test_grace_seconds_must_be_a_non_negative_number(tmp_path: Path) -> None:
     assert "--grace-seconds" in result.stderr
 
 
+# ------------------------------------------------------------------ sharding
+@pytest.mark.timeout(120)
+def test_four_concurrent_shards_one_killed_and_rerun_alone_give_the_unsharded_output(tmp_path: Path) -> None:
+    texts = _texts(160)
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    with FakeProvider(dim=DIM, latency_s=0.03) as fp, FakeProvider(dim=DIM) as ref_fp:
+        job = _job(tmp_path, fp, rows_per_part=4, per_request=2, max_concurrency=1)
+        shards = {k: _start(job, "--shard", f"{k}/4") for k in range(4)}
+        _wait_until(lambda: any(s % 4 == 2 for s in _committed(out)))
+        assert shards[2].poll() is None, "shard 2 finished before it could be killed; give it more rows"
+        shards[2].kill()
+        shards[2].wait(timeout=10)
+        killed_with = {s for s in _committed(out) if s % 4 == 2}
+        for k in (0, 1, 3):
+            _, stderr = shards[k].communicate(timeout=60)
+            assert shards[k].returncode == 0, stderr
+        assert not (out / "_SUCCESS").exists(), "_SUCCESS written while shard 2 still had work"
+        assert {s for s in range(40) if s % 4 != 2} <= _committed(out)
+
+        report = json.loads(run_cli("status", str(job), "--json", key=None).stdout)
+        assert report["state"] == "incomplete" and not report["running"]
+        by_shard = {tuple(s["shard"]): s for s in report["shards"]}
+        assert set(by_shard) == {(k, 4) for k in range(4)}
+        assert all(by_shard[(k, 4)]["last_run"]["status"] == "done" for k in (0, 1, 3))
+        assert by_shard[(2, 4)]["last_run"] is None and by_shard[(2, 4)]["units_done"] == len(killed_with)
+        assert not any(s["running"] for s in report["shards"])
+
+        rerun = _start(job, "--shard", "2/4")
+        _, stderr = rerun.communicate(timeout=60)
+        assert rerun.returncode == 0, stderr
+        sent = _sent(fp, texts)
+
+        ref_job = _job(tmp_path, ref_fp, output="ref", file_name="ref.yaml", rows_per_part=4, per_request=2)
+        unsharded = run_cli("run", str(ref_job), "--no-progress")
+        assert unsharded.returncode == 0, unsharded.stderr
+
+    assert (out / "_SUCCESS").exists()
+    _assert_same_output(out, ref)
+    assert_vectors_exact(read_parts(out), _expected(texts), DIM)
+    # Only shard 2's rows in flight at its kill were sent twice; every other row once.
+    twice = {t for t, n in Counter(sent).items() if n > 1}
+    assert set(sent) == {t for t in texts if t.strip()}
+    assert all(i // 4 % 4 == 2 for i, t in enumerate(texts) if t in twice)
+    text = run_cli("status", str(job), key=None)
+    assert text.returncode == 0 and "complete" in text.stdout
+    assert all(f"shard {k}/4" in text.stdout for k in range(4)), text.stdout
+
+
+def test_status_shows_which_shards_hold_their_lock_now(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "data.parquet", docs_table(_texts(12)))
+    out = tmp_path / "out"
+    with FakeProvider(dim=DIM) as fp:
+        job = _job(tmp_path, fp)
+        assert run_cli("run", str(job), "--no-progress", "--shard", "0/3").returncode == 0
+        with RunLock(out, (1, 3)):
+            report = json.loads(run_cli("status", str(job), "--json", key=None).stdout)
+            text = run_cli("status", str(job), key=None).stdout
+    assert report["running"] is True
+    assert {tuple(s["shard"]): s["running"] for s in report["shards"]} == {(0, 3): False, (1, 3): True, (2, 3): False}
+    assert "shard 1/3" in text and "running now" in text
+    shard0 = next(line for line in text.splitlines() if "shard 0/3" in line)
+    assert "done" in shard0 and "running now" not in shard0
+
+
+# ------------------------------------------------------------------ one writer
+@pytest.mark.parametrize("shard", [None, "1/2"], ids=["unsharded", "same_shard"])
+def test_second_run_on_a_live_output_refuses_at_once_and_a_killed_holder_frees_it(tmp_path: Path, shard: str | None) -> None:
+    texts = _texts(60)
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    out = tmp_path / "out"
+    extra = ["--shard", shard] if shard else []
+    with FakeProvider(dim=DIM, latency_s=0.2) as fp:
+        job = _job(tmp_path, fp, max_concurrency=1)
+        first = _start(job, *extra)
+        _wait_until(lambda: fp.count() >= 2)  # it holds the output
+        second = run_cli("run", str(job), "--no-progress", *extra)
+        status = json.loads(run_cli("status", str(job), "--json", key=None).stdout)
+        assert first.poll() is None
+        first.kill()
+        first.wait(timeout=10)
+        third = _start(job, *extra)
+        _, stderr = third.communicate(timeout=60)
+    assert second.returncode == 1
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), second.stderr
+    assert "in use" in lines[0] and str(out) in lines[0], lines[0]
+    assert status["running"] is True
+    assert third.returncode == 0, stderr
