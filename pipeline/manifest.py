@@ -7,6 +7,7 @@ other's progress.
 """
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import os
@@ -156,14 +157,15 @@ class Manifest:
             return manifest
 
     def update(self, change: Callable[[dict[str, Any]], None]) -> None:
-        """Read the latest manifest, apply `change`, write it back, all under the lock."""
+        """Read the latest manifest, apply `change`, write it back, all under the lock.
+        If the write fails (a full disk), `data` stays what the disk says."""
         with manifest_lock(self.out_dir):
             latest = Manifest.read(self.out_dir)
-            if latest is not None:
-                self.data = latest.data
-            change(self.data)
-            self.data["updated_at"] = _now()
-            write_json_atomic(self.path, self.data)
+            data = latest.data if latest is not None else copy.deepcopy(self.data)
+            change(data)
+            data["updated_at"] = _now()
+            write_json_atomic(self.path, data)
+            self.data = data
 
     def counters(self) -> dict[str, Any]:
         rows = embedded = tokens = 0
@@ -183,11 +185,13 @@ class Manifest:
 
 
 def discard_outputs(out_dir: Path) -> None:
-    """--restart: remove what earlier runs wrote (only files this tool names)."""
+    """--restart: remove what earlier runs wrote (only files this tool names).
+    `_SUCCESS` and the manifest go first: a kill halfway leaves orphans,
+    never a manifest listing parts that are gone."""
+    for name in ("_SUCCESS", MANIFEST_NAME, *OUTPUT_FILES):
+        (out_dir / name).unlink(missing_ok=True)
     for path in out_dir.glob("part-*.parquet"):
         path.unlink()
-    for name in OUTPUT_FILES:
-        (out_dir / name).unlink(missing_ok=True)
     for folder in (REJECTS_DIR, PARTIAL_DIR):
         for path in (out_dir / folder).glob("*"):
             path.unlink()
@@ -196,9 +200,10 @@ def discard_outputs(out_dir: Path) -> None:
 def orphan_parts(out_dir: Path, manifest: Manifest) -> list[Path]:
     """Part files the manifest does not list: written by a run that died before committing."""
     listed = {part_name(int(seq)) for seq in [*manifest.units, *manifest.partial]}
+    cut_short = {part_name(int(seq)) for seq in manifest.partial}
     orphans = [p for p in out_dir.glob("part-*.parquet") if p.name not in listed]
     orphans += [p for p in (out_dir / REJECTS_DIR).glob("part-*.parquet") if p.name not in listed]
-    orphans += [p for p in (out_dir / PARTIAL_DIR).glob("*.parquet") if p.name not in listed]
+    orphans += [p for p in (out_dir / PARTIAL_DIR).glob("*.parquet") if p.name not in cut_short]
     return orphans
 
 

@@ -114,6 +114,8 @@ class _Run:
             await self._process_units()
         except PipelineError as err:
             self.error = self.error or err
+        except OSError as err:
+            self.error = self.error or self._disk_error(err)
         finally:
             if self.grace is not None:
                 self.grace.cancel()
@@ -171,6 +173,10 @@ class _Run:
             if self.grace_over and task.cancelled():
                 raise self.error or WorkLeftError("stopped; rerun to continue") from None
             raise
+
+    def _disk_error(self, err: OSError) -> WorkLeftError:
+        return WorkLeftError(f"cannot write to {self.out_dir}: {err.strerror or err}; what is done is kept, "
+                             f"fix it and rerun to continue")
 
     async def _vector_space(self) -> int:
         """Probe every provider; keep those whose vectors agree with this
@@ -252,7 +258,7 @@ class _Run:
             self.error = self.error or err
             self.stopping = True
         except OSError as err:  # a full disk or a lost permission: what is committed stays committed
-            self.error = self.error or WorkLeftError(f"cannot write to {self.out_dir}: {err.strerror or err}")
+            self.error = self.error or self._disk_error(err)
             self.stopping = True
         except Exception as err:  # a bug: stop cleanly, keep what is done, say so
             log.debug("unit %d failed", unit.seq, exc_info=True)
@@ -376,9 +382,10 @@ class _Run:
                 for temp in temps.values():
                     temp.unlink(missing_ok=True)
                 return
-            (self.out_dir / sink.REJECTS_DIR / name).unlink(missing_ok=True)  # a partial's, superseded
             for final, temp in temps.items():
                 os.replace(temp, final)
+            if self.out_dir / sink.REJECTS_DIR / name not in temps:  # a partial's, superseded
+                (self.out_dir / sink.REJECTS_DIR / name).unlink(missing_ok=True)
             for folder in {final.parent for final in temps}:
                 sink.fsync_dir(folder)
             record = {
@@ -406,19 +413,25 @@ class _Run:
         finished the last part."""
         done_here = self.error is None and not self.stopping
         providers = self.dispatcher.provider_report()
-        with manifest_lock(self.out_dir):
-            latest = Manifest.read(self.out_dir)
-            if latest is not None:
-                self.manifest = latest
-            complete = done_here and self.opts.limit is None and self.manifest.complete()
-            status = "complete" if complete else ("done" if done_here else "stopped")
-            summary = self._summary(status, providers)
-            self.manifest.data["runs"] = (self.manifest.data.get("runs", []) + [summary["run"]])[-MAX_RUNS_KEPT:]
-            sink.write_json_atomic(self.manifest.path, self.manifest.data)
-            sink.merge_rejects(self.out_dir, (int(s) for s in [*self.manifest.units, *self.manifest.partial]))
-            sink.write_json_atomic(self.out_dir / "_summary.json", summary)
-            if complete:
-                sink.write_atomic(self.out_dir / "_SUCCESS", b"")
+        try:
+            with manifest_lock(self.out_dir):
+                latest = Manifest.read(self.out_dir)
+                if latest is not None:
+                    self.manifest = latest
+                complete = done_here and self.opts.limit is None and self.manifest.complete()
+                status = "complete" if complete else ("done" if done_here else "stopped")
+                summary = self._summary(status, providers)
+                self.manifest.data["runs"] = (self.manifest.data.get("runs", []) + [summary["run"]])[-MAX_RUNS_KEPT:]
+                sink.write_json_atomic(self.manifest.path, self.manifest.data)
+                sink.merge_rejects(self.out_dir, (int(s) for s in [*self.manifest.units, *self.manifest.partial]))
+                sink.write_json_atomic(self.out_dir / "_summary.json", summary)
+                if complete:
+                    sink.write_atomic(self.out_dir / "_SUCCESS", b"")
+        except OSError as err:  # the disk that stopped the run may not take its record either
+            if self.error is None:
+                raise self._disk_error(err) from err
+            log.warning("could not record this run in %s: %s", self.out_dir, err.strerror or err)
+            raise self.error
         for line in summary_lines(summary):
             log.info(line)
         if self.error is not None:

@@ -1,10 +1,14 @@
-"""What schedulers do to jobs: SIGTERM while a provider stalls, N shards on
-one output (one of them killed), a second writer. Real subprocesses, real
-files and a real loopback provider; outputs compared row for row and bit for bit."""
+"""What schedulers do to jobs: SIGKILL at any instant, SIGTERM while a
+provider stalls, N shards on one output (one of them killed), a second
+writer, an unwritable output, a full disk. Real subprocesses, real files and
+a real loopback provider; every output compared row for row and bit for bit."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,8 +38,11 @@ from conftest import (
 )
 from fakeprovider import FakeProvider
 from pipeline import sink
+from pipeline.config import load_job
+from pipeline.errors import WorkLeftError
 from pipeline.manifest import RunLock
 from pipeline.runner import GRACE_S as DEFAULT_GRACE_S
+from pipeline.runner import RunOptions, _Run, run_job
 
 DIM = 8
 KEEP = ["title"]
@@ -117,6 +124,88 @@ def _sent(fp: FakeProvider, texts: list[str]) -> list[str]:
     """The job's texts the server answered (start-up probes left out)."""
     wanted = set(texts)
     return [t for t in fp.inputs_received if t in wanted]
+
+
+# ------------------------------------------------------------------ SIGKILL torture
+KILLS = 22
+SEED = 20240611
+PHASES = ("start-up", "requests", "requests", "part write", "part write", "manifest write", "manifest write")
+WRITES = {"part write": ".part-", "manifest write": "._manifest.json"}
+
+
+def _spin_until_temp(out: Path, prefix: str, proc: subprocess.Popen[str], timeout_s: float = 5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        for folder in (out, out / sink.REJECTS_DIR):
+            try:
+                if any(e.name.startswith(prefix) and sink.TEMP_MARK in e.name for e in os.scandir(folder)):
+                    return
+            except FileNotFoundError:
+                pass
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_at_random_instants_then_rerun_equals_an_uninterrupted_run_bit_for_bit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(SEED)
+    texts = _texts(900)
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    kills = temps_left = 0
+    phases: Counter[str] = Counter()
+    with FakeProvider(dim=DIM, latency_s=0.02) as fp, FakeProvider(dim=DIM) as ref_fp:
+        job = _job(tmp_path, fp)
+        stale: set[Path] = set()
+        while kills < KILLS:
+            committed = {t for s in _committed(out) for t in texts[3 * s:3 * s + 3]}
+            before = len(fp.inputs_received)
+            requests = fp.count()
+            proc = _start(job)
+            phase = rng.choice(PHASES)
+            phases[phase] += 1
+            if phase == "start-up":  # manifest read, temp clean-up, orphan removal
+                time.sleep(rng.uniform(0.05, 0.5))
+            else:
+                _wait_until(lambda: fp.count() > requests + 1 or proc.poll() is not None)
+                if phase == "requests":
+                    time.sleep(rng.uniform(0.0, 0.3))
+                else:  # the moment a temp file of that kind shows up
+                    _spin_until_temp(out, WRITES[phase], proc)
+            assert proc.poll() is None, f"the run ended before kill {kills + 1}; give it more rows"
+            proc.kill()
+            proc.wait(timeout=10)
+            kills += 1
+            resent = set(fp.inputs_received[before:]) & committed
+            assert not resent, f"committed rows were sent again: {sorted(resent)[:3]}"
+            now = _temps(out)
+            if fp.count() > requests:  # that run got past its start-up clean-up
+                assert not (stale & now), f"temp files of a dead run survived a restart: {sorted(stale & now)[:3]}"
+            temps_left += len(now - stale)
+            stale = now
+        final = _start(job)
+        _, stderr = final.communicate(timeout=60)
+        assert final.returncode == 0, stderr
+        sent = _sent(fp, texts)
+
+        ref_job = _job(tmp_path, ref_fp, output="ref", file_name="ref.yaml")
+        uninterrupted = run_cli("run", str(ref_job), "--no-progress")
+        assert uninterrupted.returncode == 0, uninterrupted.stderr
+
+    assert (out / "_SUCCESS").exists()
+    assert not _temps(out), "temp files left behind"
+    _assert_same_output(out, ref)
+    table = read_parts(out)
+    assert table.column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(len(texts))]
+    assert_vectors_exact(table, _expected(texts), DIM)
+    # Work redone is bounded by what was in flight at each kill: the window's units.
+    monkeypatch.setenv(KEY_VAR, KEY)
+    window = _Run(load_job(str(job)), RunOptions())._window()
+    duplicates = len(sent) - len(set(sent))
+    assert set(sent) == {t for t in texts if t.strip()}
+    assert duplicates <= kills * window * 3, (duplicates, kills, window)
+    assert temps_left, "no kill landed during a write"
+    print(f"{kills} kills {dict(phases)}, {duplicates} rows sent twice (bound {kills * window * 3}), "
+          f"{temps_left} temp files left by kills")
 
 
 # ------------------------------------------------------------------ SIGTERM
@@ -256,16 +345,18 @@ def test_second_run_on_a_live_output_refuses_at_once_and_a_killed_holder_frees_i
     write_parquet(tmp_path / "data.parquet", docs_table(texts))
     out = tmp_path / "out"
     extra = ["--shard", shard] if shard else []
-    with FakeProvider(dim=DIM, latency_s=0.2) as fp:
-        job = _job(tmp_path, fp, max_concurrency=1)
+    with FakeProvider(dim=DIM, latency_s=0.3) as slow, FakeProvider(dim=DIM) as fast:
+        job = _job(tmp_path, slow, max_concurrency=1, per_request=3)
+        same_job_other_provider = _job(tmp_path, fast, file_name="other.yaml", per_request=3)
         first = _start(job, *extra)
-        _wait_until(lambda: fp.count() >= 2)  # it holds the output
-        second = run_cli("run", str(job), "--no-progress", *extra)
+        _wait_until(lambda: slow.count() >= 2)  # it holds the output
+        second = run_cli("run", str(same_job_other_provider), "--no-progress", *extra)
         status = json.loads(run_cli("status", str(job), "--json", key=None).stdout)
         assert first.poll() is None
         first.kill()
         first.wait(timeout=10)
-        third = _start(job, *extra)
+        assert fast.count() == 0  # the refused run called no provider
+        third = _start(same_job_other_provider, *extra)
         _, stderr = third.communicate(timeout=60)
     assert second.returncode == 1
     lines = second.stderr.strip().splitlines()
@@ -273,3 +364,131 @@ def test_second_run_on_a_live_output_refuses_at_once_and_a_killed_holder_frees_i
     assert "in use" in lines[0] and str(out) in lines[0], lines[0]
     assert status["running"] is True
     assert third.returncode == 0, stderr
+    done = _committed(out)
+    assert done >= ({s for s in range(20) if s % 2 == 1} if shard else set(range(20)))
+    assert_vectors_exact(read_parts(out), [t for i, t in enumerate(_expected(texts)) if i // 3 in done], DIM)
+
+
+# ------------------------------------------------------------------ disk and permission faults
+def test_output_path_that_cannot_be_created_exits_2_with_one_line_and_calls_no_provider(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "data.parquet", docs_table(_texts(10)))
+    (tmp_path / "afile").write_text("a regular file, not a directory\n")
+    with FakeProvider(dim=DIM) as fp:
+        job = _job(tmp_path, fp, output="afile/out")
+        result = run_cli("run", str(job), "--no-progress")
+        assert fp.count() == 0
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "output.path" in lines[0] and "Not a directory" in lines[0], result.stderr
+
+
+def _make_read_only(folder: Path) -> Callable[[], None]:
+    """Take write permission away from `folder`; returns the undo. Root ignores
+    mode bits, so as root the folder is made immutable instead."""
+    if os.geteuid() != 0:
+        folder.chmod(0o500)
+        return lambda: folder.chmod(0o755)
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("running as root, where chmod does not stop writes, and chattr +i is not available here")
+    return lambda: subprocess.run([chattr, "-i", str(folder)], check=True)
+
+
+def test_unwritable_output_with_progress_exits_with_one_line_and_leaves_the_manifest_as_it_was(tmp_path: Path) -> None:
+    texts = _texts(30)
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    out = tmp_path / "out"
+    with FakeProvider(dim=DIM) as fp:
+        job = _job(tmp_path, fp)
+        assert run_cli("run", str(job), "--no-progress", "--limit", "10").returncode == 0
+        manifest = (out / "_manifest.json").read_bytes()
+        files = sorted(p.name for p in out.rglob("*"))
+        undo = _make_read_only(out)
+        try:
+            requests = fp.count()
+            result = run_cli("run", str(job), "--no-progress")
+            assert fp.count() == requests
+        finally:
+            undo()
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "not writable" in lines[0] and str(out) in lines[0], result.stderr
+        assert (out / "_manifest.json").read_bytes() == manifest
+        assert sorted(p.name for p in out.rglob("*")) == files
+        rerun = run_cli("run", str(job), "--no-progress")
+        assert rerun.returncode == 0, rerun.stderr
+    assert_vectors_exact(read_parts(out), _expected(texts), DIM)
+
+
+def test_disk_full_mid_run_stops_with_work_left_an_intact_manifest_and_a_rerun_completes_exactly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = _texts(60)
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    out = tmp_path / "out"
+    monkeypatch.setenv(KEY_VAR, KEY)
+    real_fsync = os.fsync
+    part_writes = 0
+    full = False
+
+    def fsync(fd: int) -> None:
+        """The disk fills after three part files: every file written into the output fails from then on."""
+        nonlocal part_writes, full
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if sink.TEMP_MARK in name and name.startswith(str(out)):
+            if full or (".part-" in name and part_writes >= 3):
+                full = True
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            part_writes += ".part-" in name
+        real_fsync(fd)
+
+    with FakeProvider(dim=DIM) as fp:
+        job = load_job(str(_job(tmp_path, fp, max_concurrency=2)))
+        monkeypatch.setattr(os, "fsync", fsync)
+        with pytest.raises(WorkLeftError) as stopped:
+            run_job(job, RunOptions(progress=False))
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        assert stopped.value.exit_code == 1
+        assert "No space left on device" in str(stopped.value) and str(out) in str(stopped.value)
+        manifest = _assert_manifest_consistent(out)
+        assert 1 <= len(manifest["units"]) <= 3
+        assert not _temps(out), "a failed write left a temp file"
+        assert not (out / "_SUCCESS").exists()
+        committed = {int(s) for s in manifest["units"]}
+        before = len(fp.inputs_received)
+
+        assert run_job(job, RunOptions(progress=False)) == 0
+        resent = set(fp.inputs_received[before:]) & {t for s in committed for t in texts[3 * s:3 * s + 3]}
+        assert not resent, "parts committed before the disk filled were sent again"
+    assert (out / "_SUCCESS").exists()
+    table = read_parts(out)
+    assert table.column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(60)]
+    assert_vectors_exact(table, _expected(texts), DIM)
+
+
+def test_a_real_full_filesystem_stops_the_run_cleanly_and_after_growing_it_a_rerun_completes(tmp_path: Path) -> None:
+    mount = shutil.which("mount")
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    if mount is None or subprocess.run([mount, "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(fs)],
+                                       capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs is not permitted here (needs root and CAP_SYS_ADMIN)")
+    try:
+        texts = _texts(300)
+        write_parquet(tmp_path / "data.parquet", docs_table(texts))
+        out = fs / "out"
+        with FakeProvider(dim=DIM) as fp:
+            job = _job(tmp_path, fp, output="fs/out")
+            full = run_cli("run", str(job), "--no-progress")
+            assert full.returncode == 1, full.stderr
+            assert "Traceback" not in full.stderr
+            assert len(error_lines(full.stderr)) == 1 and "No space left on device" in error_lines(full.stderr)[0]
+            manifest = _assert_manifest_consistent(out)
+            assert manifest["units"], "some parts should fit before the disk is full"
+            assert not _temps(out)
+            assert not (out / "_SUCCESS").exists()
+            subprocess.run([mount, "-o", "remount,size=16m", str(fs)], check=True)
+            rerun = run_cli("run", str(job), "--no-progress")
+            assert rerun.returncode == 0, rerun.stderr
+        assert_vectors_exact(read_parts(out), _expected(texts), DIM)
+    finally:
+        subprocess.run(["umount", str(fs)], check=False)
