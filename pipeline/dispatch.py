@@ -177,12 +177,10 @@ class Dispatcher:
             # request probes a half-open one: waiting costs no attempt.
             while (wait := route.available_at(self._clock()) - self._clock()) > 0 and route.unusable_reason is None:
                 await self._sleep(wait)
-            if attempt > 1:
-                route.stats.retries += 1
-            outcome = await self._attempt(route, texts, tokens)
+            outcome = await self._attempt(route, texts, tokens, retry=attempt > 1)
             if isinstance(outcome, EmbedResult):
                 return outcome
-            if outcome is None:  # it became unusable while this request waited: nothing was sent
+            if outcome is None:  # it became unusable, began resting or is being probed: nothing was sent
                 attempt -= 1
                 avoid = route
                 continue
@@ -211,19 +209,28 @@ class Dispatcher:
             raise WorkLeftError(self.no_provider_message())
         raise WorkLeftError(f"a request failed {self._retry.max_attempts} times (retry.max_attempts); last: {last}")
 
-    async def _attempt(self, route: Route, texts: list[str], tokens: int) -> EmbedResult | ProviderError | None:
+    async def _attempt(
+        self, route: Route, texts: list[str], tokens: int, *, retry: bool
+    ) -> EmbedResult | ProviderError | None:
         """One request to one provider: the result, the classified failure, or
-        None when the provider was found unusable before anything was sent."""
+        None when nothing was sent: while this request waited for a slot, the
+        provider became unusable, began resting (a Retry-After, an open
+        circuit), or another request took the one probe of its half-open circuit."""
         await route.acquire()
         half_open_probe = False
         try:
             if route.unusable_reason is not None:
                 return None
+            if self._clock() < route.cool_until or (route.circuit_opens and route.probing):
+                return None
             if route.circuit_opens:
                 half_open_probe = route.probing = True
+            opens_at_send = route.circuit_opens
             await self._wait_for_rate(route, tokens)
             route.rate.sent(tokens)
             route.stats.requests += 1
+            if retry:  # counted when sent: a request held back above is no retry
+                route.stats.retries += 1
             started = self._clock()
             try:
                 result = await route.provider.embed(texts)
@@ -234,7 +241,7 @@ class Dispatcher:
                     )
             except Exception as exc:  # noqa: BLE001 - classified in one place
                 err = classify(provider=route.name, exc=exc)
-                self._record_failure(route, err)
+                self._record_failure(route, err, opens_at_send)
                 return err
             finally:
                 route.rate.answered(tokens, self._clock())
@@ -245,7 +252,9 @@ class Dispatcher:
                 route.probing = False
             await route.release()
 
-    def _record_failure(self, route: Route, err: ProviderError) -> None:
+    def _record_failure(self, route: Route, err: ProviderError, opens_at_send: int) -> None:
+        """Count a failed answer; `opens_at_send` is how many times the circuit
+        had opened when the request was sent."""
         route.stats.failures[err.kind] = route.stats.failures.get(err.kind, 0) + 1
         if err.kind == "unusable":
             # reasons are keyed by provider already: drop the "name: " that str(err) starts with
@@ -255,6 +264,10 @@ class Dispatcher:
             route.concurrency.on_rate_limited()
         elif err.kind in ("transient", "bad_response"):
             route.failures_in_a_row += 1
+            if route.circuit_opens > opens_at_send:
+                # Sent before the circuit last opened: more of the outage that
+                # opened it, not a failed probe. Only probes count towards giving up.
+                return
             if route.circuit_opens or route.failures_in_a_row >= CIRCUIT_FAILURES:
                 rest = min(
                     self._retry.max_backoff_s,

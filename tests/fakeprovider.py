@@ -17,7 +17,13 @@ body / model (404 ``model_not_found``) / inputs (400 ``invalid_request_error``:
 more than 2048 inputs, an input over 8192 tokens, an empty string, a bad type).
 
 ``script`` holds one directive per incoming POST, consumed in arrival order;
-once exhausted (or with "ok") requests are answered normally.  Directives:
+once exhausted (or with "ok") requests are answered normally.  Past the script,
+``fail_rate`` (0..1) gives that share of requests, drawn at random from a
+``random.Random(seed)`` in arrival order (so a run is repeatable), the
+directive ``fail_with`` instead of "ok": ``fail_rate=0.05, fail_with="500"`` is
+a provider failing 5% of requests; ``fail_rate=1.0`` one failing every request
+once its script is spent.  ``directives`` lists what each POST got.
+Directives:
 
     ok               normal answer
     400              400 invalid_request_error (generic)
@@ -112,19 +118,25 @@ class FakeProvider:
                  api_key: str = "sk-test-key", model: str = "text-embedding-3-small",
                  script: Iterable[str] = (), latency_s: float = 0.0,
                  quota_requests: int | None = None, shuffle: bool = False,
-                 reject_marker: str | None = None, serves: str = "") -> None:
+                 reject_marker: str | None = None, serves: str = "",
+                 fail_rate: float = 0.0, fail_with: str = "500", seed: int = 0) -> None:
         if dialect not in ("openai", "ctyun") or base64 not in ("honour", "ignore", "reject"):
             raise ValueError(f"bad dialect/base64: {dialect!r}/{base64!r}")
+        if not 0.0 <= fail_rate <= 1.0 or not _DIRECTIVE.match(fail_with):
+            raise ValueError(f"bad fail_rate/fail_with: {fail_rate!r}/{fail_with!r}")
         self.dim, self.dialect, self.base64_mode = dim, dialect, base64
         self.api_key, self.model = api_key, model
         self.latency_s, self.quota_requests, self.shuffle = latency_s, quota_requests, shuffle
         self.reject_marker = reject_marker
         # A relay serving another model under the requested name: `serves` salts every vector.
         self.serves = serves
+        self.fail_rate, self.fail_with = fail_rate, fail_with
+        self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._script: deque[str] = deque()
         self.add_script(*script)
         self._requests: list[dict[str, Any]] = []
+        self._directives: list[str] = []
         self._arrivals: list[float] = []  # time.monotonic() of each POST, for rate-limit checks
         self._inputs: list[str] = []
         self._successes = 0
@@ -158,6 +170,12 @@ class FakeProvider:
         """Every request body received, in arrival order (a copy)."""
         with self._lock:
             return list(self._requests)
+
+    @property
+    def directives(self) -> list[str]:
+        """The directive each POST got (scripted, drawn by ``fail_rate``, or "ok"), in arrival order."""
+        with self._lock:
+            return list(self._directives)
 
     @property
     def inputs_received(self) -> list[str]:
@@ -251,7 +269,13 @@ class FakeProvider:
         with self._lock:
             self._requests.append(body if isinstance(body, dict) else {"_raw": raw})
             self._arrivals.append(time.monotonic())
-            directive = self._script.popleft() if self._script else "ok"
+            if self._script:
+                directive = self._script.popleft()
+            elif self.fail_rate and self._rng.random() < self.fail_rate:
+                directive = self.fail_with
+            else:
+                directive = "ok"
+            self._directives.append(directive)
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
 
