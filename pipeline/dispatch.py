@@ -219,6 +219,9 @@ class Dispatcher:
         await route.acquire()
         half_open_probe = False
         try:
+            await self._wait_for_rate(route, tokens)
+            # Checked after every wait and with no await before the send, so
+            # nothing that happened meanwhile (a 429, an opened circuit) is missed.
             if route.unusable_reason is not None:
                 return None
             if self._clock() < route.cool_until or (route.circuit_opens and route.probing):
@@ -226,7 +229,6 @@ class Dispatcher:
             if route.circuit_opens:
                 half_open_probe = route.probing = True
             opens_at_send = route.circuit_opens
-            await self._wait_for_rate(route, tokens)
             route.rate.sent(tokens)
             route.stats.requests += 1
             if retry:  # counted when sent: a request held back above is no retry
