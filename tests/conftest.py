@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ if str(REPO) not in sys.path:  # `pipeline` is imported from the checkout, insta
     sys.path.insert(0, str(REPO))
 
 from fakeprovider import FakeProvider, vector_for  # noqa: E402
+from pipeline.probe import PROBE_TEXTS  # noqa: E402
 KEY_VAR = "EMB_TEST_KEY"
 KEY = "sk-test-key"  # FakeProvider's default key
 MODEL = "text-embedding-3-small"
@@ -133,3 +135,8 @@ def assert_vectors_exact(table: pa.Table, texts: list[str | None], dim: int, col
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def rows_sent(fp: FakeProvider) -> Counter[str]:
+    """Texts the server answered, without each run's start-up probe (the vector-space check)."""
+    return Counter(t for t in fp.inputs_received if t not in PROBE_TEXTS)

@@ -29,6 +29,7 @@ from conftest import (
     part_files,
     provider_entry,
     read_parts,
+    rows_sent,
     run_cli,
     sample_texts,
     write_job,
@@ -45,16 +46,10 @@ PER_REQUEST = 5  # write_job's batching.max_inputs_per_request
 # request may meet several of a provider's injected failures in a row.
 RETRY = {"max_attempts": 10, "initial_backoff_s": 0.01, "max_backoff_s": 0.05}
 BLIP_LATENCY_S = 0.3  # long enough that a burst's requests are all in flight together
-PROBES = set(PROBE_TEXTS)
 
 
 def run(job: Path) -> Any:
     return run_cli("run", str(job), "--no-progress")
-
-
-def rows_answered(fp: FakeProvider) -> Counter[str]:
-    """Texts the server answered cleanly, without the start-up probe."""
-    return Counter(t for t in fp.inputs_received if t not in PROBES)
 
 
 def directive_kind(directive: str) -> str | None:
@@ -105,7 +100,7 @@ def _storm_recovers(fakes: dict[str, FakeProvider], s: dict[str, Any]) -> None:
 
 def _storm_other_takes_the_work(fakes: dict[str, FakeProvider], s: dict[str, Any]) -> None:
     stormy = fakes["stormy"]
-    assert rows_answered(stormy) == Counter()
+    assert rows_sent(stormy) == Counter()
     # After its first 429 (Retry-After: 5) nothing new goes there, not even a request that was
     # already waiting for one of its slots: only what was in flight (its max_concurrency, 2).
     assert 1 <= stormy.count() - 1 <= 2
@@ -152,7 +147,7 @@ def _key_revoked(fakes: dict[str, FakeProvider], s: dict[str, Any]) -> None:
 def _quota(fakes: dict[str, FakeProvider], s: dict[str, Any]) -> None:
     fp = fakes["metered"]
     over_quota = fp.count() - 4  # quota_requests=4: the probe and three requests succeed
-    assert len(fp.inputs_received) == len(PROBES) + 3 * PER_REQUEST
+    assert len(fp.inputs_received) == len(PROBE_TEXTS) + 3 * PER_REQUEST
     assert 1 <= over_quota <= 3  # its max_concurrency: only requests already in flight
     report = s["providers"]["metered"]
     assert report["state"] == "unusable" and "insufficient_user_quota" in report["reason"]
@@ -161,7 +156,7 @@ def _quota(fakes: dict[str, FakeProvider], s: dict[str, Any]) -> None:
 
 
 def _ctyun(fakes: dict[str, FakeProvider], s: dict[str, Any]) -> None:
-    assert sum(rows_answered(fakes["ctyun"]).values()) > 0  # its `embeddings` answers reached the output
+    assert sum(rows_sent(fakes["ctyun"]).values()) > 0  # its `embeddings` answers reached the output
     assert s["providers"]["ctyun"]["rate_limited"] == 1
 
 
@@ -222,7 +217,7 @@ def test_chaos_with_a_working_provider_exits_0_with_every_vector_exact(tmp_path:
         summary = json.loads((out / "_summary.json").read_text())
 
         # Every row paid for once, whoever answered it.
-        assert sum((rows_answered(fp) for fp in fakes.values()), Counter()) == Counter(texts)
+        assert sum((rows_sent(fp) for fp in fakes.values()), Counter()) == Counter(texts)
         # Every injected failure counted under its class, and retried exactly once.
         retried = 0
         for name, fp in fakes.items():
@@ -308,7 +303,7 @@ def test_all_providers_down_exits_1_naming_each_and_a_rerun_sends_only_uncommitt
                         rows_per_part=ROWS_PER_PART, retry=RETRY)
         rerun = run(job)
         assert rerun.returncode == 0, rerun.stderr
-        resent = rows_answered(a) + rows_answered(b)
+        resent = rows_sent(a) + rows_sent(b)
     assert resent == Counter(t for i, t in enumerate(texts) if i // ROWS_PER_PART not in committed)
     assert (out / "_SUCCESS").exists()
     parts = read_parts(out)

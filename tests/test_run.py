@@ -29,6 +29,7 @@ from conftest import (
     part_files,
     provider_entry,
     read_parts,
+    rows_sent,
     run_cli,
     sample_texts,
     write_csv,
@@ -40,7 +41,6 @@ from pipeline.config import EmbeddingConfig
 from pipeline.probe import PROBE_TEXTS
 from pipeline.texts import prepare
 
-PROBES = set(PROBE_TEXTS)  # every run's one extra request per provider: the vector-space check
 SECRET = "sk-live-SECRET-0123456789abcdef"
 
 
@@ -54,11 +54,6 @@ def summary(out: Path) -> dict[str, Any]:
 
 def rejects(out: Path) -> list[dict[str, Any]]:
     return pq.read_table(out / "_rejects.parquet").to_pylist()
-
-
-def sent(fp: FakeProvider) -> Counter[str]:
-    """Texts the server answered, without the start-up probes."""
-    return Counter(t for t in fp.inputs_received if t not in PROBES)
 
 
 def probe_requests(fp: FakeProvider) -> int:
@@ -101,7 +96,7 @@ def test_every_row_once_in_input_order_with_exact_vectors(tmp_path: Path, fmt: s
         assert result.returncode == 0, result.stderr
         assert fp.count() == expected_requests(40) + 1
         assert probe_requests(fp) == 1
-        assert sent(fp) == Counter(texts)  # each row's text sent exactly once
+        assert rows_sent(fp) == Counter(texts)  # each row's text sent exactly once
         if dimensions:
             assert all(r["dimensions"] == dimensions for r in fp.requests)
     out = tmp_path / "out"
@@ -161,7 +156,7 @@ def test_empty_null_and_whitespace_texts_get_null_vectors_and_are_listed_as_reje
         job = write_job(tmp_path, [provider_entry(fp)])
         result = run(job)
         assert result.returncode == 0, result.stderr
-        assert sent(fp) == Counter(t for i, t in enumerate(texts) if i not in blank)
+        assert rows_sent(fp) == Counter(t for i, t in enumerate(texts) if i not in blank)
     out = tmp_path / "out"
     assert (out / "_SUCCESS").exists()
     parts = read_parts(out)
@@ -196,7 +191,7 @@ def test_too_long_skip_rejects_the_row(tmp_path: Path) -> None:
         job = write_job(tmp_path, [provider_entry(fp)], embedding={"max_input_tokens": LIMIT, "too_long": "skip"})
         result = run(job)
         assert result.returncode == 0, result.stderr
-        assert sent(fp) == Counter(t for i, t in enumerate(texts) if i != 4)
+        assert rows_sent(fp) == Counter(t for i, t in enumerate(texts) if i != 4)
     out = tmp_path / "out"
     assert (out / "_SUCCESS").exists()
     assert_vectors_exact(read_parts(out), [None if i == 4 else t for i, t in enumerate(texts)], 8)
@@ -212,7 +207,7 @@ def test_too_long_truncate_embeds_the_first_tokens(tmp_path: Path) -> None:
         job = write_job(tmp_path, [provider_entry(fp)], embedding={"max_input_tokens": LIMIT, "too_long": "truncate"})
         result = run(job)
         assert result.returncode == 0, result.stderr
-        assert sent(fp) == Counter([piece] + [t for i, t in enumerate(texts) if i != 4])
+        assert rows_sent(fp) == Counter([piece] + [t for i, t in enumerate(texts) if i != 4])
     out = tmp_path / "out"
     assert (out / "_SUCCESS").exists()
     assert_vectors_exact(read_parts(out), [piece if i == 4 else t for i, t in enumerate(texts)], 8)
@@ -229,7 +224,7 @@ def test_too_long_chunk_mean_is_the_renormalised_token_weighted_mean_of_the_chun
                         embedding={"max_input_tokens": LIMIT, "too_long": "chunk_mean"})
         result = run(job)
         assert result.returncode == 0, result.stderr
-        assert sent(fp) == Counter(list(chunks) + [t for i, t in enumerate(texts) if i != 4])
+        assert rows_sent(fp) == Counter(list(chunks) + [t for i, t in enumerate(texts) if i != 4])
     out = tmp_path / "out"
     assert (out / "_SUCCESS").exists()
     parts = read_parts(out)
@@ -262,7 +257,7 @@ def test_row_refused_by_the_provider_is_isolated_and_the_rest_embedded(tmp_path:
         job = write_job(tmp_path, [provider_entry(fp)])
         result = run(job)
         assert result.returncode == 0, result.stderr
-        assert sent(fp) == Counter(t for i, t in enumerate(texts) if i != 9)
+        assert rows_sent(fp) == Counter(t for i, t in enumerate(texts) if i != 9)
         with_marker = [r["input"] for r in fp.requests if any("FORBIDDEN" in t for t in r.get("input", []))]
     # bisection: the 5-row request, then the 3-row half, then the row alone; never retried as is
     assert [len(x) for x in with_marker] == [5, 3, 1]
@@ -286,7 +281,7 @@ def test_limit_then_rerun_sends_every_row_exactly_once_and_a_complete_job_sends_
         first = run(job, "--limit", "10")
         assert first.returncode == 0, first.stderr
         assert not (out / "_SUCCESS").exists()
-        assert sent(fp) == Counter(texts[:10])
+        assert rows_sent(fp) == Counter(texts[:10])
         smoke = read_parts(out)  # the smoke test's rows are there to look at
         assert smoke.column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(10)]
         assert_vectors_exact(smoke, texts[:10], 8)
@@ -294,7 +289,7 @@ def test_limit_then_rerun_sends_every_row_exactly_once_and_a_complete_job_sends_
         second = run(job)
         assert second.returncode == 0, second.stderr
         assert (out / "_SUCCESS").exists()
-        assert sent(fp) == Counter(texts)  # across both runs: each row once
+        assert rows_sent(fp) == Counter(texts)  # across both runs: each row once
         assert probe_requests(fp) == 2  # one per run
         requests_so_far = fp.count()
 
@@ -369,8 +364,8 @@ def test_changing_how_rows_are_sent_keeps_the_progress(tmp_path: Path) -> None:
                         retry={"max_attempts": 5, "initial_backoff_s": 0.01, "max_backoff_s": 0.02})
         result = run(job)
         assert result.returncode == 0, result.stderr
-        assert sent(fp1) == Counter(texts[:10])
-        assert sent(fp2) == Counter(texts[10:])
+        assert rows_sent(fp1) == Counter(texts[:10])
+        assert rows_sent(fp2) == Counter(texts[10:])
         assert probe_requests(fp2) == 1  # the new provider is checked against the output's vectors
     assert_vectors_exact(read_parts(out), texts, 8)
 
@@ -486,7 +481,7 @@ def test_two_shards_on_one_output_complete_it_together(tmp_path: Path) -> None:
         assert [p.name for p in part_files(out)] == [f"part-{i:05d}.parquet" for i in (0, 2, 4)]
         second = run(job, "--shard", "1/2")
         assert second.returncode == 0, second.stderr
-        assert sent(fp) == Counter(texts)
+        assert rows_sent(fp) == Counter(texts)
     assert (out / "_SUCCESS").exists()
     parts = read_parts(out)
     assert parts.column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(40)]
@@ -511,7 +506,7 @@ def test_all_providers_down_exits_1_and_a_rerun_completes(tmp_path: Path) -> Non
         job = write_job(tmp_path, [provider_entry(fp)])
         rerun = run(job)
         assert rerun.returncode == 0, rerun.stderr
-        assert sent(fp) == Counter(texts)
+        assert rows_sent(fp) == Counter(texts)
     assert (out / "_SUCCESS").exists()
     assert_vectors_exact(read_parts(out), texts, 8)
 
@@ -533,7 +528,7 @@ def test_provider_failing_mid_run_exits_1_and_the_rerun_sends_only_unfinished_pa
         job = write_job(tmp_path, [provider_entry(fp)])
         rerun = run(job)
         assert rerun.returncode == 0, rerun.stderr
-        assert sent(fp) == Counter(t for i, t in enumerate(texts) if i // 7 not in committed)
+        assert rows_sent(fp) == Counter(t for i, t in enumerate(texts) if i // 7 not in committed)
     assert (out / "_SUCCESS").exists()
     parts = read_parts(out)
     assert parts.column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(35)]
@@ -551,10 +546,10 @@ def test_successive_limits_extend_the_cut_part_and_each_row_is_sent_once(tmp_pat
             result = run(job, "--limit", limit)
             assert result.returncode == 0, result.stderr
             assert not (out / "_SUCCESS").exists()
-        assert sent(fp) == Counter(t for i, t in enumerate(texts[:12]) if i != 8)
+        assert rows_sent(fp) == Counter(t for i, t in enumerate(texts[:12]) if i != 8)
         final = run(job)
         assert final.returncode == 0, final.stderr
-        assert sent(fp) == Counter(t for i, t in enumerate(texts) if i != 8)
+        assert rows_sent(fp) == Counter(t for i, t in enumerate(texts) if i != 8)
     assert (out / "_SUCCESS").exists()
     parts = read_parts(out)
     assert parts.column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(30)]
@@ -576,7 +571,7 @@ def test_two_shards_running_at_once_complete_the_output_together(tmp_path: Path)
                                   stderr=subprocess.PIPE, text=True) for k in range(2)]
         results = [p.communicate(timeout=60) for p in procs]
         assert [p.returncode for p in procs] == [0, 0], results
-        assert sent(fp) == Counter(texts)
+        assert rows_sent(fp) == Counter(texts)
     assert (out / "_SUCCESS").exists()
     parts = read_parts(out)
     assert parts.column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(60)]
@@ -600,7 +595,7 @@ def test_sigterm_finishes_in_flight_work_exits_1_and_a_rerun_completes(tmp_path:
         _, stderr = proc.communicate(timeout=30)
         assert proc.returncode == 1, stderr
         one_error_line(stderr)
-        first = sent(fp)
+        first = rows_sent(fp)
     assert not (out / "_SUCCESS").exists()
     committed = {int(s) for s in json.loads((out / "_manifest.json").read_text())["units"]}
     assert committed and len(committed) < 10
@@ -608,7 +603,7 @@ def test_sigterm_finishes_in_flight_work_exits_1_and_a_rerun_completes(tmp_path:
         job = write_job(tmp_path, [provider_entry(fp2)])
         rerun = run(job)
         assert rerun.returncode == 0, rerun.stderr
-        assert sent(fp2) == Counter(t for i, t in enumerate(texts) if i // 7 not in committed)
+        assert rows_sent(fp2) == Counter(t for i, t in enumerate(texts) if i // 7 not in committed)
     assert sum(first.values()) >= 7 * len(committed)
     assert (out / "_SUCCESS").exists()
     assert_vectors_exact(read_parts(out), texts, 8)
@@ -623,7 +618,7 @@ def test_relay_dialects_give_the_same_exact_output(tmp_path: Path, relay: dict[s
         job = write_job(tmp_path, [provider_entry(fp, max_concurrency=1)])
         result = run(job)
         assert result.returncode == 0, result.stderr
-        assert sent(fp) == Counter(texts)
+        assert rows_sent(fp) == Counter(texts)
         formats = [r["encoding_format"] for r in fp.requests]
     if relay.get("base64") == "reject":
         assert formats[0] == "base64" and set(formats[1:]) == {"float"}  # asked once, then remembered
@@ -642,7 +637,7 @@ def test_flaky_provider_is_retried_and_no_corrupt_answer_reaches_the_output(tmp_
                         retry={"max_attempts": len(failures) + 1, "initial_backoff_s": 0.01, "max_backoff_s": 0.02})
         result = run(job)
         assert result.returncode == 0, result.stderr
-        assert sent(fp) == Counter(texts)
+        assert rows_sent(fp) == Counter(texts)
         assert fp.count() == 1 + expected_requests(30) + len(failures)
     out = tmp_path / "out"
     assert (out / "_SUCCESS").exists()
@@ -661,7 +656,7 @@ def test_bad_key_provider_is_dropped_after_one_request_and_the_other_does_the_jo
         result = run(job)
         assert result.returncode == 0, result.stderr
         assert bad.count() == 1
-        assert sent(good) == Counter(texts)
+        assert rows_sent(good) == Counter(texts)
     out = tmp_path / "out"
     assert (out / "_SUCCESS").exists()
     assert_vectors_exact(read_parts(out), texts, 8)
@@ -681,7 +676,7 @@ def test_parquet_and_csv_inputs_together_keep_file_order_and_row_numbers(tmp_pat
         assert run(job, "--limit", "12").returncode == 0  # cuts the CSV's first part
         result = run(job)
         assert result.returncode == 0, result.stderr
-        assert sent(fp) == Counter(texts)
+        assert rows_sent(fp) == Counter(texts)
     # units never cross a file: 7 + 3 rows from a.parquet, 7 + 7 + 1 from b.csv
     assert [pq.read_metadata(p).num_rows for p in part_files(out)] == [7, 3, 7, 7, 1]
     parts = read_parts(out)

@@ -14,6 +14,7 @@ from conftest import (
     docs_table,
     provider_entry,
     read_parts,
+    rows_sent,
     run_cli,
     sample_texts,
     write_job,
@@ -21,15 +22,10 @@ from conftest import (
 )
 from fakeprovider import FakeProvider
 from pipeline import probe
-from pipeline.probe import PROBE_TEXTS
 
 
 def run(job: Path, *args: str) -> object:
     return run_cli("run", str(job), "--no-progress", *args)
-
-
-def rows_sent(fp: FakeProvider) -> Counter[str]:
-    return Counter(t for t in fp.inputs_received if t not in set(PROBE_TEXTS))
 
 
 def test_a_relay_serving_another_model_is_dropped_at_start_and_never_gets_a_row(tmp_path: Path) -> None:
