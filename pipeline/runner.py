@@ -103,6 +103,8 @@ class _Run:
 
     async def _with_providers(self, providers: list[Provider]) -> int:
         self.dispatcher = Dispatcher(providers, self.job.retry)
+        if self.job.cache:
+            log.warning("cache: %s is not used yet: every text is sent to the providers", self.job.cache)
         self.progress = Progress(self._rows_to_do(), self.opts.progress)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
