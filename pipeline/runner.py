@@ -236,6 +236,12 @@ class _Run:
                 if unit is None or self.stopping or (limit is not None and unit.row_offset >= limit):
                     window.release()
                     break
+                if unit.seq >= sink.MAX_PARTS:  # part names would no longer sort in input order
+                    window.release()
+                    raise ConfigError(
+                        f"output.rows_per_part: {self.job.output.rows_per_part} makes more than {sink.MAX_PARTS:,} "
+                        f"parts; raise it and rerun with --restart"
+                    )
                 end = unit.table.num_rows if limit is None else min(unit.table.num_rows, limit - unit.row_offset)
                 task = asyncio.create_task(self._unit(unit, end))
                 tasks.add(task)

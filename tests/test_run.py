@@ -682,3 +682,26 @@ def test_parquet_and_csv_inputs_together_keep_file_order_and_row_numbers(tmp_pat
     parts = read_parts(out)
     assert parts.column("row_id").to_pylist() == list(range(25))
     assert_vectors_exact(parts, texts, 8)
+
+
+def test_more_parts_than_names_can_order_is_refused_and_the_parts_done_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import sink
+    from pipeline.config import load_job
+    from pipeline.errors import ConfigError
+    from pipeline.runner import RunOptions, run_job
+
+    texts = sample_texts(12)
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    monkeypatch.setenv(KEY_VAR, KEY)
+    monkeypatch.setattr(sink, "MAX_PARTS", 3)  # stands in for 10**5 five-digit part names
+    with FakeProvider(dim=8) as fp:
+        job = load_job(write_job(tmp_path, [provider_entry(fp)], rows_per_part=2))
+        with pytest.raises(ConfigError, match="rows_per_part") as info:
+            run_job(job, RunOptions(progress=False))
+    assert info.value.exit_code == 2
+    out = tmp_path / "out"
+    assert [p.name for p in part_files(out)] == [sink.part_name(i) for i in range(3)]
+    assert_vectors_exact(read_parts(out), texts[:6], 8)
+    assert not (out / "_SUCCESS").exists()
