@@ -9,7 +9,7 @@ import re
 import sys
 from typing import Sequence
 
-from .errors import EXIT_BAD_JOB, EXIT_OK, EXIT_WORK_LEFT, PipelineError
+from .errors import EXIT_OK, EXIT_WORK_LEFT, PipelineError
 
 EPILOG = "exit status: 0 every row accounted for (_SUCCESS written), 1 work left (rerun continues), 2 fix the job or inputs"
 
@@ -144,5 +144,3 @@ def _status(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-__all__ = ["main", "EXIT_BAD_JOB"]

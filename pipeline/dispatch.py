@@ -19,7 +19,7 @@ from typing import Awaitable, Callable, Literal
 import numpy as np
 
 from .config import RetryConfig
-from .errors import BadInputError, BadResponseError, ProviderError, ProviderUnusableError, WorkLeftError, classify
+from .errors import BadResponseError, ProviderError, ProviderUnusableError, WorkLeftError, classify
 from .limits import AdaptiveConcurrency, RateWindow
 from .providers import EmbedResult, Provider
 
@@ -331,5 +331,3 @@ class Dispatcher:
             r.name: {"state": r.state(now), "reason": r.unusable_reason, **r.stats.to_json()} for r in self.routes
         }
 
-
-__all__ = ["BadInputError", "Dispatcher", "backoff_s", "retry_delay_s"]

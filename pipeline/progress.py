@@ -22,9 +22,7 @@ class RunCounters:
     rows_embedded: int = 0
     rows_rejected: dict[str, int] = field(default_factory=dict)
     rows_done: int = 0
-    units_done: int = 0
     tokens: int = 0
-    pieces: int = 0
 
     def reject(self, reason: str, n: int = 1) -> None:
         self.rows_rejected[reason] = self.rows_rejected.get(reason, 0) + n

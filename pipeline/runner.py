@@ -411,7 +411,6 @@ class _Run:
         self.manifest.update(commit)
         if finished:
             (self.out_dir / sink.PARTIAL_DIR / name).unlink(missing_ok=True)
-            self.counters.units_done += 1
 
     # -- the end --------------------------------------------------------------
 

@@ -149,19 +149,6 @@ def iter_units(
         totals.update(units=seq, rows=row_offset)
 
 
-def count_units(files: list[InputFile], cfg: InputConfig, rows_per_part: int) -> tuple[int, int]:
-    """(units, rows) over all inputs; free for Parquet, a streaming pass for CSV."""
-    units = rows = 0
-    for f in files:
-        if f.format == "parquet":
-            n = pq.ParquetFile(f.path).metadata.num_rows
-        else:
-            n = sum(b.num_rows for b in _csv_batches(f.path, list(cfg.read_columns)[:1]))
-        units += -(-n // rows_per_part)
-        rows += n
-    return units, rows
-
-
 def _csv_batches(path: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
     # CSV has no types: every column is read as text, so a late odd value
     # cannot break type inference halfway through a file.
