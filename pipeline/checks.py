@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ from .config import load_job
 from .errors import ConfigError, JobChangedError
 from .manifest import Manifest, describe_change, job_fingerprint, run_lock_held, shard_locks_held
 from .packing import pack
+from .progress import rejects_text
 from .sources import check_columns, find_inputs, iter_units
 from .texts import prepare, row_texts
 
@@ -54,7 +56,7 @@ def estimate_job(job_file: str) -> dict[str, Any]:
     files = find_inputs(job.input)
     check_columns(files, job.input)
     rows = tokens = pieces = requests = 0
-    rejected: dict[str, int] = {}
+    rejected: Counter[str] = Counter()
     max_inputs = min([job.batching.max_inputs_per_request] + [p.max_inputs_per_request for p in job.providers if p.max_inputs_per_request])
     max_tokens = min([job.batching.max_tokens_per_request] + [p.max_tokens_per_request for p in job.providers if p.max_tokens_per_request])
     max_tokens = max(max_tokens, job.embedding.max_input_tokens)
@@ -70,9 +72,7 @@ def estimate_job(job_file: str) -> dict[str, Any]:
         pieces += len(prepared.pieces)
         tokens += prepared.tokens
         requests += len(pack(prepared.piece_tokens, prepared.piece_bytes, max_inputs=max_inputs, max_tokens=max_tokens))
-        for reason in prepared.reasons:
-            if reason:
-                rejected[reason] = rejected.get(reason, 0) + 1
+        rejected.update(r for r in prepared.reasons if r)
     price = PRICE_PER_M_TOKENS.get(job.embedding.model)
     rpm = sum(p.requests_per_minute or 0 for p in job.providers) or None
     tpm = sum(p.tokens_per_minute or 0 for p in job.providers) or None
@@ -80,7 +80,7 @@ def estimate_job(job_file: str) -> dict[str, Any]:
     return {
         "job": job.name,
         "rows": rows,
-        "rows_rejected_by_policy": rejected,
+        "rows_rejected_by_policy": dict(rejected),
         "inputs": pieces,
         "tokens": tokens,
         "requests": requests,
@@ -92,7 +92,7 @@ def estimate_job(job_file: str) -> dict[str, Any]:
 
 
 def estimate_lines(r: dict[str, Any]) -> list[str]:
-    rejected = ", ".join(f"{n:,} {why}" for why, n in sorted(r["rows_rejected_by_policy"].items())) or "none"
+    rejected = rejects_text(r["rows_rejected_by_policy"])
     cost = (f"${r['cost_usd']:,.4f} (assuming ${r['price_per_million_tokens_usd']}/M tokens)"
             if r["cost_usd"] is not None else "unknown (no price for this model)")
     lines = [
@@ -158,7 +158,7 @@ def status_lines(r: dict[str, Any]) -> list[str]:
         return [head, f"output: {r['output']} (no manifest yet)"]
     total_units = r["total_units"] if r["total_units"] is not None else "?"
     total_rows = f"/{r['total_rows']:,}" if r["total_rows"] is not None else ""
-    rejected = ", ".join(f"{n:,} {why}" for why, n in sorted(r["rows_rejected"].items())) or "none"
+    rejected = rejects_text(r["rows_rejected"])
     lines = [
         head,
         f"parts: {r['units_done']:,}/{total_units}; rows: {r['rows_done']:,}{total_rows} "

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Literal
 
@@ -61,7 +62,7 @@ class ProviderStats:
     usage_tokens: int = 0  # what the provider reported billing
     retries: int = 0
     rate_limited: int = 0
-    failures: dict[str, int] = field(default_factory=dict)
+    failures: Counter[str] = field(default_factory=Counter)
     latencies_s: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
@@ -257,7 +258,7 @@ class Dispatcher:
     def _record_failure(self, route: Route, err: ProviderError, opens_at_send: int) -> None:
         """Count a failed answer; `opens_at_send` is how many times the circuit
         had opened when the request was sent."""
-        route.stats.failures[err.kind] = route.stats.failures.get(err.kind, 0) + 1
+        route.stats.failures[err.kind] += 1
         if err.kind == "unusable":
             # reasons are keyed by provider already: drop the "name: " that str(err) starts with
             self.mark_unusable(route, str(err).removeprefix(f"{route.name}: "))

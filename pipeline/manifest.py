@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,15 +170,14 @@ class Manifest:
 
     def counters(self) -> dict[str, Any]:
         rows = embedded = tokens = 0
-        rejected: dict[str, int] = {}
+        rejected: Counter[str] = Counter()
         for record in [*self.units.values(), *self.partial.values()]:
             rows += record["rows"]
             embedded += record["embedded"]
             tokens += record["tokens"]
-            for reason, n in record["rejected"].items():
-                rejected[reason] = rejected.get(reason, 0) + n
+            rejected.update(record["rejected"])
         return {"units_done": len(self.units), "rows_done": rows, "rows_embedded": embedded,
-                "rows_rejected": rejected, "tokens": tokens}
+                "rows_rejected": dict(rejected), "tokens": tokens}
 
     def complete(self) -> bool:
         total = self.data.get("total_units")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from tqdm import tqdm
 
@@ -20,12 +21,9 @@ class RunCounters:
     """What this run did (the manifest holds the totals over all runs)."""
 
     rows_embedded: int = 0
-    rows_rejected: dict[str, int] = field(default_factory=dict)
+    rows_rejected: Counter[str] = field(default_factory=Counter)
     rows_done: int = 0
     tokens: int = 0
-
-    def reject(self, reason: str, n: int = 1) -> None:
-        self.rows_rejected[reason] = self.rows_rejected.get(reason, 0) + n
 
 
 class Progress:
@@ -74,7 +72,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The closing summary, for people."""
     run = summary["run"]
     total = summary["job"]
-    rejected = ", ".join(f"{n:,} {why}" for why, n in sorted(run["rows_rejected"].items())) or "none"
+    rejected = rejects_text(run["rows_rejected"])
     lines = [
         f"{summary['status']}: {run['rows_embedded']:,} rows embedded, rejected: {rejected}; "
         f"{run['tokens']:,} tokens, {run['requests']:,} requests, {run['retries']:,} retries "
@@ -90,6 +88,11 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             f"{p['retries']:,} retries, {p['rate_limited']:,} rate-limited"
         )
     return lines
+
+
+def rejects_text(counts: Mapping[str, int]) -> str:
+    """Rejected rows by reason, for people: "3 empty, 1 too_long" or "none"."""
+    return ", ".join(f"{n:,} {why}" for why, n in sorted(counts.items())) or "none"
 
 
 def _human(n: float) -> str:

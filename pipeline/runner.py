@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Coroutine, TypeVar
@@ -364,9 +365,7 @@ class _Run:
             result = pa.concat_tables([earlier, result.cast(earlier.schema)])
             tokens += partial["tokens"]
         reasons = result.column(sink.REASON_COLUMN).to_pylist()
-        for reason in reasons[begin:]:
-            if reason is not None:
-                self.counters.reject(reason)
+        self.counters.rows_rejected.update(r for r in reasons[begin:] if r is not None)
         self.counters.rows_embedded += sum(r is None for r in reasons[begin:])
         self.counters.rows_done += end - begin
         self.counters.tokens += tokens - (partial["tokens"] if partial else 0)
@@ -399,7 +398,7 @@ class _Run:
             record = {
                 "rows": end,
                 "embedded": sum(r is None for r in reasons),
-                "rejected": {k: v for k, v in _count(reasons).items() if k is not None},
+                "rejected": dict(Counter(r for r in reasons if r is not None)),
                 "tokens": tokens,
             }
             if finished:
@@ -476,9 +475,3 @@ class _Run:
             "providers": providers,
         }
 
-
-def _count(values: list[Any]) -> dict[Any, int]:
-    counts: dict[Any, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return counts
