@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +58,9 @@ def estimate_job(job_file: str) -> dict[str, Any]:
     check_columns(files, job.input)
     rows = tokens = pieces = requests = 0
     rejected: Counter[str] = Counter()
-    max_inputs = min([job.batching.max_inputs_per_request] + [p.max_inputs_per_request for p in job.providers if p.max_inputs_per_request])
-    max_tokens = min([job.batching.max_tokens_per_request] + [p.max_tokens_per_request for p in job.providers if p.max_tokens_per_request])
-    max_tokens = max(max_tokens, job.embedding.max_input_tokens)
+    max_inputs, max_tokens = job.request_limits()
     policy = job.embedding
     if policy.empty == "fail" or policy.too_long == "fail":  # count, don't stop, when estimating
-        from dataclasses import replace
-
         policy = replace(policy, empty="skip" if policy.empty == "fail" else policy.empty,
                          too_long="skip" if policy.too_long == "fail" else policy.too_long)
     for unit in iter_units(files, job.input, job.output.rows_per_part, lambda _: True):

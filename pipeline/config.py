@@ -179,6 +179,20 @@ class JobConfig:
         if vec in self.input.keep_columns or vec == self.input.id_column:
             raise ConfigError(f"output.vector_column: {vec!r} clashes with an input column kept in the output")
 
+    @property
+    def id_column_out(self) -> str:
+        """The output's id column: the input's id column, else the row number's."""
+        return self.input.id_column or self.output.id_column_name
+
+    def request_limits(self) -> tuple[int, int]:
+        """(inputs, tokens) per request: the job's budgets, lowered to the
+        strictest provider's own, never below one input's worth of tokens."""
+        max_inputs = min([self.batching.max_inputs_per_request]
+                         + [p.max_inputs_per_request for p in self.providers if p.max_inputs_per_request])
+        max_tokens = min([self.batching.max_tokens_per_request]
+                         + [p.max_tokens_per_request for p in self.providers if p.max_tokens_per_request])
+        return max_inputs, max(max_tokens, self.embedding.max_input_tokens)
+
 
 SECTION_TYPES: dict[str, type] = {
     "input": InputConfig,

@@ -59,7 +59,7 @@ def job_fingerprint(job: JobConfig, files: list[InputFile]) -> dict[str, Any]:
         "too_long": job.embedding.too_long,
         "max_input_tokens": job.embedding.max_input_tokens,
         "empty": job.embedding.empty,
-        "id_column": job.input.id_column or job.output.id_column_name,
+        "id_column": job.id_column_out,
         "keep_columns": list(job.input.keep_columns),
         "vector_column": job.output.vector_column,
         "rows_per_part": job.output.rows_per_part,

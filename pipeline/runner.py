@@ -312,7 +312,7 @@ class _Run:
             reported += rows_finished
             self.progress.advance(rows_finished, tokens)
 
-        max_inputs, max_tokens = self._request_limits()
+        max_inputs, max_tokens = self.job.request_limits()
         slices = pack(prepared.piece_tokens, prepared.piece_bytes, max_inputs=max_inputs, max_tokens=max_tokens)
         await asyncio.gather(*(send(a, b) for a, b in slices))
         self.progress.advance(prepared.n_rows - reported, 0)  # rows that got no vector
@@ -342,15 +342,6 @@ class _Run:
         assert task is not None
         self.committing.add(task)  # the end of the grace period lets a commit finish
         await asyncio.to_thread(self._commit, unit, begin, end, result, tokens, partial)
-
-    def _request_limits(self) -> tuple[int, int]:
-        """The job's budgets, lowered to the strictest provider's own."""
-        max_inputs = self.job.batching.max_inputs_per_request
-        max_tokens = self.job.batching.max_tokens_per_request
-        for p in self.job.providers:
-            max_inputs = min(max_inputs, p.max_inputs_per_request or max_inputs)
-            max_tokens = min(max_tokens, p.max_tokens_per_request or max_tokens)
-        return max_inputs, max(max_tokens, self.job.embedding.max_input_tokens)
 
     def _commit(self, unit: Unit, begin: int, end: int, result: pa.Table, tokens: int, partial: dict[str, Any] | None) -> None:
         """Write the unit's part and its rejects, then record it in the manifest.

@@ -112,13 +112,9 @@ def id_array(table: pa.Table, job: JobConfig, row_offset: int) -> pa.Array:
     return pa.array(np.arange(row_offset, row_offset + table.num_rows, dtype=np.int64))
 
 
-def id_name(job: JobConfig) -> str:
-    return job.input.id_column or job.output.id_column_name
-
-
 def part_table(job: JobConfig, table: pa.Table, row_offset: int, vectors: pa.Array, dim: int) -> pa.Table:
     """id, keep_columns, vector: the output layout, with the job's metadata."""
-    columns: dict[str, pa.Array | pa.ChunkedArray] = {id_name(job): id_array(table, job, row_offset)}
+    columns: dict[str, pa.Array | pa.ChunkedArray] = {job.id_column_out: id_array(table, job, row_offset)}
     for name in job.input.keep_columns:
         if name not in columns:
             columns[name] = table.column(name)
