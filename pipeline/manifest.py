@@ -31,7 +31,8 @@ FORMAT_VERSION = 1
 MAX_RUNS_KEPT = 50  # run history in the manifest stays small
 LOCK_RETRY_S = 0.25  # `status` holds a run lock for an instant to probe it; a real holder holds it for the run
 LOCK_POLL_S = 0.02
-OUTPUT_FILES = ("_SUCCESS", "_summary.json", "_rejects.parquet", MANIFEST_NAME)
+# `_SUCCESS` and the manifest first: --restart removes them before the parts.
+OUTPUT_FILES = ("_SUCCESS", MANIFEST_NAME, "_summary.json", "_rejects.parquet")
 
 # What makes the vectors (or the output layout) what they are: changing any
 # of these on an output with progress is refused unless --restart.
@@ -157,16 +158,26 @@ class Manifest:
             write_json_atomic(manifest.path, manifest.data)
             return manifest
 
+    def refresh(self) -> None:
+        """Take what the disk says (hold `manifest_lock`: other shards write it)."""
+        latest = Manifest.read(self.out_dir)
+        if latest is not None:
+            self.data = latest.data
+
+    def save(self, data: dict[str, Any]) -> None:
+        """Write `data` (hold `manifest_lock`); it becomes ours only once on disk,
+        so a failed write (a full disk) leaves `data` as the disk says."""
+        data["updated_at"] = _now()
+        write_json_atomic(self.path, data)
+        self.data = data
+
     def update(self, change: Callable[[dict[str, Any]], None]) -> None:
-        """Read the latest manifest, apply `change`, write it back, all under the lock.
-        If the write fails (a full disk), `data` stays what the disk says."""
+        """Read the latest manifest, apply `change`, write it back, all under the lock."""
         with manifest_lock(self.out_dir):
             latest = Manifest.read(self.out_dir)
             data = latest.data if latest is not None else copy.deepcopy(self.data)
             change(data)
-            data["updated_at"] = _now()
-            write_json_atomic(self.path, data)
-            self.data = data
+            self.save(data)
 
     def counters(self) -> dict[str, Any]:
         rows = embedded = tokens = 0
@@ -188,7 +199,7 @@ def discard_outputs(out_dir: Path) -> None:
     """--restart: remove what earlier runs wrote (only files this tool names).
     `_SUCCESS` and the manifest go first: a kill halfway leaves orphans,
     never a manifest listing parts that are gone."""
-    for name in ("_SUCCESS", MANIFEST_NAME, *OUTPUT_FILES):
+    for name in OUTPUT_FILES:
         (out_dir / name).unlink(missing_ok=True)
     for path in out_dir.glob("part-*.parquet"):
         path.unlink()

@@ -85,8 +85,7 @@ class _Run:
                 self.out_dir, self.job, job_fingerprint(self.job, self.files), restart=self.opts.restart
             )
             with manifest_lock(self.out_dir):
-                # Re-read under the lock: a shard may have committed a part since `open`.
-                self.manifest = Manifest.read(self.out_dir) or self.manifest
+                self.manifest.refresh()  # a shard may have committed a part since `open`
                 sink.clean_temp_files(self.out_dir)
                 for orphan in orphan_parts(self.out_dir, self.manifest):
                     orphan.unlink(missing_ok=True)
@@ -412,14 +411,12 @@ class _Run:
         providers = self.dispatcher.provider_report()
         try:
             with manifest_lock(self.out_dir):
-                latest = Manifest.read(self.out_dir)
-                if latest is not None:
-                    self.manifest = latest
+                self.manifest.refresh()
                 complete = done_here and self.opts.limit is None and self.manifest.complete()
                 status = "complete" if complete else ("done" if done_here else "stopped")
                 summary = self._summary(status, providers)
-                self.manifest.data["runs"] = (self.manifest.data.get("runs", []) + [summary["run"]])[-MAX_RUNS_KEPT:]
-                sink.write_json_atomic(self.manifest.path, self.manifest.data)
+                runs = (self.manifest.data.get("runs", []) + [summary["run"]])[-MAX_RUNS_KEPT:]
+                self.manifest.save({**self.manifest.data, "runs": runs})
                 sink.merge_rejects(self.out_dir, (int(s) for s in [*self.manifest.units, *self.manifest.partial]))
                 sink.write_json_atomic(self.out_dir / "_summary.json", summary)
                 if complete:
