@@ -370,9 +370,10 @@ class _Run:
             staged[self.out_dir / sink.REJECTS_DIR / name] = sink.rejects_table(ids, [reasons[i] for i in rejected], codes, name)
         if not finished:
             staged[self.out_dir / sink.PARTIAL_DIR / name] = result
+        # Staged under temp names and fsynced; the commit renames them into place.
         temps = {final: sink.temp_path(final) for final in staged}
         for final, table in staged.items():
-            sink.write_table_atomic(temps[final], table)
+            sink.write_durable(temps[final], sink.table_bytes(table))
 
         def commit(data: dict[str, Any]) -> None:
             if seq in data["units"]:  # another process finished it first

@@ -38,16 +38,25 @@ def temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}{TEMP_MARK}{HOST}.{os.getpid()}")
 
 
-def write_atomic(final: Path, data: bytes) -> None:
-    tmp = temp_path(final)
+def write_durable(path: Path, data: bytes) -> None:
+    """Write and fsync `path` itself: a temp name, renamed into place by the caller."""
     try:
-        with open(tmp, "wb") as fh:
+        with open(path, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)  # a full disk must not leave half a file behind
+        raise
+
+
+def write_atomic(final: Path, data: bytes) -> None:
+    tmp = temp_path(final)
+    write_durable(tmp, data)
+    try:
         os.replace(tmp, final)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(final.parent)
 
@@ -56,10 +65,14 @@ def write_json_atomic(final: Path, obj: Any) -> None:
     write_atomic(final, (json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n").encode("utf-8"))
 
 
-def write_table_atomic(final: Path, table: pa.Table) -> None:
+def table_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    write_atomic(final, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_table_atomic(final: Path, table: pa.Table) -> None:
+    write_atomic(final, table_bytes(table))
 
 
 def fsync_dir(path: Path) -> None:
