@@ -372,8 +372,6 @@ class _Run:
             staged[self.out_dir / sink.PARTIAL_DIR / name] = result
         # Staged under temp names and fsynced; the commit renames them into place.
         temps = {final: sink.temp_path(final) for final in staged}
-        for final, table in staged.items():
-            sink.write_durable(temps[final], sink.table_bytes(table))
 
         def commit(data: dict[str, Any]) -> None:
             if seq in data["units"]:  # another process finished it first
@@ -398,7 +396,14 @@ class _Run:
             else:
                 data["partial"][seq] = {**record, "file": name}
 
-        self.manifest.update(commit)
+        try:
+            for final, table in staged.items():
+                sink.write_durable(temps[final], sink.table_bytes(table))
+            self.manifest.update(commit)
+        except BaseException:  # a full disk halfway: no staged file may outlive the attempt
+            for temp in temps.values():
+                temp.unlink(missing_ok=True)
+            raise
         if finished:
             (self.out_dir / sink.PARTIAL_DIR / name).unlink(missing_ok=True)
 
