@@ -98,15 +98,28 @@ def write_job(
     return path
 
 
-def run_cli(*args: str, key: str | None = KEY, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`python -m pipeline ARGS` from the repository root, the key in KEY_VAR."""
+def cli_env(key: str | None = KEY, env_extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment with the key (or none) in KEY_VAR."""
     env = {k: v for k, v in os.environ.items() if k != KEY_VAR}
     if key is not None:
         env[KEY_VAR] = key
     env.update(env_extra or {})
+    return env
+
+
+def run_cli(*args: str, key: str | None = KEY, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m pipeline ARGS` from the repository root, the key in KEY_VAR."""
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+        cwd=REPO, env=cli_env(key, env_extra), capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+    )
+
+
+def start_run(job: Path, *args: str) -> subprocess.Popen[str]:
+    """`python -m pipeline run JOB --no-progress ARGS` in the background, to signal or kill it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(job), "--no-progress", *args],
+        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 

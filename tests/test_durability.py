@@ -11,7 +11,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,15 +23,16 @@ import pytest
 from conftest import (
     KEY,
     KEY_VAR,
-    REPO,
     assert_vectors_exact,
     docs_table,
     error_lines,
     part_files,
     provider_entry,
     read_parts,
+    rows_sent,
     run_cli,
     sample_texts,
+    start_run,
     write_job,
     write_parquet,
 )
@@ -68,12 +68,6 @@ def _job(tmp_path: Path, fp: FakeProvider, *, output: str = "out", file_name: st
         rows_per_part=rows_per_part, embedding={"dimensions": DIM},
         batching={"max_inputs_per_request": per_request}, output=output, file_name=file_name,
     )
-
-
-def _start(job: Path, *args: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if k != KEY_VAR} | {KEY_VAR: KEY}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job), "--no-progress", *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
@@ -120,12 +114,6 @@ def _assert_same_output(out: Path, reference: Path) -> None:
     assert pq.read_table(out / "_rejects.parquet").equals(pq.read_table(reference / "_rejects.parquet"))
 
 
-def _sent(fp: FakeProvider, texts: list[str]) -> list[str]:
-    """The job's texts the server answered (start-up probes left out)."""
-    wanted = set(texts)
-    return [t for t in fp.inputs_received if t in wanted]
-
-
 # ------------------------------------------------------------------ SIGKILL torture
 KILLS = 22
 SEED = 20240611
@@ -160,7 +148,7 @@ def test_sigkill_at_random_instants_then_rerun_equals_an_uninterrupted_run_bit_f
             committed = {t for s in _committed(out) for t in texts[3 * s:3 * s + 3]}
             before = len(fp.inputs_received)
             requests = fp.count()
-            proc = _start(job)
+            proc = start_run(job)
             phase = rng.choice(PHASES)
             phases[phase] += 1
             if phase == "start-up":  # manifest read, temp clean-up, orphan removal
@@ -182,10 +170,10 @@ def test_sigkill_at_random_instants_then_rerun_equals_an_uninterrupted_run_bit_f
                 assert not (stale & now), f"temp files of a dead run survived a restart: {sorted(stale & now)[:3]}"
             temps_left += len(now - stale)
             stale = now
-        final = _start(job)
+        final = start_run(job)
         _, stderr = final.communicate(timeout=60)
         assert final.returncode == 0, stderr
-        sent = _sent(fp, texts)
+        sent = rows_sent(fp)
 
         ref_job = _job(tmp_path, ref_fp, output="ref", file_name="ref.yaml")
         uninterrupted = run_cli("run", str(ref_job), "--no-progress")
@@ -200,7 +188,7 @@ def test_sigkill_at_random_instants_then_rerun_equals_an_uninterrupted_run_bit_f
     # Work redone is bounded by what was in flight at each kill: the window's units.
     monkeypatch.setenv(KEY_VAR, KEY)
     window = _Run(load_job(str(job)), RunOptions())._window()
-    duplicates = len(sent) - len(set(sent))
+    duplicates = sum(sent.values()) - len(sent)
     assert set(sent) == {t for t in texts if t.strip()}
     assert duplicates <= kills * window * 3, (duplicates, kills, window)
     assert temps_left, "no kill landed during a write"
@@ -220,7 +208,7 @@ def test_sigterm_with_a_stalled_request_exits_within_the_grace_period_and_a_reru
     ok = 8
     with FakeProvider(dim=DIM, script=["ok"] * ok + ["stall:60"] * 100) as fp:
         job = _job(tmp_path, fp, max_concurrency=2, timeout_s=120)
-        proc = _start(job, "--grace-seconds", str(GRACE_S))
+        proc = start_run(job, "--grace-seconds", str(GRACE_S))
         _wait_until(lambda: fp.count() >= ok + 2)  # both slots now wait on a provider that stalls for 60 s
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -239,10 +227,10 @@ def test_sigterm_with_a_stalled_request_exits_within_the_grace_period_and_a_reru
 
     with FakeProvider(dim=DIM) as fp2:
         job = _job(tmp_path, fp2)
-        rerun = _start(job)
+        rerun = start_run(job)
         _, stderr = rerun.communicate(timeout=60)
         assert rerun.returncode == 0, stderr
-        assert Counter(_sent(fp2, texts)) == Counter(t for i, t in enumerate(texts) if i // 3 not in committed and t.strip())
+        assert rows_sent(fp2) == Counter(t for i, t in enumerate(texts) if i // 3 not in committed and t.strip())
     assert (out / "_SUCCESS").exists()
     assert_vectors_exact(read_parts(out), _expected(texts), DIM)
 
@@ -254,7 +242,7 @@ def test_a_second_signal_stops_at_once_without_waiting_out_the_grace_period(tmp_
     ok = 8
     with FakeProvider(dim=DIM, script=["ok"] * ok + ["stall:60"] * 100) as fp:
         job = _job(tmp_path, fp, max_concurrency=2, timeout_s=120)
-        proc = _start(job)  # the default grace period: 20 s
+        proc = start_run(job)  # the default grace period: 20 s
         _wait_until(lambda: fp.count() >= ok + 2)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.2)
@@ -281,7 +269,7 @@ def test_four_concurrent_shards_one_killed_and_rerun_alone_give_the_unsharded_ou
     out, ref = tmp_path / "out", tmp_path / "ref"
     with FakeProvider(dim=DIM, latency_s=0.03) as fp, FakeProvider(dim=DIM) as ref_fp:
         job = _job(tmp_path, fp, rows_per_part=4, per_request=2, max_concurrency=1)
-        shards = {k: _start(job, "--shard", f"{k}/4") for k in range(4)}
+        shards = {k: start_run(job, "--shard", f"{k}/4") for k in range(4)}
         _wait_until(lambda: any(s % 4 == 2 for s in _committed(out)))
         assert shards[2].poll() is None, "shard 2 finished before it could be killed; give it more rows"
         shards[2].kill()
@@ -301,10 +289,10 @@ def test_four_concurrent_shards_one_killed_and_rerun_alone_give_the_unsharded_ou
         assert by_shard[(2, 4)]["last_run"] is None and by_shard[(2, 4)]["units_done"] == len(killed_with)
         assert not any(s["running"] for s in report["shards"])
 
-        rerun = _start(job, "--shard", "2/4")
+        rerun = start_run(job, "--shard", "2/4")
         _, stderr = rerun.communicate(timeout=60)
         assert rerun.returncode == 0, stderr
-        sent = _sent(fp, texts)
+        sent = rows_sent(fp)
 
         ref_job = _job(tmp_path, ref_fp, output="ref", file_name="ref.yaml", rows_per_part=4, per_request=2)
         unsharded = run_cli("run", str(ref_job), "--no-progress")
@@ -348,7 +336,7 @@ def test_second_run_on_a_live_output_refuses_at_once_and_a_killed_holder_frees_i
     with FakeProvider(dim=DIM, latency_s=0.3) as slow, FakeProvider(dim=DIM) as fast:
         job = _job(tmp_path, slow, max_concurrency=1, per_request=3)
         same_job_other_provider = _job(tmp_path, fast, file_name="other.yaml", per_request=3)
-        first = _start(job, *extra)
+        first = start_run(job, *extra)
         _wait_until(lambda: slow.count() >= 2)  # it holds the output
         second = run_cli("run", str(same_job_other_provider), "--no-progress", *extra)
         status = json.loads(run_cli("status", str(job), "--json", key=None).stdout)
@@ -356,7 +344,7 @@ def test_second_run_on_a_live_output_refuses_at_once_and_a_killed_holder_frees_i
         first.kill()
         first.wait(timeout=10)
         assert fast.count() == 0  # the refused run called no provider
-        third = _start(same_job_other_provider, *extra)
+        third = start_run(same_job_other_provider, *extra)
         _, stderr = third.communicate(timeout=60)
     assert second.returncode == 1
     lines = second.stderr.strip().splitlines()

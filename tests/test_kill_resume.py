@@ -4,10 +4,7 @@ is ever sent again."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,14 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import KEY_VAR, start_run
 from fakeprovider import FakeProvider, vector_for
 from pipeline.probe import PROBE_TEXTS
 
-REPO = Path(__file__).resolve().parents[1]
 DIM = 8
 ROWS = 600
 ROWS_PER_PART = 12
-KEY = "sk-kill-test"
 
 
 def _write_job(tmp_path: Path, base_url: str) -> Path:
@@ -38,19 +34,11 @@ output: {{path: out, rows_per_part: {ROWS_PER_PART}}}
 embedding: {{model: text-embedding-3-small, dimensions: {DIM}}}
 batching: {{max_inputs_per_request: 4}}
 providers:
-  - {{name: slow, base_url: "{base_url}", api_key: "${{KILL_KEY}}", max_concurrency: 2, timeout_s: 5}}
+  - {{name: slow, base_url: "{base_url}", api_key: "${{{KEY_VAR}}}", max_concurrency: 2, timeout_s: 5}}
 retry: {{initial_backoff_s: 0.01, max_backoff_s: 0.05}}
 """
     )
     return job
-
-
-def _start(job: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, KILL_KEY=KEY, PYTHONPATH=str(REPO))
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(job), "--no-progress"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
 
 
 def _committed_ids(out: Path) -> set[str]:
@@ -66,7 +54,7 @@ def _committed_ids(out: Path) -> set[str]:
 
 @pytest.mark.timeout(240)
 def test_sigkill_at_several_moments_then_rerun_gives_every_row_once_in_order(tmp_path: Path) -> None:
-    with FakeProvider(dim=DIM, api_key=KEY, latency_s=0.05) as server:
+    with FakeProvider(dim=DIM, latency_s=0.05) as server:
         job = _write_job(tmp_path, server.base_url)
         out = tmp_path / "out"
         kills = 0
@@ -74,7 +62,7 @@ def test_sigkill_at_several_moments_then_rerun_gives_every_row_once_in_order(tmp
         for delay_s in (0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 0.75, 0.95):
             committed = _committed_ids(out)
             sent_before = len(server.inputs_received)
-            proc = _start(job)
+            proc = start_run(job)
             time.sleep(delay_s)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
@@ -84,9 +72,9 @@ def test_sigkill_at_several_moments_then_rerun_gives_every_row_once_in_order(tmp
             assert not resent, f"rows already committed were sent again: {sorted(resent)[:3]}"
         assert kills >= 5, "the job finished too fast to be killed; slow the server down"
 
-        final = _start(job)
+        final = start_run(job)
         _, err = final.communicate(timeout=120)
-        assert final.returncode == 0, err.decode()
+        assert final.returncode == 0, err
 
     assert (out / "_SUCCESS").exists()
     parts = sorted(out.glob("part-*.parquet"))

@@ -6,8 +6,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,7 +20,6 @@ from conftest import (
     KEY,
     KEY_VAR,
     MODEL,
-    REPO,
     assert_vectors_exact,
     docs_table,
     error_lines,
@@ -32,6 +29,7 @@ from conftest import (
     rows_sent,
     run_cli,
     sample_texts,
+    start_run,
     write_csv,
     write_job,
     write_parquet,
@@ -563,12 +561,9 @@ def test_two_shards_running_at_once_complete_the_output_together(tmp_path: Path)
     texts = sample_texts(60)
     write_parquet(tmp_path / "data.parquet", docs_table(texts))
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != KEY_VAR} | {KEY_VAR: KEY}
     with FakeProvider(dim=8, latency_s=0.01) as fp:
         job = write_job(tmp_path, [provider_entry(fp, max_concurrency=1)])
-        procs = [subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job), "--no-progress",
-                                   "--shard", f"{k}/2"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for k in range(2)]
+        procs = [start_run(job, "--shard", f"{k}/2") for k in range(2)]
         results = [p.communicate(timeout=60) for p in procs]
         assert [p.returncode for p in procs] == [0, 0], results
         assert rows_sent(fp) == Counter(texts)
@@ -583,11 +578,9 @@ def test_sigterm_finishes_in_flight_work_exits_1_and_a_rerun_completes(tmp_path:
     texts = sample_texts(70)
     write_parquet(tmp_path / "data.parquet", docs_table(texts))
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != KEY_VAR} | {KEY_VAR: KEY}
     with FakeProvider(dim=8, latency_s=0.1) as fp:
         job = write_job(tmp_path, [provider_entry(fp, max_concurrency=1)])
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job), "--no-progress"], cwd=REPO,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = start_run(job)
         deadline = time.monotonic() + 30
         while fp.count() < 4 and time.monotonic() < deadline:
             time.sleep(0.02)
