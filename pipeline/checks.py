@@ -3,25 +3,33 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .cache import VectorCache, text_keys
 from .config import load_job
 from .errors import ConfigError, JobChangedError
 from .manifest import Manifest, describe_change, job_fingerprint, run_lock_held, shard_locks_held
 from .packing import pack
 from .progress import rejects_text
+from .reuse import memory_entries
 from .sources import check_columns, find_inputs, iter_units
 from .texts import prepare, row_texts
 
-# USD per million input tokens, as published by OpenAI; an assumption for relays.
+# USD per million input tokens, as published by OpenAI; an assumption for relays,
+# which a provider's price_per_million_tokens overrides.
 PRICE_PER_M_TOKENS = {
     "text-embedding-3-small": 0.02,
     "text-embedding-3-large": 0.13,
     "text-embedding-ada-002": 0.10,
 }
+# Vector lengths, which size the run's memory of recent texts (see reuse.memory_entries).
+MODEL_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
+DEFAULT_DIMENSIONS = 1536
 
 
 def validate_job(job_file: str) -> list[str]:
@@ -52,25 +60,58 @@ def validate_job(job_file: str) -> list[str]:
 
 
 def estimate_job(job_file: str) -> dict[str, Any]:
-    """Rows, tokens, requests and cost, reading the inputs as `run` does."""
+    """What `run` would send and pay, reading the inputs as `run` does and
+    deduping as it does (the same keys, the same memory of recent texts, the
+    job's cache), without any API call."""
     job = load_job(job_file, require_env=False)
     files = find_inputs(job.input)
     check_columns(files, job.input)
-    rows = tokens = pieces = requests = 0
+    rows = pieces = tokens = requests = cache_hits = 0
+    distinct = 0  # texts the run looks up or sends: not repeats of a text it has in memory
     rejected: Counter[str] = Counter()
     max_inputs, max_tokens = job.request_limits()
     policy = job.embedding
     if policy.empty == "fail" or policy.too_long == "fail":  # count, don't stop, when estimating
         policy = replace(policy, empty="skip" if policy.empty == "fail" else policy.empty,
                          too_long="skip" if policy.too_long == "fail" else policy.too_long)
-    for unit in iter_units(files, job.input, job.output.rows_per_part, lambda _: True):
-        prepared = prepare(row_texts(unit.table, job.input), policy, list(range(unit.table.num_rows)))
-        rows += prepared.n_rows
-        pieces += len(prepared.pieces)
-        tokens += prepared.tokens
-        requests += len(pack(prepared.piece_tokens, prepared.piece_bytes, max_inputs=max_inputs, max_tokens=max_tokens))
-        rejected.update(r for r in prepared.reasons if r)
-    price = PRICE_PER_M_TOKENS.get(job.embedding.model)
+    dim = job.embedding.dimensions or MODEL_DIMENSIONS.get(job.embedding.model, DEFAULT_DIMENSIONS)
+    recent: OrderedDict[bytes, None] = OrderedDict()  # the run's in-run dedupe memory, keys only
+    capacity = memory_entries(dim)
+    cache = VectorCache.open_if_present(Path(job.cache)) if job.cache else None
+    try:
+        for unit in iter_units(files, job.input, job.output.rows_per_part, lambda _: True):
+            prepared = prepare(row_texts(unit.table, job.input), policy, list(range(unit.table.num_rows)))
+            rows += prepared.n_rows
+            pieces += len(prepared.pieces)
+            rejected.update(r for r in prepared.reasons if r)
+            first_of: dict[bytes, int] = {}
+            for i, key in enumerate(text_keys(prepared.pieces, job.embedding.model, job.embedding.dimensions)):
+                first_of.setdefault(key, i)
+            new = []
+            for key, i in first_of.items():
+                if key in recent:
+                    recent.move_to_end(key)
+                else:
+                    new.append(key)
+                    recent[key] = None
+                    if len(recent) > capacity:
+                        recent.popitem(last=False)
+            hits = cache.contains(new) if cache is not None else set()
+            distinct += len(new)
+            cache_hits += len(hits)
+            send = np.asarray([first_of[k] for k in new if k not in hits], dtype=np.int64)
+            tokens += int(prepared.piece_tokens[send].sum())
+            requests += len(pack(prepared.piece_tokens[send], prepared.piece_bytes[send],
+                                 max_inputs=max_inputs, max_tokens=max_tokens))
+    finally:
+        if cache is not None:
+            cache.close()
+    first = min(job.providers, key=lambda p: p.priority)  # the provider the traffic goes to first
+    price, price_source = first.price_per_million_tokens, f"providers[{first.name}].price_per_million_tokens"
+    if price is None and first.type == "local":
+        price, price_source = 0.0, "a local model: no per-token price"
+    elif price is None:
+        price, price_source = PRICE_PER_M_TOKENS.get(job.embedding.model), "assumed: OpenAI's list price"
     rpm = sum(p.requests_per_minute or 0 for p in job.providers) or None
     tpm = sum(p.tokens_per_minute or 0 for p in job.providers) or None
     minutes = max(requests / rpm if rpm else 0.0, tokens / tpm if tpm else 0.0)
@@ -79,22 +120,27 @@ def estimate_job(job_file: str) -> dict[str, Any]:
         "rows": rows,
         "rows_rejected_by_policy": dict(rejected),
         "inputs": pieces,
+        "distinct_texts": distinct,
+        "cache_hits": cache_hits,
+        "inputs_to_send": distinct - cache_hits,
         "tokens": tokens,
         "requests": requests,
-        "cost_usd": None if price is None else round(tokens / 1e6 * price, 4),
+        "cost_usd": None if price is None else round(tokens / 1e6 * price, 6),
         "price_per_million_tokens_usd": price,
-        "price_is_assumption": True,
+        "price_source": price_source if price is not None else None,
         "minutes_at_rate_limits": round(minutes, 2) if (rpm or tpm) else None,
     }
 
 
 def estimate_lines(r: dict[str, Any]) -> list[str]:
     rejected = rejects_text(r["rows_rejected_by_policy"])
-    cost = (f"${r['cost_usd']:,.4f} (assuming ${r['price_per_million_tokens_usd']}/M tokens)"
-            if r["cost_usd"] is not None else "unknown (no price for this model)")
+    cost = (f"${r['cost_usd']:,.4f} at ${r['price_per_million_tokens_usd']}/M tokens ({r['price_source']})"
+            if r["cost_usd"] is not None else "unknown (no price for this model: set the provider's price_per_million_tokens)")
     lines = [
         f"job {r['job']}: {r['rows']:,} rows, rejected by policy: {rejected}",
-        f"{r['inputs']:,} inputs, {r['tokens']:,} tokens in {r['requests']:,} requests",
+        f"{r['inputs']:,} texts, {r['distinct_texts']:,} distinct, {r['cache_hits']:,} in the cache: "
+        f"{r['inputs_to_send']:,} to send",
+        f"{r['tokens']:,} tokens to send in {r['requests']:,} requests",
         f"cost: {cost}",
     ]
     if r["minutes_at_rate_limits"] is not None:

@@ -118,6 +118,7 @@ class ProviderConfig:
     max_tokens_per_request: int | None = None
     device: str | None = None  # local only: "cpu", "cuda"; default: a GPU when present
     batch_size: int = 64  # local only: rows per forward pass
+    price_per_million_tokens: float | None = None  # USD, for `estimate`; default: OpenAI's list price
 
     def __post_init__(self) -> None:
         where = f"providers[{self.name}]"
@@ -130,6 +131,8 @@ class ProviderConfig:
             if not re.match(r"^https?://[^/\s]+", self.base_url):
                 raise ConfigError(f"{where}.base_url: {self.base_url!r} is not an http(s) URL")
         _check_int(f"{where}.max_concurrency", self.max_concurrency, 1, 1024)
+        if self.price_per_million_tokens is not None:
+            _check_number(f"{where}.price_per_million_tokens", self.price_per_million_tokens, 0, 10**6)
         for key in ("requests_per_minute", "tokens_per_minute", "max_inputs_per_request", "max_tokens_per_request"):
             value = getattr(self, key)
             if value is not None:

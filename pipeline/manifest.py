@@ -182,13 +182,16 @@ class Manifest:
     def counters(self) -> dict[str, Any]:
         rows = embedded = tokens = 0
         rejected: Counter[str] = Counter()
+        reused: Counter[str] = Counter()
         for record in [*self.units.values(), *self.partial.values()]:
             rows += record["rows"]
             embedded += record["embedded"]
             tokens += record["tokens"]
             rejected.update(record["rejected"])
+            reused.update({k: record.get(k, 0) for k in ("deduped", "from_cache")})
         return {"units_done": len(self.units), "rows_done": rows, "rows_embedded": embedded,
-                "rows_rejected": dict(rejected), "tokens": tokens}
+                "rows_rejected": dict(rejected), "tokens": tokens,
+                "rows_deduped": reused["deduped"], "rows_from_cache": reused["from_cache"]}
 
     def complete(self) -> bool:
         total = self.data.get("total_units")

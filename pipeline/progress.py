@@ -23,7 +23,8 @@ class RunCounters:
     rows_embedded: int = 0
     rows_rejected: Counter[str] = field(default_factory=Counter)
     rows_done: int = 0
-    tokens: int = 0
+    rows_from: Counter[str] = field(default_factory=Counter)  # embedded without a request: deduped, from_cache
+    tokens: int = 0  # paid for: sent to a provider and answered
 
 
 class Progress:
@@ -77,6 +78,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"{summary['status']}: {run['rows_embedded']:,} rows embedded, rejected: {rejected}; "
         f"{run['tokens']:,} tokens, {run['requests']:,} requests, {run['retries']:,} retries "
         f"in {_duration(run['elapsed_s'])} ({run['rows_per_s']:,.0f} rows/s)",
+        f"vectors: {run['rows_from_providers']:,} rows from providers, {run['rows_deduped']:,} from in-run dedupe, "
+        f"{run['rows_from_cache']:,} from the cache",
         f"job {summary['name']}: {total['rows_done']:,}"
         + (f"/{total['total_rows']:,}" if total.get("total_rows") is not None else "")
         + f" rows done in {total['units_done']:,} parts -> {summary['output']}",

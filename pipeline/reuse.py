@@ -1,0 +1,146 @@
+"""Never pay twice for a text: in-run dedupe and the vector cache, in front of the providers.
+
+Every piece (a row's final text, after template, truncation or chunking) has
+a key by (model, dimensions, text). A unit claims its pieces before sending:
+a key found among recent vectors or in the cache costs nothing, a key another
+unit is sending right now is awaited, and only the rest is sent. Claims are
+taken on the event loop without awaiting, so two units never both send a key.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+import numpy as np
+
+from .cache import VectorCache, text_keys
+
+log = logging.getLogger("pipeline")
+
+DEDUPE_MEMORY_BYTES = 64 * 2**20  # recent vectors kept for in-run dedupe; a named cache covers the rest
+ENTRY_OVERHEAD_BYTES = 200  # per remembered vector: dict slot, key bytes, array header
+
+# Where a piece's vector came from, per piece (int8).
+FROM_PROVIDER, FROM_DEDUPE, FROM_CACHE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The provider refused this text (a 400 narrowed down to it)."""
+
+    code: str | None
+
+
+# A claimed key's outcome: its vector, a refusal, or None when the unit that
+# claimed it stopped without an answer (the waiter then sends it itself).
+Answer = Union[np.ndarray, Refused, None]
+
+
+def memory_entries(dim: int) -> int:
+    """How many recent vectors in-run dedupe remembers for vectors of `dim` floats."""
+    return max(1, DEDUPE_MEMORY_BYTES // (dim * 4 + ENTRY_OVERHEAD_BYTES))
+
+
+@dataclass
+class Claim:
+    """One unit's pieces, sorted into what it must send and what it need not."""
+
+    keys: list[bytes]  # per piece
+    first: np.ndarray  # per piece: the unit's first piece with the same key
+    send: list[int] = field(default_factory=list)  # first pieces this unit sends
+    found: dict[int, np.ndarray] = field(default_factory=dict)  # first piece -> vector known now
+    waits: dict[int, asyncio.Future[Answer]] = field(default_factory=dict)  # first piece -> another unit's answer
+    owned: dict[int, asyncio.Future[Answer]] = field(default_factory=dict)  # first piece -> what others await of us
+    source: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # per first piece: FROM_*
+
+
+class Reuse:
+    def __init__(self, model: str, dimensions: int | None, dim: int, cache: VectorCache | None) -> None:
+        self.model = model
+        self.dimensions = dimensions
+        self.dim = dim
+        self.cache = cache
+        self._memory: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._capacity = memory_entries(dim)
+        self._pending: dict[bytes, asyncio.Future[Answer]] = {}
+        self._cache_failed = False
+
+    async def claim(self, pieces: Sequence[str]) -> Claim:
+        keys = text_keys(pieces, self.model, self.dimensions)
+        first_of: dict[bytes, int] = {}
+        first = np.fromiter((first_of.setdefault(k, i) for i, k in enumerate(keys)), dtype=np.int64, count=len(keys))
+        claim = Claim(keys=keys, first=first, source=np.full(len(keys), FROM_DEDUPE, dtype=np.int8))
+        loop = asyncio.get_running_loop()
+        mine: list[int] = []
+        for key, i in first_of.items():
+            vector = self._memory.get(key)
+            if vector is not None:
+                self._memory.move_to_end(key)
+                claim.found[i] = vector
+            elif key in self._pending:
+                claim.waits[i] = self._pending[key]
+            else:
+                self._pending[key] = claim.owned[i] = loop.create_future()
+                mine.append(i)
+        hits = await self._cache_get([keys[i] for i in mine]) if mine else {}
+        for i in mine:
+            vector = hits.get(keys[i])
+            if vector is None:
+                claim.send.append(i)
+                claim.source[i] = FROM_PROVIDER
+            else:
+                claim.found[i] = vector
+                claim.source[i] = FROM_CACHE
+                self._settle(keys[i], vector)
+        # A repeat of a key takes its first piece's vector: from the cache if
+        # that came from the cache, else it is a dedupe.
+        repeats = first != np.arange(len(keys))
+        claim.source[repeats] = np.where(claim.source[first[repeats]] == FROM_CACHE, FROM_CACHE, FROM_DEDUPE)
+        return claim
+
+    async def answered(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
+        """Vectors just paid for: remembered, handed to waiting units, and cached."""
+        for key, vector in zip(keys, vectors):
+            self._settle(key, vector.copy())
+        if self.cache is not None and not self._cache_failed:
+            try:
+                await asyncio.to_thread(self.cache.put, keys, vectors)
+            except (sqlite3.Error, OSError) as err:  # the run goes on; only later runs lose
+                self._cache_failed = True
+                log.warning("cache: cannot write to %s (%s); going on without storing vectors", self.cache.folder, err)
+
+    def refused(self, key: bytes, code: str | None) -> None:
+        future = self._pending.pop(key, None)
+        if future is not None and not future.done():
+            future.set_result(Refused(code))
+
+    def release(self, claim: Claim) -> None:
+        """A unit is done or stopped: what it claimed and never answered is
+        released, so a waiting unit sends it itself."""
+        for i, future in claim.owned.items():
+            if not future.done():
+                if self._pending.get(claim.keys[i]) is future:
+                    del self._pending[claim.keys[i]]
+                future.set_result(None)
+
+    def _settle(self, key: bytes, vector: np.ndarray) -> None:
+        self._memory[key] = vector
+        if len(self._memory) > self._capacity:
+            self._memory.popitem(last=False)
+        future = self._pending.pop(key, None)
+        if future is not None and not future.done():
+            future.set_result(vector)
+
+    async def _cache_get(self, keys: list[bytes]) -> dict[bytes, np.ndarray]:
+        if self.cache is None or self._cache_failed:
+            return {}
+        try:
+            return await asyncio.to_thread(self.cache.get, keys, self.dim)
+        except (sqlite3.Error, OSError) as err:
+            self._cache_failed = True
+            log.warning("cache: cannot read %s (%s); going on without it", self.cache.folder, err)
+            return {}
