@@ -22,7 +22,7 @@ from .cache import VectorCache, text_keys
 log = logging.getLogger("pipeline")
 
 DEDUPE_MEMORY_BYTES = 64 * 2**20  # recent vectors kept for in-run dedupe; a named cache covers the rest
-ENTRY_OVERHEAD_BYTES = 200  # per remembered vector: dict slot, key bytes, array header
+ENTRY_OVERHEAD_BYTES = 300  # per remembered vector: dict slot, key bytes, array header
 
 # Where a piece's vector came from, per piece (int8).
 FROM_PROVIDER, FROM_DEDUPE, FROM_CACHE = 0, 1, 2
@@ -95,7 +95,7 @@ class Reuse:
             else:
                 claim.found[i] = vector
                 claim.source[i] = FROM_CACHE
-                self._settle(keys[i], vector)
+                self._settle(keys[i], vector.copy())  # a view would keep its whole lookup batch alive
         # A repeat of a key takes its first piece's vector: from the cache if
         # that came from the cache, else it is a dedupe.
         repeats = first != np.arange(len(keys))
