@@ -218,6 +218,26 @@ def test_local_input_to_s3_output_with_endpoint_from_the_job_file(tmp_path: Path
     assert ACCESS_KEY not in result.stderr + result.stdout and SECRET_KEY not in result.stderr + result.stdout
 
 
+def test_limit_on_s3_keeps_a_cut_short_part_that_a_later_run_finishes(tmp_path: Path, s3_endpoint: str, bucket: str) -> None:
+    fs = _fs(s3_endpoint)
+    texts = sample_texts(20)
+    _put_parquet(fs, f"{bucket}/in/data.parquet", docs_table(texts))
+    env = _aws_env(s3_endpoint)
+    with FakeProvider(dim=DIM) as fp:
+        job = _job(tmp_path, fp, f"s3://{bucket}/in/data.parquet", f"s3://{bucket}/out", rows_per_part=7)
+        smoke = run_cli("run", str(job), "--no-progress", "--limit", "10", env_extra=env)
+        assert smoke.returncode == 0, smoke.stderr
+        assert "_SUCCESS" not in _keys(fs, f"{bucket}/out")
+        assert _read_parts(fs, f"{bucket}/out").num_rows == 10  # part 1 holds 3 of its 7 rows
+        rest = run_cli("run", str(job), "--no-progress", env_extra=env)
+        assert rest.returncode == 0, rest.stderr
+        assert rows_sent(fp) == Counter(texts)  # the 10 rows were not sent again
+    out = _read_parts(fs, f"{bucket}/out")
+    assert out.column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(20)]
+    assert_vectors_exact(out, texts, DIM)
+    assert not [k for k in _keys(fs, f"{bucket}/out") if k.startswith("_partial.d/")]
+
+
 # ------------------------------------------------------------------ bad storage: one line, exit 2
 
 
