@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
+from . import storage
 from .cache import VectorCache, text_keys
 from .config import load_job
 from .errors import ConfigError, JobChangedError
@@ -44,11 +46,17 @@ def validate_job(job_file: str) -> list[str]:
             if missing:
                 raise ConfigError(f"providers[{p.name}]: type local needs {missing[0]}; pip install -e '.[local]'")
         lines.append(f"ok: provider {p.name} ({p.type}{', ' + p.base_url if p.base_url else ''})")
-    out = Path(job.output.path)
-    existing = out if out.exists() else next((a for a in out.parents if a.exists()), None)
-    if existing is None or not os.access(existing, os.W_OK):
-        raise ConfigError(f"output.path: {out} cannot be written")
-    manifest = Manifest.read(out) if out.is_dir() else None
+    output = storage.open_output(job.output.path, job.output.storage)
+    if isinstance(output, storage.LocalOutput):
+        out = output.dir
+        existing = out if out.exists() else next((a for a in out.parents if a.exists()), None)
+        if existing is None or not os.access(existing, os.W_OK):
+            raise ConfigError(f"output.path: {out} cannot be written")
+        manifest = Manifest.read(output) if out.is_dir() else None
+    else:
+        output.prepare()  # reaches the store and writes (then deletes) one object
+        manifest = Manifest.read(output)
+    out = output
     if manifest is not None:
         change = describe_change(manifest.data["fingerprint"], job_fingerprint(job, files))
         if change:
@@ -150,13 +158,18 @@ def estimate_lines(r: dict[str, Any]) -> list[str]:
 
 def job_status(job_file: str) -> dict[str, Any]:
     job = load_job(job_file, require_env=False)
-    out = Path(job.output.path)
-    manifest = Manifest.read(out) if out.is_dir() else None
-    report: dict[str, Any] = {"job": job.name, "output": str(out), "running": out.is_dir() and run_lock_held(out)}
+    output = storage.open_output(job.output.path, job.output.storage)
+    present = output.dir.is_dir() if isinstance(output, storage.LocalOutput) else True
+    try:
+        manifest = Manifest.read(output) if present else None
+        running = run_lock_held(output) if present else False  # None: an object store cannot tell
+        complete = manifest is not None and output.exists("_SUCCESS")
+    except (OSError, pa.ArrowException) as err:
+        raise ConfigError(f"output.path: {output}: {storage.error_line(err)}") from None
+    report: dict[str, Any] = {"job": job.name, "output": str(output), "running": running}
     if manifest is None:
         return {**report, "state": "not started"}
     counters = manifest.counters()
-    complete = (out / "_SUCCESS").exists()
     last_run = manifest.data["runs"][-1] if manifest.data.get("runs") else None
     return {
         **report,
@@ -167,7 +180,7 @@ def job_status(job_file: str) -> dict[str, Any]:
         "partial_units": len(manifest.partial),
         "updated_at": manifest.data.get("updated_at"),
         "last_run": last_run,
-        "shards": _shards(manifest, shard_locks_held(out)),
+        "shards": _shards(manifest, shard_locks_held(output)),
     }
 
 

@@ -29,6 +29,27 @@ TEMPLATE_FIELD = re.compile(r"(?<!\{)\{([^{}!:]+)(?:![rsa])?(?::[^{}]*)?\}")  # 
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """How to reach an object store (`input.storage`, `output.storage`).
+    Unset fields fall back to the AWS SDK's usual environment variables."""
+
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO; default $AWS_ENDPOINT_URL
+    region: str | None = None  # default $AWS_REGION, then $AWS_DEFAULT_REGION
+    anonymous: bool = False  # public buckets: send no credentials
+    access_key_id: str | None = field(default=None, repr=False)  # ${VAR} only; never printed
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ConfigError("storage: give both access_key_id and secret_access_key, or neither")
+
+
+STORAGE_SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token")
+FULL_ENV_REF = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
+
+
+@dataclass(frozen=True)
 class InputConfig:
     paths: tuple[str, ...]  # absolute, as written (globs kept)
     text_column: str | None = None
@@ -36,6 +57,7 @@ class InputConfig:
     id_column: str | None = None
     keep_columns: tuple[str, ...] = ()
     format: Format = "auto"
+    storage: StorageConfig = StorageConfig()
 
     def __post_init__(self) -> None:
         if (self.text_column is None) == (self.text_template is None):
@@ -67,6 +89,7 @@ class OutputConfig:
     vector_column: str = "embedding"
     rows_per_part: int = DEFAULT_ROWS_PER_PART
     id_column_name: str = "row_id"  # used when input.id_column is not set
+    storage: StorageConfig = StorageConfig()
 
     def __post_init__(self) -> None:
         _check_int("output.rows_per_part", self.rows_per_part, 1, 10_000_000)
@@ -226,6 +249,7 @@ def load_job(path: str | os.PathLike[str], *, require_env: bool = True) -> JobCo
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the job file must be a mapping of keys (name, input, output, ...)")
+    _check_storage_secrets(raw)
     missing_env: list[tuple[str, str]] = []
     raw = _expand_env(raw, "", missing_env)
     if missing_env and require_env:
@@ -251,7 +275,8 @@ def _build_job(raw: dict[str, Any], job_path: Path, env_missing: tuple[str, ...]
         sections[key] = value
 
     inp = dict(sections["input"])
-    _reject_unknown(inp, ("path", "format", "text_column", "text_template", "id_column", "keep_columns"), "input")
+    _reject_unknown(inp, ("path", "format", "text_column", "text_template", "id_column", "keep_columns", "storage"), "input")
+    inp["storage"] = _storage(inp.get("storage"), "input.storage")
     paths = inp.pop("path", None)
     if paths is None:
         raise ConfigError("input.path: required")
@@ -270,7 +295,8 @@ def _build_job(raw: dict[str, Any], job_path: Path, env_missing: tuple[str, ...]
     )
 
     out = dict(sections["output"])
-    _reject_unknown(out, ("path", "vector_column", "rows_per_part", "id_column_name"), "output")
+    _reject_unknown(out, ("path", "vector_column", "rows_per_part", "id_column_name", "storage"), "output")
+    out["storage"] = _storage(out.get("storage"), "output.storage")
     if not out.get("path") or not isinstance(out["path"], str):
         raise ConfigError("output.path: required")
     output_cfg = _make(OutputConfig, "output", dict(out, path=_resolve(base, out["path"])))
@@ -306,6 +332,9 @@ def _build_job(raw: dict[str, Any], job_path: Path, env_missing: tuple[str, ...]
     cache = raw.get("cache")
     if cache is not None and not isinstance(cache, str):
         raise ConfigError("cache: must be a path")
+    if cache and "://" in cache and not cache.startswith("file://"):
+        raise ConfigError(f"cache: {cache} is on object storage, which the cache does not support yet; "
+                          f"name a local folder")
     return JobConfig(
         name=str(raw["name"]) if raw["name"] is not None else "",
         job_path=job_path,
@@ -318,6 +347,32 @@ def _build_job(raw: dict[str, Any], job_path: Path, env_missing: tuple[str, ...]
         cache=_resolve(base, cache) if cache else None,
         env_missing=env_missing,
     )
+
+
+def _storage(value: Any, where: str) -> StorageConfig:
+    if value is None:
+        return StorageConfig()
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a mapping (endpoint_url, region, anonymous, ...)")
+    _reject_unknown(value, [f.name for f in fields(StorageConfig)], where)
+    if "anonymous" in value and not isinstance(value["anonymous"], bool):
+        raise ConfigError(f"{where}.anonymous: expected true or false, got {value['anonymous']!r}")
+    try:
+        return _make(StorageConfig, where, value)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("storage:", f"{where}:")) from None
+
+
+def _check_storage_secrets(raw: dict[str, Any]) -> None:
+    """Storage secrets come from the environment, never the job file itself."""
+    for section in ("input", "output"):
+        storage = raw.get(section, {}).get("storage") if isinstance(raw.get(section), dict) else None
+        if not isinstance(storage, dict):
+            continue
+        for key in STORAGE_SECRET_KEYS:
+            value = storage.get(key)
+            if value is not None and not (isinstance(value, str) and FULL_ENV_REF.fullmatch(value)):
+                raise ConfigError(f"{section}.storage.{key}: write it as ${{ENV_VAR}}; secrets never go in the job file")
 
 
 def _make(cls: type, where: str, values: Mapping[str, Any]) -> Any:

@@ -4,9 +4,16 @@ Commit order is: part file complete on disk -> manifest lists its unit. A part
 the manifest does not list is an orphan. Every change is a read-merge-write
 under an exclusive file lock, so shards sharing an output never lose each
 other's progress.
+
+An object store has no lock. There each writer (the unsharded run, or shard
+K/N) rewrites only its own object, `_manifest.json` or
+`_manifest.d/shard-K-of-N.json`, and readers merge them all: units only ever
+get added, so a merge (a union) loses no shard's commit. The shard that finds
+the job complete writes the merged whole into `_manifest.json`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import json
@@ -14,23 +21,26 @@ import os
 import re
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from .config import JobConfig
 from .errors import ConfigError, JobChangedError, OutputLockedError
-from .sink import PARTIAL_DIR, REJECTS_DIR, part_name, write_json_atomic
+from .sink import PARTIAL_DIR, REJECTS_DIR, part_name, write_json
 from .sources import InputFile
+from .storage import LocalOutput, Output, error_line
 
 MANIFEST_NAME = "_manifest.json"
-MANIFEST_LOCK = "_manifest.lock"
+SHARD_MANIFESTS = "_manifest.d"  # object stores: one manifest object per shard, merged by readers
 RUN_LOCK = "_run.lock"
 FORMAT_VERSION = 1
 MAX_RUNS_KEPT = 50  # run history in the manifest stays small
 LOCK_RETRY_S = 0.25  # `status` holds a run lock for an instant to probe it; a real holder holds it for the run
 LOCK_POLL_S = 0.02
+# S3 itself swaps objects atomically; some S3-compatible stores (moto among
+# them) can serve an object half-overwritten, so a torn manifest is read again.
+REMOTE_READ_ATTEMPTS = 5
+REMOTE_READ_RETRY_S = 0.2
 # `_SUCCESS` and the manifest first: --restart removes them before the parts.
 OUTPUT_FILES = ("_SUCCESS", MANIFEST_NAME, "_summary.json", "_rejects.parquet")
 
@@ -89,14 +99,41 @@ def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     return None
 
 
+def merge_manifests(main: dict[str, Any], others: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pure: `main` with every unit, partial, run and learned value of the
+    shards' objects (those of the same job; a stale one of another is ignored)."""
+    data = copy.deepcopy(main)
+    runs = {json.dumps(r, sort_keys=True): r for r in data.get("runs", [])}
+    for other in others:
+        if other.get("format_version") != FORMAT_VERSION or other.get("fingerprint") != data.get("fingerprint"):
+            continue
+        data["units"].update(other.get("units", {}))
+        data["partial"].update(other.get("partial", {}))
+        for key in ("dimensions", "probes", "total_units", "total_rows"):
+            if data.get(key) is None and other.get(key) is not None:
+                data[key] = other[key]
+        runs.update((json.dumps(r, sort_keys=True), r) for r in other.get("runs", []))
+        data["updated_at"] = max(data.get("updated_at") or "", other.get("updated_at") or "")
+    for seq in data["units"]:
+        data["partial"].pop(seq, None)
+    data["runs"] = sorted(runs.values(), key=lambda r: r.get("finished_at") or "")[-MAX_RUNS_KEPT:]
+    return data
+
+
+def manifest_object(shard: tuple[int, int] | None) -> str:
+    """The manifest object a writer rewrites on an object store."""
+    return MANIFEST_NAME if shard is None else f"{SHARD_MANIFESTS}/shard-{shard[0]}-of-{shard[1]}.json"
+
+
 @dataclass
 class Manifest:
-    out_dir: Path
+    output: Output
     data: dict[str, Any]
+    shard: tuple[int, int] | None = None  # whose object `save` writes on an object store
 
     @property
-    def path(self) -> Path:
-        return self.out_dir / MANIFEST_NAME
+    def own(self) -> str:
+        return manifest_object(self.shard) if self.output.remote else MANIFEST_NAME
 
     @property
     def units(self) -> dict[str, dict[str, Any]]:
@@ -110,37 +147,38 @@ class Manifest:
         return str(seq) in self.units
 
     @classmethod
-    def read(cls, out_dir: Path) -> Manifest | None:
-        path = out_dir / MANIFEST_NAME
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except FileNotFoundError:
+    def read(cls, output: Output, shard: tuple[int, int] | None = None) -> Manifest | None:
+        """The manifest, or None when the output has none; on an object store,
+        `_manifest.json` merged with the shards' objects."""
+        data = _read_object(output, MANIFEST_NAME)
+        if data is None:
             return None
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{path}: unreadable manifest ({err}); rerun with --restart to start over") from None
-        if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
-            raise ConfigError(f"{path}: manifest format {data.get('format_version')!r} is not {FORMAT_VERSION}")
-        return cls(out_dir, data)
+        if output.remote:
+            others = [_read_object(output, rel) for rel in output.list(SHARD_MANIFESTS, "*.json")]
+            data = merge_manifests(data, [o for o in others if o is not None])
+        return cls(output, data, shard)
 
     @classmethod
-    def open(cls, out_dir: Path, job: JobConfig, fingerprint: dict[str, Any], *, restart: bool) -> Manifest:
+    def open(
+        cls, output: Output, job: JobConfig, fingerprint: dict[str, Any], *, restart: bool,
+        shard: tuple[int, int] | None = None,
+    ) -> Manifest:
         """The output's manifest, created if new; refuses progress made by a different job."""
-        with manifest_lock(out_dir):
-            existing = cls.read(out_dir)
+        with manifest_lock(output):
+            existing = cls.read(output, shard)
             if existing is not None and restart:
-                discard_outputs(out_dir)
+                discard_outputs(output)
                 existing = None
             if existing is not None:
                 change = describe_change(existing.data["fingerprint"], fingerprint)
                 if change:
                     raise JobChangedError(
-                        f"{out_dir} holds progress of a different job: {change}. "
+                        f"{output} holds progress of a different job: {change}. "
                         f"Rerun with --restart to discard it, or undo the change"
                     )
                 return existing
             manifest = cls(
-                out_dir,
+                output,
                 {
                     "format_version": FORMAT_VERSION,
                     "job": job.name,
@@ -154,27 +192,32 @@ class Manifest:
                     "partial": {},
                     "runs": [],
                 },
+                shard,
             )
-            write_json_atomic(manifest.path, manifest.data)
+            write_json(output, MANIFEST_NAME, manifest.data)
             return manifest
 
     def refresh(self) -> None:
         """Take what the disk says (hold `manifest_lock`: other shards write it)."""
-        latest = Manifest.read(self.out_dir)
+        latest = Manifest.read(self.output)
         if latest is not None:
             self.data = latest.data
 
-    def save(self, data: dict[str, Any]) -> None:
+    def save(self, data: dict[str, Any], *, whole: bool = False) -> None:
         """Write `data` (hold `manifest_lock`); it becomes ours only once on disk,
-        so a failed write (a full disk) leaves `data` as the disk says."""
+        so a failed write (a full disk) leaves `data` as the disk says. On an
+        object store `whole` also writes it (merged: the job is done) into
+        `_manifest.json`."""
         data["updated_at"] = _now()
-        write_json_atomic(self.path, data)
+        write_json(self.output, self.own, data)
+        if whole and self.own != MANIFEST_NAME:
+            write_json(self.output, MANIFEST_NAME, data)
         self.data = data
 
     def update(self, change: Callable[[dict[str, Any]], None]) -> None:
         """Read the latest manifest, apply `change`, write it back, all under the lock."""
-        with manifest_lock(self.out_dir):
-            latest = Manifest.read(self.out_dir)
+        with manifest_lock(self.output):
+            latest = Manifest.read(self.output)
             data = latest.data if latest is not None else copy.deepcopy(self.data)
             change(data)
             self.save(data)
@@ -198,49 +241,87 @@ class Manifest:
         return total is not None and len(self.units) >= total
 
 
-def discard_outputs(out_dir: Path) -> None:
+def _read_object(output: Output, rel: str) -> dict[str, Any] | None:
+    where = output.display(rel)
+    attempts = REMOTE_READ_ATTEMPTS if output.remote else 1
+    for attempt in range(attempts):
+        try:
+            data = json.loads(output.read_bytes(rel))
+            break
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            if isinstance(err, ValueError) and attempt + 1 < attempts:
+                time.sleep(REMOTE_READ_RETRY_S)  # caught mid-overwrite by a store that is not atomic
+                continue
+            why = err.strerror if isinstance(err, OSError) and err.strerror else error_line(err)
+            raise ConfigError(f"{where}: unreadable manifest ({why}); rerun with --restart to start over") from None
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        version = data.get("format_version") if isinstance(data, dict) else None
+        raise ConfigError(f"{where}: manifest format {version!r} is not {FORMAT_VERSION}")
+    return data
+
+
+def discard_outputs(output: Output) -> None:
     """--restart: remove what earlier runs wrote (only files this tool names).
-    `_SUCCESS` and the manifest go first: a kill halfway leaves orphans,
+    `_SUCCESS` and the manifests go first: a kill halfway leaves orphans,
     never a manifest listing parts that are gone."""
-    for name in OUTPUT_FILES:
-        (out_dir / name).unlink(missing_ok=True)
-    for path in out_dir.glob("part-*.parquet"):
-        path.unlink()
+    output.delete(OUTPUT_FILES[0])
+    for rel in output.list(SHARD_MANIFESTS, "*.json"):
+        output.delete(rel)
+    for name in OUTPUT_FILES[1:]:
+        output.delete(name)
+    for rel in output.list("", "part-*.parquet"):
+        output.delete(rel)
     for folder in (REJECTS_DIR, PARTIAL_DIR):
-        for path in (out_dir / folder).glob("*"):
-            path.unlink()
+        for rel in output.list(folder, "*"):
+            output.delete(rel)
 
 
-def orphan_parts(out_dir: Path, manifest: Manifest) -> list[Path]:
-    """Part files the manifest does not list: written by a run that died before committing."""
+def orphan_parts(output: Output, manifest: Manifest, shard: tuple[int, int] | None = None) -> list[str]:
+    """Part files the manifest does not list: written by a run that died before committing.
+
+    On an object store a shard considers only its own parts: another shard's
+    part may be uploaded and not yet listed (locally that window is inside
+    the manifest lock)."""
     listed = {part_name(int(seq)) for seq in [*manifest.units, *manifest.partial]}
     cut_short = {part_name(int(seq)) for seq in manifest.partial}
-    orphans = [p for p in out_dir.glob("part-*.parquet") if p.name not in listed]
-    orphans += [p for p in (out_dir / REJECTS_DIR).glob("part-*.parquet") if p.name not in listed]
-    orphans += [p for p in (out_dir / PARTIAL_DIR).glob("*.parquet") if p.name not in cut_short]
+    orphans = [p for p in output.list("", "part-*.parquet") if _name(p) not in listed]
+    orphans += [p for p in output.list(REJECTS_DIR, "part-*.parquet") if _name(p) not in listed]
+    orphans += [p for p in output.list(PARTIAL_DIR, "*.parquet") if _name(p) not in cut_short]
+    if output.remote and shard is not None:
+        k, n = shard
+        orphans = [p for p in orphans if _seq(p) is not None and _seq(p) % n == k]
     return orphans
 
 
-@contextmanager
-def manifest_lock(out_dir: Path) -> Iterator[None]:
-    with open(out_dir / MANIFEST_LOCK, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+def _name(rel: str) -> str:
+    return rel.rsplit("/", 1)[-1]
+
+
+def _seq(rel: str) -> int | None:
+    match = re.fullmatch(r"part-(\d+)\.parquet", _name(rel))
+    return int(match.group(1)) if match else None
+
+
+def manifest_lock(output: Output) -> contextlib.AbstractContextManager[None]:
+    """Serialises manifest updates locally; a no-op on an object store (see the module's doc)."""
+    return output.manifest_lock()
 
 
 class RunLock:
     """One writer per output (per shard when sharded). The kernel drops a
-    flock when its process dies, so a killed run never leaves it held."""
+    flock when its process dies, so a killed run never leaves it held.
+    Object stores have no lock: there nothing stops a second writer."""
 
-    def __init__(self, out_dir: Path, shard: tuple[int, int] | None) -> None:
-        self._out_dir = out_dir
+    def __init__(self, output: Output | os.PathLike[str], shard: tuple[int, int] | None) -> None:
+        self._output = output if isinstance(output, Output) else LocalOutput(os.fspath(output))
         self._shard = shard
         self._handles: list[Any] = []
 
     def __enter__(self) -> RunLock:
+        if not isinstance(self._output, LocalOutput):
+            return self
         try:
             if self._shard is None:
                 self._take(RUN_LOCK, fcntl.LOCK_EX, "another run of this job")
@@ -254,7 +335,8 @@ class RunLock:
         return self
 
     def _take(self, name: str, mode: int, holder: str) -> None:
-        path = self._out_dir / name
+        assert isinstance(self._output, LocalOutput)
+        path = self._output.dir / name
         fh = open(path, "a+b")
         deadline = time.monotonic() + LOCK_RETRY_S
         while True:
@@ -272,7 +354,7 @@ class RunLock:
                     pid = path.read_text(errors="replace").strip()
                     holder += f" (pid {pid})" if pid.isdigit() else ""
                 raise OutputLockedError(
-                    f"output {self._out_dir} is in use: {holder} is writing to it; wait for it to end or stop it"
+                    f"output {self._output} is in use: {holder} is writing to it; wait for it to end or stop it"
                 ) from None
         if mode == fcntl.LOCK_EX:
             fh.truncate(0)
@@ -290,22 +372,26 @@ def shard_lock_name(k: int, n: int) -> str:
     return f"{RUN_LOCK}.shard-{k}-of-{n}"
 
 
-def run_lock_held(out_dir: Path) -> bool:
-    """Whether some run (any shard) holds the output now."""
-    return _held(out_dir / RUN_LOCK, fcntl.LOCK_EX)
+def run_lock_held(output: Output) -> bool | None:
+    """Whether some run (any shard) holds the output now; None: cannot tell (object store)."""
+    if not isinstance(output, LocalOutput):
+        return None
+    return _held(output.dir / RUN_LOCK, fcntl.LOCK_EX)
 
 
-def shard_locks_held(out_dir: Path) -> list[tuple[int, int]]:
-    """The shards (k, n) whose run holds its lock now."""
+def shard_locks_held(output: Output) -> list[tuple[int, int]]:
+    """The shards (k, n) whose run holds its lock now (none known on an object store)."""
+    if not isinstance(output, LocalOutput):
+        return []
     held = []
-    for path in out_dir.glob(f"{RUN_LOCK}.shard-*-of-*"):
+    for path in output.dir.glob(f"{RUN_LOCK}.shard-*-of-*"):
         match = re.fullmatch(re.escape(RUN_LOCK) + r"\.shard-(\d+)-of-(\d+)", path.name)
         if match and _held(path, fcntl.LOCK_EX):
             held.append((int(match.group(1)), int(match.group(2))))
     return sorted(held)
 
 
-def _held(path: Path, mode: int) -> bool:
+def _held(path: os.PathLike[str], mode: int) -> bool:
     """Whether another process holds `path` so that `mode` cannot be had.
     Takes the lock for an instant when free; RunLock retries past that."""
     try:

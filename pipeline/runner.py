@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import signal
 import time
 from collections import Counter
@@ -18,9 +17,8 @@ from typing import Any, Coroutine, TypeVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from . import probe, sink
+from . import probe, sink, storage
 from .cache import VectorCache
 from .config import JobConfig
 from .dispatch import Dispatcher
@@ -30,7 +28,7 @@ from .packing import pack
 from .progress import Progress, RunCounters, summary_lines
 from .providers import Provider, build_provider
 from .reuse import FROM_CACHE, FROM_DEDUPE, FROM_PROVIDER, Claim, Refused, Reuse
-from .sources import InputFile, Unit, check_columns, find_inputs, iter_units
+from .sources import InputFile, Unit, check_columns, find_inputs, iter_units, parquet_rows
 from .texts import PreparedTexts, combine, encoding, prepare, row_texts
 
 log = logging.getLogger("pipeline")
@@ -59,7 +57,7 @@ class _Run:
     def __init__(self, job: JobConfig, options: RunOptions) -> None:
         self.job = job
         self.opts = options
-        self.out_dir = Path(job.output.path)
+        self.output = storage.open_output(job.output.path, job.output.storage)
         self.counters = RunCounters()
         self.error: PipelineError | None = None
         self.stopping = False
@@ -78,27 +76,22 @@ class _Run:
     async def main(self) -> int:
         self.files = find_inputs(self.job.input)
         check_columns(self.files, self.job.input)
-        try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"output.path: cannot create {self.out_dir} ({err.strerror})") from None
-        if not os.access(self.out_dir, os.W_OK):
-            raise ConfigError(f"output.path: {self.out_dir} is not writable")
-        with RunLock(self.out_dir, self.opts.shard):
+        self.output.prepare()
+        with RunLock(self.output, self.opts.shard):
             self.manifest = Manifest.open(
-                self.out_dir, self.job, job_fingerprint(self.job, self.files), restart=self.opts.restart
+                self.output, self.job, job_fingerprint(self.job, self.files), restart=self.opts.restart,
+                shard=self.opts.shard,
             )
-            with manifest_lock(self.out_dir):
+            with manifest_lock(self.output):
                 self.manifest.refresh()  # a shard may have committed a part since `open`
-                sink.clean_temp_files(self.out_dir)
-                for orphan in orphan_parts(self.out_dir, self.manifest):
-                    orphan.unlink(missing_ok=True)
-            if self.manifest.complete() and (self.out_dir / "_SUCCESS").exists():
+                self.output.clean_temp_files((sink.REJECTS_DIR, sink.PARTIAL_DIR))
+                for orphan in orphan_parts(self.output, self.manifest, self.opts.shard):
+                    self.output.delete(orphan)
+            if self.manifest.complete() and self.output.exists("_SUCCESS"):
                 rows = self.manifest.counters()["rows_done"]
-                log.info("job %s is already complete: %s rows in %s (--restart redoes it)", self.job.name, f"{rows:,}", self.out_dir)
+                log.info("job %s is already complete: %s rows in %s (--restart redoes it)", self.job.name, f"{rows:,}", self.output)
                 return EXIT_OK
-            for folder in (sink.REJECTS_DIR, sink.PARTIAL_DIR):
-                (self.out_dir / folder).mkdir(exist_ok=True)
+            self.output.make_folders((sink.REJECTS_DIR, sink.PARTIAL_DIR))
             self.cache = VectorCache(Path(self.job.cache)) if self.job.cache else None
             providers = [build_provider(cfg, self.job) for cfg in self.job.providers]
             try:
@@ -138,7 +131,7 @@ class _Run:
             return None
         total = self.manifest.data.get("total_rows")
         if total is None and all(f.format == "parquet" for f in self.files):
-            total = sum(pq.ParquetFile(f.path).metadata.num_rows for f in self.files)
+            total = sum(parquet_rows(f) for f in self.files)
         if total is None:
             return None
         if self.opts.limit is not None:
@@ -183,7 +176,7 @@ class _Run:
             raise
 
     def _disk_error(self, err: OSError) -> WorkLeftError:
-        return WorkLeftError(f"cannot write to {self.out_dir}: {err.strerror or err}; what is done is kept, "
+        return WorkLeftError(f"cannot write to {self.output}: {err.strerror or storage.error_line(err)}; what is done is kept, "
                              f"fix it and rerun to continue")
 
     async def _vector_space(self) -> int:
@@ -287,7 +280,7 @@ class _Run:
         partial = self.manifest.partial.get(seq_key)
         # The partial file, not the manifest, says how far it got: a kill may
         # fall between replacing it and recording it.
-        begin = pq.read_metadata(self.out_dir / sink.PARTIAL_DIR / partial["file"]).num_rows if partial else 0
+        begin = self.output.read_metadata(f"{sink.PARTIAL_DIR}/{partial['file']}").num_rows if partial else 0
         if begin >= end:
             return
         table = unit.table.slice(begin, end - begin)
@@ -404,7 +397,7 @@ class _Run:
         """
         seq, name = str(unit.seq), sink.part_name(unit.seq)
         if partial:
-            earlier = pq.read_table(self.out_dir / sink.PARTIAL_DIR / partial["file"])
+            earlier = self.output.read_table(f"{sink.PARTIAL_DIR}/{partial['file']}")
             result = pa.concat_tables([earlier, result.cast(earlier.schema)])
             tokens += partial["tokens"]
         reasons = result.column(sink.REASON_COLUMN).to_pylist()
@@ -418,28 +411,24 @@ class _Run:
         finished = end == unit.table.num_rows
 
         part = sink.part_table(self.job, unit.table.slice(0, end), unit.row_offset, result.column("vector").combine_chunks(), self.dim)
-        staged: dict[Path, pa.Table] = {self.out_dir / name: part}
+        tables: dict[str, pa.Table] = {name: part}
         rejected = [i for i, r in enumerate(reasons) if r is not None]
         if rejected:
             ids = part.column(0).take(rejected).to_pylist()
             codes = result.column(sink.CODE_COLUMN).take(rejected).to_pylist()
-            staged[self.out_dir / sink.REJECTS_DIR / name] = sink.rejects_table(ids, [reasons[i] for i in rejected], codes, name)
+            tables[f"{sink.REJECTS_DIR}/{name}"] = sink.rejects_table(ids, [reasons[i] for i in rejected], codes, name)
         if not finished:
-            staged[self.out_dir / sink.PARTIAL_DIR / name] = result
-        # Staged under temp names and fsynced; the commit renames them into place.
-        temps = {final: sink.temp_path(final) for final in staged}
+            tables[f"{sink.PARTIAL_DIR}/{name}"] = result
+        staged: storage.Staged | None = None
 
         def commit(data: dict[str, Any]) -> None:
+            assert staged is not None
             if seq in data["units"]:  # another process finished it first
-                for temp in temps.values():
-                    temp.unlink(missing_ok=True)
+                staged.discard()
                 return
-            for final, temp in temps.items():
-                os.replace(temp, final)
-            if self.out_dir / sink.REJECTS_DIR / name not in temps:  # a partial's, superseded
-                (self.out_dir / sink.REJECTS_DIR / name).unlink(missing_ok=True)
-            for folder in {final.parent for final in temps}:
-                sink.fsync_dir(folder)
+            staged.publish()  # locally: renames of the staged temps; object store: the PUTs
+            if f"{sink.REJECTS_DIR}/{name}" not in tables:  # a partial's, superseded
+                self.output.delete(f"{sink.REJECTS_DIR}/{name}")
             record = {
                 "rows": end,
                 "embedded": sum(r is None for r in reasons),
@@ -453,16 +442,15 @@ class _Run:
             else:
                 data["partial"][seq] = {**record, "file": name}
 
+        # Staged under temp names and fsynced (locally); the commit renames them into place.
+        staged = self.output.stage({rel: sink.table_bytes(table) for rel, table in tables.items()})
         try:
-            for final, table in staged.items():
-                sink.write_durable(temps[final], sink.table_bytes(table))
             self.manifest.update(commit)
         except BaseException:  # a full disk halfway: no staged file may outlive the attempt
-            for temp in temps.values():
-                temp.unlink(missing_ok=True)
+            staged.discard()
             raise
         if finished:
-            (self.out_dir / sink.PARTIAL_DIR / name).unlink(missing_ok=True)
+            self.output.delete(f"{sink.PARTIAL_DIR}/{name}")
 
     # -- the end --------------------------------------------------------------
 
@@ -473,21 +461,21 @@ class _Run:
         done_here = self.error is None and not self.stopping
         providers = self.dispatcher.provider_report()
         try:
-            with manifest_lock(self.out_dir):
+            with manifest_lock(self.output):
                 self.manifest.refresh()
                 complete = done_here and self.opts.limit is None and self.manifest.complete()
                 status = "complete" if complete else ("done" if done_here else "stopped")
                 summary = self._summary(status, providers)
                 runs = (self.manifest.data.get("runs", []) + [summary["run"]])[-MAX_RUNS_KEPT:]
-                self.manifest.save({**self.manifest.data, "runs": runs})
-                sink.merge_rejects(self.out_dir, (int(s) for s in [*self.manifest.units, *self.manifest.partial]))
-                sink.write_json_atomic(self.out_dir / "_summary.json", summary)
+                self.manifest.save({**self.manifest.data, "runs": runs}, whole=complete)
+                sink.merge_rejects(self.output, (int(s) for s in [*self.manifest.units, *self.manifest.partial]))
+                sink.write_json(self.output, "_summary.json", summary)
                 if complete:
-                    sink.write_atomic(self.out_dir / "_SUCCESS", b"")
+                    self.output.write("_SUCCESS", b"")
         except OSError as err:  # the disk that stopped the run may not take its record either
             if self.error is None:
                 raise self._disk_error(err) from err
-            log.warning("could not record this run in %s: %s", self.out_dir, err.strerror or err)
+            log.warning("could not record this run in %s: %s", self.output, err.strerror or storage.error_line(err))
             raise self.error
         for line in summary_lines(summary):
             log.info(line)
@@ -500,7 +488,7 @@ class _Run:
         return {
             "name": self.job.name,
             "status": status,
-            "output": str(self.out_dir),
+            "output": str(self.output),
             "model": self.job.embedding.model,
             "dimensions": self.dim,
             "error": str(self.error) if self.error else None,

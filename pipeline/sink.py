@@ -1,15 +1,12 @@
-"""Parquet parts and the job's other files, written so a crash never leaves a
-half-written file under a final name: temp name in the same folder, flush,
-fsync, `os.replace`, fsync the folder.
+"""Parquet parts and the job's other files, in the output layout. Writing
+them so a crash never leaves a half-written file under a final name is
+storage.py's part (temp + fsync + rename locally, whole-object PUTs on an
+object store).
 """
 from __future__ import annotations
 
 import io
 import json
-import os
-import re
-import socket
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -17,13 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import JobConfig
+from .storage import TEMP_MARK, Output  # noqa: F401  (TEMP_MARK: the tests look for leftovers by it)
 
 PART_DIGITS = 5
 MAX_PARTS = 10**PART_DIGITS  # keeps name order equal to input order
 REJECTS_DIR = "_rejects.d"  # one small file per unit that has rejects; merged into _rejects.parquet
 PARTIAL_DIR = "_partial.d"  # rows of a unit cut short by --limit, finished by a later run
-HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
-TEMP_MARK = ".tmp."
 REASON_COLUMN = "_reason"
 CODE_COLUMN = "_code"
 REJECT_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("error_code", pa.string()), ("part", pa.string())])
@@ -33,84 +29,14 @@ def part_name(seq: int) -> str:
     return f"part-{seq:0{PART_DIGITS}d}.parquet"
 
 
-def temp_path(final: Path) -> Path:
-    """A name no reader globs for, that tells which process wrote it."""
-    return final.with_name(f".{final.name}{TEMP_MARK}{HOST}.{os.getpid()}")
-
-
-def write_durable(path: Path, data: bytes) -> None:
-    """Write and fsync `path` itself: a temp name, renamed into place by the caller."""
-    try:
-        with open(path, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)  # a full disk must not leave half a file behind
-        raise
-
-
-def write_atomic(final: Path, data: bytes) -> None:
-    tmp = temp_path(final)
-    write_durable(tmp, data)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(final.parent)
-
-
-def write_json_atomic(final: Path, obj: Any) -> None:
-    write_atomic(final, (json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n").encode("utf-8"))
+def write_json(output: Output, rel: str, obj: Any) -> None:
+    output.write(rel, (json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n").encode("utf-8"))
 
 
 def table_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
-
-
-def write_table_atomic(final: Path, table: pa.Table) -> None:
-    write_atomic(final, table_bytes(table))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def clean_temp_files(out_dir: Path) -> list[Path]:
-    """Remove temp files left by dead processes of this host (a live one may still be writing)."""
-    removed = []
-    for folder in (out_dir, out_dir / REJECTS_DIR, out_dir / PARTIAL_DIR):
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            name = path.name
-            if not name.startswith(".") or TEMP_MARK not in name:
-                continue
-            owner = name.rsplit(TEMP_MARK, 1)[1]
-            host, _, pid = owner.rpartition(".")
-            if host == HOST and pid.isdigit() and not _alive(int(pid)):
-                path.unlink(missing_ok=True)
-                removed.append(path)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # a temp of ours at start is a leftover of an earlier process with our pid
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def vector_array(vectors: np.ndarray, has_vector: np.ndarray, dim: int) -> pa.FixedSizeListArray:
@@ -150,13 +76,14 @@ def rejects_table(ids: Iterable[object], reasons: Iterable[str], codes: Iterable
     )
 
 
-def merge_rejects(out_dir: Path, seqs: Iterable[int]) -> int:
+def merge_rejects(output: Output, seqs: Iterable[int]) -> int:
     """Rewrite `_rejects.parquet` from the per-unit reject files, in input order."""
+    present = set(output.list(REJECTS_DIR, "part-*.parquet"))
     tables = []
     for seq in sorted(seqs):
-        path = out_dir / REJECTS_DIR / part_name(seq)
-        if path.exists():
-            tables.append(pq.read_table(path, schema=REJECT_SCHEMA))
+        rel = f"{REJECTS_DIR}/{part_name(seq)}"
+        if rel in present:
+            tables.append(output.read_table(rel, schema=REJECT_SCHEMA))
     merged = pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()
-    write_table_atomic(out_dir / "_rejects.parquet", merged)
+    output.write("_rejects.parquet", table_bytes(merged))
     return merged.num_rows

@@ -11,14 +11,16 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .config import InputConfig
-from .errors import ConfigError
+from . import storage
+from .config import InputConfig, StorageConfig
+from .errors import ConfigError, WorkLeftError
 
 FileFormat = Literal["parquet", "csv"]
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
@@ -29,10 +31,11 @@ CSV_BLOCK_BYTES = 4 << 20
 
 @dataclass(frozen=True)
 class InputFile:
-    path: str
+    path: str  # absolute, or a URI (s3://bucket/key)
     format: FileFormat
     size: int
-    mtime_ns: int
+    mtime_ns: int  # an object's last-modified time on an object store
+    storage: StorageConfig = StorageConfig()
 
     def fingerprint(self) -> dict[str, object]:
         return {"path": self.path, "size": self.size, "mtime_ns": self.mtime_ns}
@@ -50,10 +53,11 @@ class Unit:
 def find_inputs(cfg: InputConfig) -> list[InputFile]:
     """Every input file, in a stable order: list order, then sorted within a glob or directory."""
     found: list[str] = []
+    remote: dict[str, pafs.FileInfo] = {}
     for pattern in cfg.paths:
-        if "://" in pattern:
-            raise ConfigError(f"input.path: {pattern}: remote filesystems are not supported yet")
-        if os.path.isdir(pattern):
+        if storage.is_remote(pattern):
+            matches = _find_remote(pattern, cfg, remote)
+        elif os.path.isdir(pattern):
             matches = sorted(
                 str(p)
                 for p in Path(pattern).rglob("*")
@@ -71,10 +75,14 @@ def find_inputs(cfg: InputConfig) -> list[InputFile]:
             raise ConfigError(f"input.path: {pattern}: no such file or directory")
         found.extend(matches)
     files = []
-    for path in dict.fromkeys(os.path.abspath(p) for p in found):
+    for path in dict.fromkeys(p if p in remote else os.path.abspath(p) for p in found):
         fmt = _format_of(path, cfg.format)
         if fmt is None:
             raise ConfigError(f"input.path: {path}: unknown format; set input.format to parquet or csv")
+        if path in remote:
+            info = remote[path]
+            files.append(InputFile(path, fmt, info.size or 0, info.mtime_ns or 0, cfg.storage))
+            continue
         try:
             st = os.stat(path)
             with open(path, "rb"):
@@ -83,6 +91,45 @@ def find_inputs(cfg: InputConfig) -> list[InputFile]:
             raise ConfigError(f"input.path: {path}: cannot read ({err.strerror})") from None
         files.append(InputFile(path, fmt, st.st_size, st.st_mtime_ns))
     return files
+
+
+def _find_remote(pattern: str, cfg: InputConfig, infos: dict[str, pafs.FileInfo]) -> list[str]:
+    """An object, a prefix (a "directory": every .parquet/.csv under it) or a glob."""
+    try:
+        if glob.has_magic(pattern):
+            scheme, _, rest = pattern.partition("://")
+            fixed = rest[: min(rest.index(c) for c in "*?[" if c in rest)].rsplit("/", 1)[0]
+            regex = storage.glob_regex(rest)
+            listed = storage.list_files(f"{scheme}://{fixed}", cfg.storage)
+            matches = [(uri, info) for uri, info in listed if regex.match(uri.partition("://")[2])]
+            if not matches:
+                raise ConfigError(f"input.path: {pattern}: matches no object")
+        else:
+            info = storage.file_info(pattern, cfg.storage)
+            if info.type == pafs.FileType.File:
+                matches = [(pattern, info)]
+            else:
+                prefix = pattern.rstrip("/")
+                matches = [
+                    (uri, i) for uri, i in storage.list_files(prefix, cfg.storage)
+                    if not _hidden(Path(uri[len(prefix) + 1:])) and _format_of(uri, "auto")
+                ]
+                if not matches:
+                    raise ConfigError(f"input.path: {pattern}: no such object, nor a prefix holding .parquet or .csv objects")
+    except (OSError, pa.ArrowException) as err:
+        raise ConfigError(f"input.path: {pattern}: {storage.error_line(err)}") from None
+    matches.sort(key=lambda m: m[0])
+    infos.update(matches)
+    return [uri for uri, _ in matches]
+
+
+def parquet_rows(f: InputFile) -> int:
+    with _parquet(f) as parquet:
+        return parquet.metadata.num_rows
+
+
+def _parquet(f: InputFile) -> pq.ParquetFile:
+    return pq.ParquetFile(storage.open_input(f.path, f.storage))
 
 
 def check_columns(files: list[InputFile], cfg: InputConfig) -> None:
@@ -103,8 +150,10 @@ def check_columns(files: list[InputFile], cfg: InputConfig) -> None:
 def read_schema(f: InputFile) -> pa.Schema:
     try:
         if f.format == "parquet":
-            return pq.read_schema(f.path)
-        with pacsv.open_csv(f.path, read_options=pacsv.ReadOptions(block_size=1 << 16)) as reader:
+            with _parquet(f) as parquet:
+                return parquet.schema_arrow
+        source = storage.open_stream(f.path, f.storage)
+        with pacsv.open_csv(source, read_options=pacsv.ReadOptions(block_size=1 << 16)) as reader:
             return reader.schema
     except (pa.ArrowException, OSError) as err:
         raise ConfigError(f"input.path: {f.path}: not a readable {f.format} file ({_first_line(err)})") from None
@@ -129,15 +178,16 @@ def iter_units(
     for index, f in enumerate(files):
         try:
             if f.format == "parquet":
-                parquet = pq.ParquetFile(f.path)
+                parquet = _parquet(f)
                 n_rows = parquet.metadata.num_rows
                 n_units = -(-n_rows // rows_per_part)
                 if not any(wanted(s) for s in range(seq, seq + n_units)):
                     seq, row_offset = seq + n_units, row_offset + n_rows
+                    parquet.close()
                     continue
-                batches = parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns)
+                batches = _closing(parquet, parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns))
             else:
-                batches = _csv_batches(f.path, columns)
+                batches = _csv_batches(storage.open_stream(f.path, f.storage), f.path, columns)
             for start, table in _slices(batches, rows_per_part):
                 if wanted(seq):
                     yield Unit(seq, index, start, row_offset, table)
@@ -145,11 +195,20 @@ def iter_units(
                 row_offset += table.num_rows
         except pa.ArrowException as err:
             raise ConfigError(f"input.path: {f.path}: cannot read ({_first_line(err)})") from None
+        except OSError as err:  # an object store that stops answering mid-run: a rerun continues
+            if not storage.is_remote(f.path):
+                raise
+            raise WorkLeftError(f"input.path: {f.path}: cannot read ({storage.error_line(err)}); rerun to continue") from None
     if totals is not None:
         totals.update(units=seq, rows=row_offset)
 
 
-def _csv_batches(path: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
+def _closing(parquet: pq.ParquetFile, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    with parquet:
+        yield from batches
+
+
+def _csv_batches(source: Any, path: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
     # CSV has no types: every column is read as text, so a late odd value
     # cannot break type inference halfway through a file.
     convert = pacsv.ConvertOptions(
@@ -160,7 +219,7 @@ def _csv_batches(path: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
     )
     read = pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES)
     parse = pacsv.ParseOptions(newlines_in_values=True, delimiter="\t" if path.endswith(".tsv") else ",")
-    with pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert) as reader:
+    with pacsv.open_csv(source, read_options=read, parse_options=parse, convert_options=convert) as reader:
         yield from reader
 
 
