@@ -21,12 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import probe, sink
+from .checks import PRICE_PER_M_TOKENS
 from .config import JobConfig
 from .dispatch import Dispatcher
 from .errors import EXIT_OK, BadInputError, ConfigError, PipelineError, ProviderError, WorkLeftError
 from .manifest import MAX_RUNS_KEPT, Manifest, RunLock, job_fingerprint, manifest_lock, orphan_parts
 from .packing import pack
-from .progress import Progress, RunCounters, summary_lines
+from .progress import Progress, RunCounters, log_summary
 from .providers import Provider, build_provider
 from .sources import InputFile, Unit, check_columns, find_inputs, iter_units
 from .texts import combine, encoding, prepare, row_texts
@@ -432,14 +433,19 @@ class _Run:
                 raise self._disk_error(err) from err
             log.warning("could not record this run in %s: %s", self.out_dir, err.strerror or err)
             raise self.error
-        for line in summary_lines(summary):
-            log.info(line)
+        log_summary(summary)
         if self.error is not None:
             raise self.error
         return EXIT_OK
 
     def _summary(self, status: str, providers: dict[str, dict[str, Any]]) -> dict[str, Any]:
         elapsed = self.progress.elapsed_s()
+        price = PRICE_PER_M_TOKENS.get(self.job.embedding.model)  # None: no published price for this model
+        job_counters = self.manifest.counters()
+
+        def cost(tokens: int) -> float | None:
+            return None if price is None else round(tokens / 1e6 * price, 8)
+
         return {
             "name": self.job.name,
             "status": status,
@@ -447,7 +453,9 @@ class _Run:
             "model": self.job.embedding.model,
             "dimensions": self.dim,
             "error": str(self.error) if self.error else None,
+            "price_per_million_tokens_usd": price,
             "run": {
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - elapsed)),
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "status": status,
                 "shard": list(self.opts.shard) if self.opts.shard else None,
@@ -455,6 +463,7 @@ class _Run:
                 "rows_rejected": self.counters.rows_rejected,
                 "rows_done": self.counters.rows_done,
                 "tokens": self.counters.tokens,
+                "cost_usd": cost(self.counters.tokens),
                 "requests": sum(p["requests"] for p in providers.values()),
                 "retries": sum(p["retries"] for p in providers.values()),
                 "elapsed_s": round(elapsed, 3),
@@ -462,7 +471,8 @@ class _Run:
                 "providers": providers,
             },
             "job": {
-                **self.manifest.counters(),
+                **job_counters,
+                "cost_usd": cost(job_counters["tokens"]),
                 "total_rows": self.manifest.data.get("total_rows"),
                 "total_units": self.manifest.data.get("total_units"),
             },
