@@ -17,12 +17,13 @@ environment (or edit the defaults below):
     EMBEDDING_SHARDS    how many shard tasks (default 4)
     EMBEDDING_CLI       the command (default: this interpreter's `python -m pipeline`)
     EMBEDDING_DAG_ID    the DAG's id (default embed_<job file stem>)
+    EMBEDDING_RETRIES, EMBEDDING_RETRY_DELAY_S   per shard (default 5, from 120 s, doubling)
 
 Every shard writes into the job's one output directory, so the workers share
 one host or a POSIX filesystem with working `flock`. Provider keys come from
 the workers' environment, as `${VAR}` in the job file says. A job file or
-input that is wrong (exit 2) fails every try the same way: fix it, clear the
-task.
+input that is wrong (exit 2) fails the task at once, without the retries
+that could not help: fix it, then clear the task.
 """
 from __future__ import annotations
 
@@ -31,12 +32,15 @@ import shlex
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 try:  # Airflow 3
     from airflow.providers.standard.operators.bash import BashOperator
     from airflow.sdk import DAG
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
 except ImportError:  # Airflow 2.x
     from airflow import DAG
+    from airflow.exceptions import AirflowException, AirflowFailException
     from airflow.operators.bash import BashOperator
 
 JOB = os.environ.get("EMBEDDING_JOB", "/jobs/docs.yaml")
@@ -47,6 +51,23 @@ RETRIES = int(os.environ.get("EMBEDDING_RETRIES", "5"))  # each retry resumes; o
 RETRY_DELAY_S = float(os.environ.get("EMBEDDING_RETRY_DELAY_S", "120"))  # a provider outage gets time to pass
 GRACE_S = 20  # after Airflow's SIGTERM, in-flight parts may finish; under its 30 s before SIGKILL
 
+EXIT_FIX_JOB = 2  # the pipeline's "the job file or its inputs are wrong": a retry fails the same way
+
+
+class PipelineOperator(BashOperator):
+    """A BashOperator whose command exiting 2 fails the task without retries."""
+
+    def execute(self, context: Any) -> Any:
+        try:
+            return super().execute(context)
+        except AirflowException:
+            process = self.subprocess_hook.sub_process
+            if process is not None and process.returncode == EXIT_FIX_JOB:
+                raise AirflowFailException("the job file or its inputs are wrong (exit 2): fix them, then clear "
+                                           "the task; the log above says what") from None
+            raise
+
+
 job = shlex.quote(JOB)
 
 with DAG(
@@ -55,7 +76,7 @@ with DAG(
     schedule=None,  # run on demand, or set a schedule: a run on a complete output exits 0 at once
     start_date=datetime(2024, 1, 1),
     catchup=False,
-    max_active_runs=1,  # two runs of one job would only wait on each other's shard locks
+    max_active_runs=1,  # a second run's shards would find the first's shard locks held (exit 1)
     default_args={
         "retries": RETRIES,
         "retry_delay": timedelta(seconds=RETRY_DELAY_S),
@@ -63,14 +84,14 @@ with DAG(
     },
     tags=["embedding"],
 ) as dag:
-    embed = BashOperator.partial(task_id="embed").expand(
+    embed = PipelineOperator.partial(task_id="embed").expand(
         # exec: Airflow's SIGTERM on timeout or kill reaches the pipeline, which checkpoints
         bash_command=[
             f"exec {CLI} --log-format json run {job} --shard {k}/{SHARDS} --no-progress --grace-seconds {GRACE_S}"
             for k in range(SHARDS)
         ],
     )
-    check_complete = BashOperator(
+    check_complete = PipelineOperator(
         task_id="check_complete",
         bash_command=f"exec {CLI} --log-format json status {job} --check",
         retries=0,  # nothing to wait for: the shards are done or they failed

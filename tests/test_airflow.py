@@ -1,7 +1,7 @@
 """The example DAG (jobs/embed_dag.py) parses and runs in a real Airflow: N
 mapped shard tasks and the completion check, against a loopback provider;
 a shard whose try fails on a provider fault is retried by Airflow and the
-retry resumes instead of starting over.
+retry resumes instead of starting over; a wrong job (exit 2) is not retried.
 
 Skipped where Airflow is not installed (the normal suite). To run it:
 
@@ -146,3 +146,16 @@ def test_the_dag_runs_every_shard_retries_a_failed_one_and_the_retry_resumes(tmp
     assert 0 < stopped["rows_done"] < shard_rows
     assert retry["rows_done"] == shard_rows - stopped["rows_done"]
     assert [t for t, n in sent.items() if n > 1] == []
+
+
+def test_a_wrong_job_fails_each_shard_at_once_without_retries(tmp_path: Path, migrated: Path) -> None:
+    with FakeProvider(dim=8) as fp:
+        job = write_job(tmp_path, [provider_entry(fp)], input_path="missing/*.parquet")  # exit 2: no input
+        env = with_home(tmp_path, migrated, job)
+        result = airflow(env, "dags", "test", DAG_ID)
+        assert fp.count() == 0
+    tries = task_tries(tmp_path / "airflow")
+    log = result.stdout + result.stderr
+    assert [tries[("embed", k)] for k in range(SHARDS)] == [("failed", 1)] * SHARDS, log[-5000:]
+    assert tries[("check_complete", -1)][0] == "upstream_failed"
+    assert "exit 2" in log
