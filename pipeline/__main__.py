@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import re
 import sys
 from typing import Sequence
 
 from .errors import EXIT_OK, EXIT_WORK_LEFT, PipelineError
+from .logfmt import LOG_FORMATS, configure, error_line
 
 EPILOG = "exit status: 0 every row accounted for (_SUCCESS written), 1 work left (rerun continues), 2 fix the job or inputs"
 
@@ -17,30 +17,25 @@ EPILOG = "exit status: 0 every row accounted for (_SUCCESS written), 1 work left
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s" if args.debug else "%(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("httpx", "urllib3", "sentence_transformers", "transformers", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure(args.log_format, args.debug)
     try:
         return int(args.func(args))
     except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+        return _fail(str(err), err.exit_code)
     except OSError as err:  # the disk or the file system said no, outside a run's own handling
         where = f" ({err.filename})" if err.filename else ""
-        print(f"error: {err.strerror or err}{where}; rerun to continue", file=sys.stderr)
-        return EXIT_WORK_LEFT
+        return _fail(f"{err.strerror or err}{where}; rerun to continue", EXIT_WORK_LEFT)
     except KeyboardInterrupt:
-        print("error: interrupted; rerun to continue", file=sys.stderr)
-        return EXIT_WORK_LEFT
+        return _fail("interrupted; rerun to continue", EXIT_WORK_LEFT)
     except Exception as err:  # a bug: one line, unless --debug asks for the traceback
         if args.debug:
             raise
-        print(f"error: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
-        return EXIT_WORK_LEFT
+        return _fail(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", EXIT_WORK_LEFT)
+
+
+def _fail(message: str, exit_code: int) -> int:
+    print(error_line(message, exit_code), file=sys.stderr, flush=True)
+    return exit_code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="debug logging; show tracebacks of internal errors")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="stderr as text (default) or one JSON object per line (for schedulers)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
@@ -60,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument("job", metavar="JOB.yaml", help="the job file")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        p.add_argument("--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return p
 
     run = command("run", "Embed the job's inputs; continues where an earlier run stopped.", "run jobs/sample.yaml --limit 100")
@@ -77,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     estimate.set_defaults(func=_estimate)
     status = command("status", "Show progress read from the output's manifest; no API call.", "status jobs/sample.yaml")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument("--check", action="store_true",
+                        help="exit 0 only if the job is complete (_SUCCESS), else 1: a completion check for schedulers")
     status.set_defaults(func=_status)
     return parser
 
@@ -137,7 +137,9 @@ def _status(args: argparse.Namespace) -> int:
     from .checks import job_status, status_lines
 
     report = job_status(args.job)
-    print(json.dumps(report, indent=1) if args.json else "\n".join(status_lines(report)))
+    print(json.dumps(report, indent=1) if args.json else "\n".join(status_lines(report)), flush=True)
+    if args.check and report["state"] != "complete":
+        return _fail(f"job {report['job']} is not complete ({report['state']}); rerun it to continue", EXIT_WORK_LEFT)
     return EXIT_OK
 
 

@@ -17,21 +17,12 @@ from .config import load_job
 from .errors import ConfigError, JobChangedError
 from .manifest import Manifest, describe_change, job_fingerprint, run_lock_held, shard_locks_held
 from .packing import pack
+from .prices import cost_usd, expected_dimensions, job_price
 from .progress import rejects_text
 from .reuse import memory_entries
 from .sources import check_columns, find_inputs, iter_units
 from .texts import prepare, row_texts
 
-# USD per million input tokens, as published by OpenAI; an assumption for relays,
-# which a provider's price_per_million_tokens overrides.
-PRICE_PER_M_TOKENS = {
-    "text-embedding-3-small": 0.02,
-    "text-embedding-3-large": 0.13,
-    "text-embedding-ada-002": 0.10,
-}
-# Vector lengths, which size the run's memory of recent texts (see reuse.memory_entries).
-MODEL_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
-DEFAULT_DIMENSIONS = 1536
 
 
 def validate_job(job_file: str) -> list[str]:
@@ -82,7 +73,7 @@ def estimate_job(job_file: str) -> dict[str, Any]:
     if policy.empty == "fail" or policy.too_long == "fail":  # count, don't stop, when estimating
         policy = replace(policy, empty="skip" if policy.empty == "fail" else policy.empty,
                          too_long="skip" if policy.too_long == "fail" else policy.too_long)
-    dim = job.embedding.dimensions or MODEL_DIMENSIONS.get(job.embedding.model, DEFAULT_DIMENSIONS)
+    dim = expected_dimensions(job)
     recent: OrderedDict[bytes, None] = OrderedDict()  # the run's in-run dedupe memory, keys only
     capacity = memory_entries(dim)
     cache = VectorCache.open_if_present(Path(job.cache)) if job.cache else None
@@ -114,12 +105,7 @@ def estimate_job(job_file: str) -> dict[str, Any]:
     finally:
         if cache is not None:
             cache.close()
-    first = min(job.providers, key=lambda p: p.priority)  # the provider the traffic goes to first
-    price, price_source = first.price_per_million_tokens, f"providers[{first.name}].price_per_million_tokens"
-    if price is None and first.type == "local":
-        price, price_source = 0.0, "a local model: no per-token price"
-    elif price is None:
-        price, price_source = PRICE_PER_M_TOKENS.get(job.embedding.model), "assumed: OpenAI's list price"
+    price, price_source = job_price(job)
     rpm = sum(p.requests_per_minute or 0 for p in job.providers) or None
     tpm = sum(p.tokens_per_minute or 0 for p in job.providers) or None
     minutes = max(requests / rpm if rpm else 0.0, tokens / tpm if tpm else 0.0)
@@ -133,9 +119,9 @@ def estimate_job(job_file: str) -> dict[str, Any]:
         "inputs_to_send": distinct - cache_hits,
         "tokens": tokens,
         "requests": requests,
-        "cost_usd": None if price is None else round(tokens / 1e6 * price, 6),
+        "cost_usd": cost_usd(tokens, price),
         "price_per_million_tokens_usd": price,
-        "price_source": price_source if price is not None else None,
+        "price_source": price_source,
         "minutes_at_rate_limits": round(minutes, 2) if (rpm or tpm) else None,
     }
 

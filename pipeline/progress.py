@@ -1,5 +1,7 @@
 """Telling the user what is happening: a tqdm bar on a terminal, plain
-periodic lines otherwise, and the closing summary."""
+periodic lines otherwise (cron, Airflow, --log-format json), and the closing
+summary. Lines carry their numbers as counters, which the JSON log form
+puts at the top level."""
 from __future__ import annotations
 
 import logging
@@ -11,9 +13,11 @@ from typing import Any, Callable, Mapping
 
 from tqdm import tqdm
 
+from . import logfmt
+
 log = logging.getLogger("pipeline")
 
-LOG_INTERVAL_S = 30.0  # plain progress lines when stderr is not a terminal
+LOG_INTERVAL_S = 30.0  # plain progress lines when there is no terminal to draw a bar on
 
 
 @dataclass
@@ -35,10 +39,12 @@ class Progress:
         self._total = total_rows
         self.rows = 0
         self.tokens = 0
-        on_terminal = sys.stderr.isatty()
-        self._plain = enabled is not False and not on_terminal
+        # A bar only for a person at a terminal: stdout redirected (cron,
+        # Airflow, `> log`) or JSON logs mean a program reads stderr.
+        draw_bar = sys.stderr.isatty() and sys.stdout.isatty() and not logfmt.is_json()
+        self._plain = enabled is not False and not draw_bar
         self._bar = None
-        if enabled is not False and on_terminal:
+        if enabled is not False and draw_bar:
             self._bar = tqdm(total=total_rows, unit="row", unit_scale=True, dynamic_ncols=True, file=sys.stderr)
 
     def advance(self, rows: int, tokens: int) -> None:
@@ -49,16 +55,20 @@ class Progress:
             self._bar.set_postfix_str(f"{_human(self.tokens)} tokens", refresh=False)
         elif self._plain and self._clock() - self._last_log >= LOG_INTERVAL_S:
             self._last_log = self._clock()
-            log.info(self.line())
+            log.info(self.line(), extra={"event": "progress", "counters": self.counters()})
 
-    def line(self) -> str:
+    def counters(self) -> dict[str, Any]:
         elapsed = max(self._clock() - self._started, 1e-9)
         rate = self.rows / elapsed
+        eta = max(self._total - self.rows, 0) / rate if self._total and rate > 0 else None
+        return {"rows": self.rows, "total_rows": self._total, "tokens": self.tokens, "rows_per_s": round(rate, 1),
+                "elapsed_s": round(elapsed, 3), "eta_s": None if eta is None else round(eta, 1)}
+
+    def line(self) -> str:
+        c = self.counters()
         done = f"{self.rows:,}" + (f"/{self._total:,} rows ({100 * self.rows / max(self._total, 1):.0f}%)" if self._total else " rows")
-        eta = ""
-        if self._total and rate > 0:
-            eta = f", ETA {_duration(max(self._total - self.rows, 0) / rate)}"
-        return f"progress: {done}, {_human(self.tokens)} tokens, {rate:,.0f} rows/s{eta}"
+        eta = f", ETA {_duration(c['eta_s'])}" if c["eta_s"] is not None else ""
+        return f"progress: {done}, {_human(self.tokens)} tokens, {c['rows_per_s']:,.0f} rows/s{eta}"
 
     def elapsed_s(self) -> float:
         return self._clock() - self._started
@@ -67,6 +77,17 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def log_summary(summary: dict[str, Any]) -> None:
+    """The closing summary as log records: the run's line carries the run's
+    counters, each provider's line that provider's."""
+    lines = summary_lines(summary)
+    run = {k: v for k, v in summary["run"].items() if k != "providers"}
+    log.info(lines[0], extra={"event": "summary", "counters": {"name": summary["name"], **run}})
+    log.info(lines[1], extra={"event": "summary.job", "counters": {"name": summary["name"], **summary["job"]}})
+    for line, (name, p) in zip(lines[2:], summary["providers"].items()):
+        log.info(line, extra={"event": "summary.provider", "counters": {"provider": name, **p}})
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:

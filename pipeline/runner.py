@@ -25,7 +25,8 @@ from .dispatch import Dispatcher
 from .errors import EXIT_OK, BadInputError, ConfigError, PipelineError, ProviderError, WorkLeftError
 from .manifest import MAX_RUNS_KEPT, Manifest, RunLock, job_fingerprint, manifest_lock, orphan_parts
 from .packing import pack
-from .progress import Progress, RunCounters, summary_lines
+from .prices import cost_usd, job_price
+from .progress import Progress, RunCounters, log_summary
 from .providers import Provider, build_provider
 from .reuse import FROM_CACHE, FROM_DEDUPE, FROM_PROVIDER, Claim, Refused, Reuse
 from .sources import InputFile, Unit, check_columns, find_inputs, iter_units, parquet_rows
@@ -477,14 +478,16 @@ class _Run:
                 raise self._disk_error(err) from err
             log.warning("could not record this run in %s: %s", self.output, err.strerror or storage.error_line(err))
             raise self.error
-        for line in summary_lines(summary):
-            log.info(line)
+        log_summary(summary)
         if self.error is not None:
             raise self.error
         return EXIT_OK
 
     def _summary(self, status: str, providers: dict[str, dict[str, Any]]) -> dict[str, Any]:
         elapsed = self.progress.elapsed_s()
+        price, _ = job_price(self.job)
+        job_counters = self.manifest.counters()
+
         return {
             "name": self.job.name,
             "status": status,
@@ -492,7 +495,9 @@ class _Run:
             "model": self.job.embedding.model,
             "dimensions": self.dim,
             "error": str(self.error) if self.error else None,
+            "price_per_million_tokens_usd": price,
             "run": {
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - elapsed)),
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "status": status,
                 "shard": list(self.opts.shard) if self.opts.shard else None,
@@ -503,6 +508,7 @@ class _Run:
                 "rows_deduped": self.counters.rows_from["deduped"],
                 "rows_from_cache": self.counters.rows_from["from_cache"],
                 "tokens": self.counters.tokens,
+                "cost_usd": cost_usd(self.counters.tokens, price),
                 "requests": sum(p["requests"] for p in providers.values()),
                 "retries": sum(p["retries"] for p in providers.values()),
                 "elapsed_s": round(elapsed, 3),
@@ -510,7 +516,8 @@ class _Run:
                 "providers": providers,
             },
             "job": {
-                **self.manifest.counters(),
+                **job_counters,
+                "cost_usd": cost_usd(job_counters["tokens"], price),
                 "total_rows": self.manifest.data.get("total_rows"),
                 "total_units": self.manifest.data.get("total_units"),
             },

@@ -1,13 +1,16 @@
 """The output opens as it is where the vectors are used: DuckDB (vector
-functions on the embedding column) and Polars (Array dtype), and both find a
-sample row's nearest neighbours."""
+functions on the embedding column), Polars (Array dtype), pandas (the
+directory, bookkeeping files skipped) and LanceDB (a vector table straight
+from the parts), and each finds a sample row's nearest neighbours."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import duckdb
 import numpy as np
+import pandas as pd
 import polars as pl
+import pyarrow.dataset as ds
 import pytest
 
 from conftest import docs_table, provider_entry, run_cli, sample_texts, write_job, write_parquet
@@ -65,3 +68,26 @@ def test_polars_reads_the_vectors_as_an_array_column_and_finds_the_same_neighbou
     sims = matrix @ q / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(q))
     found = present["doc_id"].gather(np.argsort(-sims)[:5].tolist()).to_list()
     assert found == expected_neighbours(7, 5)
+
+
+def test_pandas_reads_the_output_directory_and_finds_the_same_neighbours(output: Path) -> None:
+    df = pd.read_parquet(output)  # the folder: _manifest.json, _rejects.parquet and _*.d/ are skipped
+    assert df["doc_id"].tolist() == [f"id-{i:04d}" for i in range(len(TEXTS))]
+    assert df["embedding"].isna().sum() == 1
+    present = df[df["embedding"].notna()]
+    matrix = np.stack(present["embedding"].to_list()).astype(np.float64)
+    assert matrix.shape == (len(TEXTS) - 1, DIM)
+    q = matrix[present["doc_id"].tolist().index("id-0007")]
+    sims = matrix @ q / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(q))
+    assert present["doc_id"].iloc[np.argsort(-sims)[:5]].tolist() == expected_neighbours(7, 5)
+
+
+def test_lancedb_takes_the_parts_as_a_vector_table_and_finds_the_same_neighbours(output: Path, tmp_path: Path) -> None:
+    lancedb = pytest.importorskip("lancedb", reason="lancedb is not installed (pip install -e '.[test]')")
+    db = lancedb.connect(str(tmp_path / "lance"))
+    table = db.create_table("docs", data=ds.dataset(output, format="parquet"))
+    assert table.count_rows() == len(TEXTS)
+    query = vector_for(TEXTS[7], DIM)
+    hits = table.search(query, vector_column_name="embedding").distance_type("cosine").limit(5).to_list()
+    assert [h["doc_id"] for h in hits] == expected_neighbours(7, 5)
+    assert hits[0]["_distance"] == pytest.approx(0.0, abs=1e-6)

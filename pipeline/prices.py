@@ -1,0 +1,39 @@
+"""What a job's tokens cost and how long its vectors are, where the job does not say.
+
+`estimate` and the closing summary both price tokens here, so the bill
+before a run and the one after it agree.
+"""
+from __future__ import annotations
+
+from .config import JobConfig
+
+# USD per million input tokens, as published by OpenAI; an assumption for
+# relays, which a provider's price_per_million_tokens overrides.
+PRICE_PER_M_TOKENS = {
+    "text-embedding-3-small": 0.02,
+    "text-embedding-3-large": 0.13,
+    "text-embedding-ada-002": 0.10,
+}
+# Vector lengths, which size the run's memory of recent texts (see reuse.memory_entries).
+MODEL_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
+DEFAULT_DIMENSIONS = 1536
+
+
+def job_price(job: JobConfig) -> tuple[float | None, str | None]:
+    """USD per million tokens for this job, and where that figure comes from:
+    the provider the traffic goes to first, else the list price."""
+    first = min(job.providers, key=lambda p: p.priority)
+    if first.price_per_million_tokens is not None:
+        return first.price_per_million_tokens, f"providers[{first.name}].price_per_million_tokens"
+    if first.type == "local":
+        return 0.0, "a local model: no per-token price"
+    listed = PRICE_PER_M_TOKENS.get(job.embedding.model)
+    return (listed, "assumed: OpenAI's list price") if listed is not None else (None, None)
+
+
+def cost_usd(tokens: int, price: float | None) -> float | None:
+    return None if price is None else round(tokens / 1e6 * price, 6)
+
+
+def expected_dimensions(job: JobConfig) -> int:
+    return job.embedding.dimensions or MODEL_DIMENSIONS.get(job.embedding.model, DEFAULT_DIMENSIONS)

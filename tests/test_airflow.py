@@ -1,0 +1,161 @@
+"""The example DAG (jobs/embed_dag.py) parses and runs in a real Airflow: N
+mapped shard tasks and the completion check, against a loopback provider;
+a shard whose try fails on a provider fault is retried by Airflow and the
+retry resumes instead of starting over; a wrong job (exit 2) is not retried.
+
+Skipped where Airflow is not installed (the normal suite). To run it:
+
+    python3 -m venv /tmp/af && /tmp/af/bin/pip install "apache-airflow==3.3.*" pytest pytest-timeout -e .
+    /tmp/af/bin/python -m pytest -q tests/test_airflow.py
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("airflow", reason="Airflow is not installed; see this file's docstring to run it")
+
+from conftest import (REPO, cli_env, docs_table, provider_entry, read_parts, rows_sent, sample_texts,  # noqa: E402
+                      write_job, write_parquet)
+from fakeprovider import FakeProvider  # noqa: E402
+
+N_ROWS = 60
+ROWS_PER_PART = 5
+SHARDS = 3
+DAG_ID = "embed_job"
+AIRFLOW_TIMEOUT_S = 280  # migrating a fresh sqlite database alone takes a while
+
+
+def airflow_env(tmp: Path, job: Path) -> dict[str, str]:
+    home = tmp / "airflow"
+    dags = home / "dags"
+    dags.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "jobs" / "embed_dag.py", dags / "embed_dag.py")
+    return cli_env(env_extra={
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "EMBEDDING_JOB": str(job),
+        "EMBEDDING_SHARDS": str(SHARDS),
+        "EMBEDDING_RETRY_DELAY_S": "1",
+        "EMBEDDING_DAG_ID": DAG_ID,
+        "PYTHONPATH": str(REPO),  # the checkout's pipeline, installed or not
+    })
+
+
+def airflow(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "airflow", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=AIRFLOW_TIMEOUT_S)
+
+
+def task_tries(home: Path) -> dict[tuple[str, int], tuple[str, int]]:
+    """(task_id, map_index) -> (state, try_number) of the DAG's one run."""
+    with sqlite3.connect(home / "airflow.db") as db:
+        rows = db.execute("SELECT task_id, map_index, state, try_number FROM task_instance WHERE dag_id = ?",
+                          (DAG_ID,)).fetchall()
+    return {(task, index): (state, tries) for task, index, state, tries in rows}
+
+
+@pytest.fixture(scope="module")
+def migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An Airflow home with a migrated database, made once."""
+    tmp = tmp_path_factory.mktemp("airflow-home")
+    result = airflow(airflow_env(tmp, tmp / "job.yaml"), "db", "migrate")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "airflow"
+
+
+def with_home(tmp: Path, migrated: Path, job: Path) -> dict[str, str]:
+    shutil.copytree(migrated, tmp / "airflow")
+    return airflow_env(tmp, job)
+
+
+PARSE = """
+import json, os
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+dag = bag.dags.get(os.environ["EMBEDDING_DAG_ID"])
+embed = dag and dag.task_dict["embed"]
+print(json.dumps({
+    "errors": {k: str(v) for k, v in bag.import_errors.items()},
+    "dags": sorted(bag.dags),
+    "tasks": sorted(dag.task_dict) if dag else None,
+    "commands": embed and embed.expand_input.value["bash_command"],
+    "check_upstream": dag and sorted(dag.task_dict["check_complete"].upstream_task_ids),
+    "retries": embed and embed.partial_kwargs.get("retries"),
+}))
+"""
+
+
+def test_the_dag_parses_into_mapped_shards_and_a_completion_check(tmp_path: Path, migrated: Path) -> None:
+    env = with_home(tmp_path, migrated, tmp_path / "jobs dir" / "job.yaml")  # a path that needs quoting
+    result = subprocess.run([sys.executable, "-c", PARSE], env=env, capture_output=True, text=True,
+                            timeout=AIRFLOW_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parsed = json.loads(result.stdout.splitlines()[-1])
+    assert parsed["errors"] == {} and parsed["dags"] == [DAG_ID]
+    assert parsed["tasks"] == ["check_complete", "embed"] and parsed["check_upstream"] == ["embed"]
+    assert parsed["retries"] == 5
+    commands = parsed["commands"]
+    assert len(commands) == SHARDS
+    for k, command in enumerate(commands):
+        assert f"run '{tmp_path}/jobs dir/job.yaml' --shard {k}/{SHARDS}" in command
+        assert "--restart" not in command
+
+
+def test_the_dag_runs_every_shard_retries_a_failed_one_and_the_retry_resumes(tmp_path: Path, migrated: Path) -> None:
+    texts = sample_texts(N_ROWS)
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    # One request at a time and one request per part: a fault costs at most the parts in flight.
+    # The 9th request has its key refused: the try running then (the second
+    # shard's, its third part, when Airflow runs the shards one by one) exits 1.
+    script = ["ok"] * 8 + ["401"]
+    with FakeProvider(dim=8, script=script) as fp:
+        job = write_job(tmp_path, [provider_entry(fp, max_concurrency=1)], rows_per_part=ROWS_PER_PART,
+                        batching={"max_inputs_per_request": ROWS_PER_PART})
+        env = with_home(tmp_path, migrated, job)
+        result = airflow(env, "dags", "test", DAG_ID)
+        sent = rows_sent(fp)
+    log = result.stdout + result.stderr
+    tries = task_tries(tmp_path / "airflow")
+    assert tries.get(("check_complete", -1)) == ("success", 1), log[-5000:]
+    shards = {index: tries[("embed", index)] for index in range(SHARDS)}
+    assert all(state == "success" for state, _ in shards.values()), shards
+    assert sorted(n for _, n in shards.values()) == [1] * (SHARDS - 1) + [2], shards  # one shard retried once
+
+    out = tmp_path / "out"
+    assert (out / "_SUCCESS").exists()
+    table = read_parts(out)
+    assert table.column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(N_ROWS)]
+    assert set(sent) == set(texts)
+    # The retry resumed: the failed try had committed parts, the retry did
+    # only the rest, and no row was answered twice (one request at a time:
+    # the refused one was the only one in flight).
+    runs = json.loads((out / "_manifest.json").read_text())["runs"]
+    (stopped,) = [r for r in runs if r["status"] == "stopped"]
+    k = stopped["shard"][0]
+    (retry,) = [r for r in runs if r["shard"] == [k, SHARDS] and r["status"] != "stopped"]
+    shard_rows = len(range(k, N_ROWS // ROWS_PER_PART, SHARDS)) * ROWS_PER_PART
+    assert 0 < stopped["rows_done"] < shard_rows
+    assert retry["rows_done"] == shard_rows - stopped["rows_done"]
+    assert [t for t, n in sent.items() if n > 1] == []
+
+
+def test_a_wrong_job_fails_each_shard_at_once_without_retries(tmp_path: Path, migrated: Path) -> None:
+    with FakeProvider(dim=8) as fp:
+        job = write_job(tmp_path, [provider_entry(fp)], input_path="missing/*.parquet")  # exit 2: no input
+        env = with_home(tmp_path, migrated, job)
+        result = airflow(env, "dags", "test", DAG_ID)
+        assert fp.count() == 0
+    tries = task_tries(tmp_path / "airflow")
+    log = result.stdout + result.stderr
+    assert [tries[("embed", k)] for k in range(SHARDS)] == [("failed", 1)] * SHARDS, log[-5000:]
+    assert tries[("check_complete", -1)][0] == "upstream_failed"
+    assert "exit 2" in log
