@@ -32,7 +32,7 @@ def job_price(job: JobConfig) -> tuple[float | None, str | None]:
 
 
 def cost_usd(tokens: int, price: float | None) -> float | None:
-    return None if price is None else round(tokens / 1e6 * price, 6)
+    return None if price is None else round(tokens / 1e6 * price, 8)
 
 
 def expected_dimensions(job: JobConfig) -> int:
