@@ -50,9 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="stderr as text (default) or one JSON object per line (for schedulers)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, example: str, aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
         p = sub.add_parser(
-            name, help=help_text, description=help_text, epilog=f"example: python -m pipeline {example}\n{EPILOG}",
+            name, aliases=list(aliases), help=help_text, description=help_text, epilog=f"example: python -m pipeline {example}\n{EPILOG}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("job", metavar="JOB.yaml", help="the job file")
@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
     validate = command("validate", "Check the job file, its inputs, columns and env vars; no API call.", "validate jobs/sample.yaml")
     validate.set_defaults(func=_validate)
-    estimate = command("estimate", "Count rows, tokens, requests and cost; no API call.", "estimate jobs/sample.yaml")
+    estimate = command("estimate", "Count rows, distinct texts, cache hits, tokens, requests and cost; no API call.",
+                       "estimate jobs/sample.yaml", aliases=("plan",))
     estimate.add_argument("--json", action="store_true", help="print the estimate as JSON")
     estimate.set_defaults(func=_estimate)
     status = command("status", "Show progress read from the output's manifest; no API call.", "status jobs/sample.yaml")

@@ -284,3 +284,4 @@ def test_estimate_uses_the_providers_price_and_says_where_it_came_from(tmp_path:
     assert plan["price_source"] == "providers[fake].price_per_million_tokens"
     lines = run_cli("estimate", str(job)).stdout
     assert "30 texts, 30 distinct, 0 in the cache: 30 to send" in lines
+    assert json.loads(run_cli("plan", str(job), "--json").stdout) == plan  # the alias
