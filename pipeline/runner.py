@@ -15,22 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Coroutine, TypeVar
 
-import numpy as np
 import pyarrow as pa
 
 from . import probe, sink, storage
 from .cache import VectorCache
 from .config import JobConfig
 from .dispatch import Dispatcher
-from .errors import EXIT_OK, BadInputError, ConfigError, PipelineError, ProviderError, WorkLeftError
+from .embedder import Embedded, Embedder
+from .errors import EXIT_OK, ConfigError, PipelineError, ProviderError, WorkLeftError
 from .manifest import MAX_RUNS_KEPT, Manifest, RunLock, job_fingerprint, manifest_lock, orphan_parts
-from .packing import pack
 from .prices import cost_usd, job_price
 from .progress import Progress, RunCounters, log_summary
 from .providers import Provider, build_provider
-from .reuse import FROM_CACHE, FROM_DEDUPE, FROM_PROVIDER, Claim, Refused, Reuse
+from .reuse import Reuse
 from .sources import InputFile, Unit, check_columns, find_inputs, iter_units, parquet_rows
-from .texts import PreparedTexts, combine, encoding, prepare, row_texts
+from .texts import encoding, prepare, row_texts
 
 log = logging.getLogger("pipeline")
 T = TypeVar("T")
@@ -66,7 +65,7 @@ class _Run:
         self.manifest: Manifest
         self.dispatcher: Dispatcher
         self.cache: VectorCache | None = None
-        self.reuse: Reuse
+        self.embedder: Embedder
         self.progress: Progress
         self.dim = 0
         self.in_flight: set[asyncio.Task[Any]] = set()  # cancelled when the grace period ends
@@ -112,7 +111,8 @@ class _Run:
             await asyncio.gather(*(p.start() for p in providers))
             self.dim = await self._abandonable(self._vector_space())
             self.dispatcher.dimensions = self.dim
-            self.reuse = Reuse(self.job.embedding.model, self.job.embedding.dimensions, self.dim, self.cache)
+            reuse = Reuse(self.job.embedding.model, self.job.embedding.dimensions, self.dim, self.cache)
+            self.embedder = Embedder(self.job, self.dispatcher, reuse, self.progress, self.dim)
             await self._process_units()
         except PipelineError as err:
             self.error = self.error or err
@@ -289,107 +289,13 @@ class _Run:
         texts = row_texts(table, self.job.input)
         prepared = await asyncio.to_thread(prepare, texts, self.job.embedding, ids)
 
-        claim = await self.reuse.claim(prepared.pieces)
-        vectors = np.zeros((len(prepared.pieces), self.dim), dtype=np.float32)
-        refused: dict[int, str | None] = {}  # first piece of a key -> provider error code
-        try:
-            for piece, vector in claim.found.items():
-                vectors[piece] = vector
-            paid, reported = await self._send(prepared, claim, claim.send, vectors, refused)
-            orphaned = await self._await_others(claim, vectors, refused)
-            if orphaned:  # the unit sending them stopped: send them here
-                claim.source[orphaned] = FROM_PROVIDER
-                more_paid, more_reported = await self._send(prepared, claim, orphaned, vectors, refused)
-                paid, reported = paid + more_paid, reported + more_reported
-        finally:
-            self.reuse.release(claim)
-        self.progress.advance(prepared.n_rows - reported, 0)  # rows not sent: reused, rejected, or cut short
-        vectors = vectors[claim.first]
-
-        ok = ~np.isin(claim.first, list(refused))
-        codes: list[str | None] = [None] * prepared.n_rows
-        reasons = list(prepared.reasons)
-        for piece in np.flatnonzero(~ok):
-            row = int(prepared.piece_row[piece])
-            reasons[row] = "provider_rejected"
-            codes[row] = refused[int(claim.first[piece])]
-        row_vectors, has = combine(vectors, prepared)
-        for row in range(prepared.n_rows):
-            if reasons[row] is None and not has[row]:
-                reasons[row] = "empty"  # every chunk of it was blank
-        has &= np.array([r is None for r in reasons], dtype=bool)
-        # A row came from a provider if any piece of it did; else from dedupe; else from the cache.
-        row_source = np.full(prepared.n_rows, FROM_CACHE, dtype=np.int8)
-        np.minimum.at(row_source, prepared.piece_row, claim.source)
-        sources = {"deduped": int(np.count_nonzero(has & (row_source == FROM_DEDUPE))),
-                   "from_cache": int(np.count_nonzero(has & (row_source == FROM_CACHE)))}
-        result = pa.table(
-            {
-                "vector": sink.vector_array(row_vectors, has, self.dim),
-                sink.REASON_COLUMN: pa.array(reasons, pa.string()),
-                sink.CODE_COLUMN: pa.array(codes, pa.string()),
-            }
-        )
+        embedded = await self.embedder.embed(prepared)
         task = asyncio.current_task()
         assert task is not None
         self.committing.add(task)  # the end of the grace period lets a commit finish
-        await asyncio.to_thread(self._commit, unit, begin, end, result, paid, sources, partial)
+        await asyncio.to_thread(self._commit, unit, begin, end, embedded, partial)
 
-    async def _send(self, prepared: PreparedTexts, claim: Claim, order: list[int], vectors: np.ndarray,
-                    refused: dict[int, str | None]) -> tuple[int, int]:
-        """Send the pieces `order` in packed requests, narrowing a 400 down to
-        the pieces it is about. Fills `vectors` and `refused`; returns the
-        tokens paid for and the rows reported to the progress."""
-        picked = np.asarray(order, dtype=np.int64)
-        is_last_piece = np.r_[prepared.piece_row[1:] != prepared.piece_row[:-1], True]
-        paid = reported = 0
-
-        async def send(a: int, b: int) -> None:
-            nonlocal paid, reported
-            pieces = picked[a:b]
-            tokens = int(prepared.piece_tokens[pieces].sum())
-            try:
-                result = await self.dispatcher.embed([prepared.pieces[i] for i in pieces], tokens)
-            except BadInputError as err:
-                if b - a == 1:
-                    code = err.code or (str(err.status) if err.status else None)
-                    refused[int(pieces[0])] = code
-                    self.reuse.refused(claim.keys[pieces[0]], code)
-                else:  # isolate the offending pieces; the others still get embedded
-                    mid = (a + b) // 2
-                    await asyncio.gather(send(a, mid), send(mid, b))
-                return
-            vectors[pieces] = result.vectors
-            paid += tokens
-            rows_finished = int(np.count_nonzero(is_last_piece[pieces]))
-            reported += rows_finished
-            self.progress.advance(rows_finished, tokens)
-            await self.reuse.answered([claim.keys[i] for i in pieces], result.vectors)
-
-        max_inputs, max_tokens = self.job.request_limits()
-        slices = pack(prepared.piece_tokens[picked], prepared.piece_bytes[picked], max_inputs=max_inputs, max_tokens=max_tokens)
-        await asyncio.gather(*(send(a, b) for a, b in slices))
-        return paid, reported
-
-    @staticmethod
-    async def _await_others(claim: Claim, vectors: np.ndarray, refused: dict[int, str | None]) -> list[int]:
-        """Take the answers of keys other units were sending; returns the
-        pieces whose sender stopped without an answer."""
-        if claim.waits:
-            await asyncio.wait(claim.waits.values())  # not gather: cancelling this unit must not cancel theirs
-        orphaned = []
-        for piece, future in claim.waits.items():
-            answer = future.result()
-            if isinstance(answer, Refused):
-                refused[piece] = answer.code
-            elif answer is None:
-                orphaned.append(piece)
-            else:
-                vectors[piece] = answer
-        return orphaned
-
-    def _commit(self, unit: Unit, begin: int, end: int, result: pa.Table, tokens: int, sources: dict[str, int],
-                partial: dict[str, Any] | None) -> None:
+    def _commit(self, unit: Unit, begin: int, end: int, embedded: Embedded, partial: dict[str, Any] | None) -> None:
         """Write the unit's part and its rejects, then record it in the manifest.
 
         A unit cut short by --limit is recorded as partial: its part holds the
@@ -397,6 +303,7 @@ class _Run:
         that finishes it.
         """
         seq, name = str(unit.seq), sink.part_name(unit.seq)
+        result, tokens, sources = embedded.result, embedded.tokens, embedded.sources
         if partial:
             earlier = self.output.read_table(f"{sink.PARTIAL_DIR}/{partial['file']}")
             result = pa.concat_tables([earlier, result.cast(earlier.schema)])
