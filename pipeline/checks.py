@@ -205,6 +205,7 @@ def status_lines(r: dict[str, Any]) -> list[str]:
         head,
         f"parts: {r['units_done']:,}/{total_units}; rows: {r['rows_done']:,}{total_rows} "
         f"({r['rows_embedded']:,} embedded, rejected: {rejected}); tokens: {r['tokens']:,}",
+        f"reused without a request: {r['rows_deduped']:,} rows from in-run dedupe, {r['rows_from_cache']:,} from the cache",
         f"output: {r['output']}" + (" (complete: _SUCCESS present)" if r["state"] == "complete" else ""),
     ]
     if r.get("last_run"):

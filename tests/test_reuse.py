@@ -137,6 +137,8 @@ def test_backfill_with_a_cache_sends_only_the_changed_and_new_texts(tmp_path: Pa
     assert_vectors_exact(read_parts(tmp_path / "out"), texts2, DIM)
     s = summary(tmp_path / "out")["run"]
     assert (s["rows_from_cache"], s["rows_from_providers"]) == (190, 40)
+    status = run_cli("status", str(job)).stdout
+    assert "reused without a request: 0 rows from in-run dedupe, 190 from the cache" in status
 
 
 def test_a_cached_vector_of_another_length_is_a_miss_not_a_wrong_vector(tmp_path: Path) -> None:
