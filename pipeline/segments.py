@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 from .cache import Cache, VectorCache
 from .config import StorageConfig
 from .errors import ConfigError
-from .storage import HOST, WRITE_CHECK, error_line, filesystem, is_remote
+from .storage import HOST, S3_SCHEMES, WRITE_CHECK, error_line, filesystem, is_remote
 
 log = logging.getLogger("pipeline")
 
@@ -79,6 +79,11 @@ class SegmentedCache:
         try:
             self.fs, base = filesystem(self.folder, options)
             self._prefix = f"{base}/{SEGMENTS_DIR}"
+            if readonly and self.folder.partition("://")[0].lower() in S3_SCHEMES:
+                # Listing a missing bucket finds nothing: say so rather than count no hits.
+                bucket = base.split("/", 1)[0]
+                if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                    raise ConfigError(f"cache: {self.folder}: bucket {bucket} does not exist")
             self._load()
             if not readonly:  # a read-only bucket or refused credentials fail now, not at the first upload
                 check = f"{base}/{WRITE_CHECK}-{HOST}-{os.getpid()}"

@@ -250,10 +250,13 @@ def test_an_unusable_s3_cache_is_one_line_exit_2_before_any_request(
         cache = {"path": f"s3://{bucket}/cache", "storage": {"endpoint_url": f"http://127.0.0.1:{_free_port()}"}}
     write_parquet(tmp_path / "data.parquet", docs_table(sample_texts(5)))
     with FakeProvider(dim=DIM) as fp:
-        result = _run(_job(tmp_path, fp, cache), env)
+        job = _job(tmp_path, fp, cache)
+        result = _run(job, env)
         assert fp.count() == 0, "no request may be sent before the cache is known good"
-    assert result.returncode == 2, result.stderr
-    lines = error_lines(result.stderr)
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert "cache: s3://" in lines[0], lines[0]
-    assert SECRET_KEY not in result.stderr
+    estimate = run_cli("estimate", str(job), env_extra=env)  # reads only: still an error, not 0 hits
+    for out in (result, estimate):
+        assert out.returncode == 2, out.stderr
+        lines = error_lines(out.stderr)
+        assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+        assert "cache: s3://" in lines[0], lines[0]
+        assert SECRET_KEY not in out.stderr
