@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 from .cache import Cache, VectorCache
 from .config import StorageConfig
 from .errors import ConfigError
-from .storage import HOST, S3_SCHEMES, WRITE_CHECK, error_line, filesystem, is_remote
+from .storage import HOST, S3_SCHEMES, WRITE_CHECK, _alive, error_line, filesystem, is_remote
 
 log = logging.getLogger("pipeline")
 
@@ -46,6 +46,7 @@ MAX_SEGMENTS = 16  # every lookup queries each segment: more than this at open a
 SEGMENTS_DIR = "segments"
 SEGMENT_SUFFIX = ".sqlite3"
 COPY_CHUNK_BYTES = 8 * 2**20  # uploads and downloads stream through this much memory
+TEMP_PREFIX = "pipeline-cache-"  # then the pid: a killed run's folder is removed by the next run on the host
 WRITER_FILE = "new.sqlite3.tmp"  # the local segment being written, renamed when sealed
 # host-pid-random-counter-sizeB.sqlite3: the size tells a whole segment from a cut-short one.
 SEGMENT_NAME = re.compile(r"[A-Za-z0-9-]+-(\d+)B\.sqlite3\Z")
@@ -62,6 +63,14 @@ def open_cache(path: str | None, options: StorageConfig, *, readonly: bool = Fal
     return VectorCache.open_if_present(folder) if readonly else VectorCache(folder)
 
 
+def _remove_dead_temps() -> None:
+    """Temp folders of killed runs on this host (each holds a whole cache's download)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
+        pid = folder.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class SegmentedCache:
     """Same interface as `VectorCache`; thread-safe the same way."""
 
@@ -75,7 +84,8 @@ class SegmentedCache:
         self._written = 0  # vectors put into the writer
         self._pending: list[str] = []  # sealed locally, not yet uploaded
         self._names = (f"{HOST}-{os.getpid()}-{secrets.token_hex(4)}-{n:05d}" for n in itertools.count())
-        self._tmp = Path(tempfile.mkdtemp(prefix="pipeline-cache-"))
+        _remove_dead_temps()
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-"))
         try:
             self.fs, base = filesystem(self.folder, options)
             self._prefix = f"{base}/{SEGMENTS_DIR}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -173,8 +174,11 @@ def test_a_run_killed_while_uploading_its_segment_leaves_only_whole_segments_and
                 proc.wait(30)
         assert rows_sent(fp) == Counter(new)  # the old texts came from the cache
     assert _segments(_fs(s3_endpoint), bucket) == before  # the cut-off upload left nothing
+    left = list(Path(tempfile.gettempdir()).glob(f"{segments.TEMP_PREFIX}{proc.pid}-*"))
+    assert left, "the killed run's download folder should still be there"
 
     cache = SegmentedCache(f"s3://{bucket}/cache", _storage(s3_endpoint), readonly=True)
+    assert not any(folder.exists() for folder in left), "the next opener removes a killed run's temp folder"
     try:
         assert _assert_cache_right(cache, old + new) == len(old)  # the killed run's vectors were lost, no more
     finally:
