@@ -264,3 +264,17 @@ def test_an_unusable_s3_cache_is_one_line_exit_2_before_any_request(
         assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
         assert "cache: s3://" in lines[0], lines[0]
         assert SECRET_KEY not in out.stderr
+
+
+def test_an_upload_failing_at_close_is_a_warning_not_an_error(
+    s3_endpoint: str, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    texts = sample_texts(5)
+    cache = SegmentedCache(f"s3://{bucket}/cache", _storage(s3_endpoint))
+    cache.put(text_keys(texts, MODEL, DIM), np.stack([vector_for(t, DIM) for t in texts]))
+    pafs.S3FileSystem(access_key=ACCESS_KEY, secret_key=SECRET_KEY, region="us-east-1", endpoint_override=s3_endpoint,
+                      scheme="http", allow_bucket_deletion=True).delete_dir(bucket)  # the store goes away under the run
+    with caplog.at_level("WARNING", logger="pipeline"):
+        cache.close()
+    assert "5 vectors of this run were not uploaded" in caplog.text
+    assert not cache._tmp.exists()  # the download folder is removed all the same
