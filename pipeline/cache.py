@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -48,17 +48,35 @@ def text_keys(texts: Iterable[str], model: str, dimensions: int | None) -> list[
     return keys
 
 
+class Cache(Protocol):
+    """What the run and `estimate` use of a cache: a local `VectorCache` or a
+    `SegmentedCache` on an object store (segments.py)."""
+
+    folder: Path | str
+
+    def get(self, keys: Sequence[bytes], dim: int) -> dict[bytes, np.ndarray]: ...
+    def contains(self, keys: Sequence[bytes]) -> set[bytes]: ...
+    def put(self, keys: Sequence[bytes], vectors: np.ndarray) -> None: ...
+    def close(self) -> None: ...
+
+
 class VectorCache:
     """A folder holding the SQLite store. Thread-safe: the runner calls it
-    from worker threads so the event loop never waits on the disk."""
+    from worker threads so the event loop never waits on the disk.
 
-    def __init__(self, folder: Path, *, readonly: bool = False) -> None:
-        self.folder = folder
+    `file_name` and `immutable` serve the segments of a cache on an object
+    store (segments.py): a downloaded segment is never written again, so it is
+    opened without locks or change checks."""
+
+    def __init__(self, folder: Path, *, readonly: bool = False, file_name: str = CACHE_FILE,
+                 immutable: bool = False) -> None:
+        self.folder: Path | str = folder
         self._lock = threading.Lock()
-        path = folder / CACHE_FILE
+        path = folder / file_name
         try:
-            if readonly:
-                self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
+            if readonly or immutable:
+                flags = "mode=ro&immutable=1" if immutable else "mode=ro"
+                self._db = sqlite3.connect(f"{path.resolve().as_uri()}?{flags}", uri=True, check_same_thread=False,
                                            timeout=BUSY_TIMEOUT_MS / 1000)
             else:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -115,6 +133,28 @@ class VectorCache:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def seal(self) -> None:
+        """Close, leaving one self-contained file (no -wal beside it, rollback
+        journal mode in its header) that any reader can open: a segment to upload."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("PRAGMA journal_mode=DELETE")
+            self._db.close()
+
+    def merge_from(self, path: Path) -> None:
+        """Copy in every entry of another cache file (a segment being compacted);
+        a key already here keeps its vector."""
+        with self._lock:
+            self._db.execute("ATTACH DATABASE ? AS other", (str(path),))
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("INSERT OR IGNORE INTO main.vectors SELECT key, vector FROM other.vectors")
+                self._db.execute("COMMIT")
+            finally:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                self._db.execute("DETACH DATABASE other")
 
     def _select(self, columns: str, keys: Sequence[bytes]) -> Iterable[list[tuple]]:
         keys = sorted(keys)  # neighbouring keys share index pages: ~1.5x faster than random order

@@ -5,14 +5,13 @@ import importlib.util
 import os
 from collections import Counter, OrderedDict
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .cache import VectorCache, text_keys
+from .cache import text_keys
 from .config import load_job
 from .errors import ConfigError, JobChangedError
 from .manifest import Manifest, describe_change, job_fingerprint, run_lock_held, shard_locks_held
@@ -20,6 +19,7 @@ from .packing import pack
 from .prices import cost_usd, expected_dimensions, job_price
 from .progress import rejects_text
 from .reuse import memory_entries
+from .segments import open_cache
 from .sources import check_columns, find_inputs, iter_units
 from .texts import prepare, row_texts
 
@@ -76,7 +76,7 @@ def estimate_job(job_file: str) -> dict[str, Any]:
     dim = expected_dimensions(job)
     recent: OrderedDict[bytes, None] = OrderedDict()  # the run's in-run dedupe memory, keys only
     capacity = memory_entries(dim)
-    cache = VectorCache.open_if_present(Path(job.cache)) if job.cache else None
+    cache = open_cache(job.cache, job.cache_storage, readonly=True)
     try:
         for unit in iter_units(files, job.input, job.output.rows_per_part, lambda _: True):
             prepared = prepare(row_texts(unit.table, job.input), policy, list(range(unit.table.num_rows)))

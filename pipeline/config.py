@@ -187,7 +187,8 @@ class JobConfig:
     providers: tuple[ProviderConfig, ...]
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
-    cache: str | None = None
+    cache: str | None = None  # a local folder, or a URI (s3://bucket/prefix): segments.py
+    cache_storage: StorageConfig = StorageConfig()  # `cache: {path: ..., storage: {...}}`
     env_missing: tuple[str, ...] = ()  # ${VAR}s that were unset (only when not required)
 
     def __post_init__(self) -> None:
@@ -329,12 +330,7 @@ def _build_job(raw: dict[str, Any], job_path: Path, env_missing: tuple[str, ...]
         except ConfigError as err:
             raise ConfigError(str(err).replace(f"providers[{prov.get('name')}]", where)) from None
 
-    cache = raw.get("cache")
-    if cache is not None and not isinstance(cache, str):
-        raise ConfigError("cache: must be a path")
-    if cache and "://" in cache and not cache.startswith("file://"):
-        raise ConfigError(f"cache: {cache} is on object storage, which the cache does not support yet; "
-                          f"name a local folder")
+    cache, cache_storage = _cache(raw.get("cache"))
     return JobConfig(
         name=str(raw["name"]) if raw["name"] is not None else "",
         job_path=job_path,
@@ -345,8 +341,21 @@ def _build_job(raw: dict[str, Any], job_path: Path, env_missing: tuple[str, ...]
         providers=tuple(providers),
         retry=retry_cfg,
         cache=_resolve(base, cache) if cache else None,
+        cache_storage=cache_storage,
         env_missing=env_missing,
     )
+
+
+def _cache(value: Any) -> tuple[str | None, StorageConfig]:
+    """`cache: PATH_OR_URI`, or `cache: {path: URI, storage: {...}}` (as `output.storage`)."""
+    if value is None or isinstance(value, str):
+        return value or None, StorageConfig()
+    if not isinstance(value, dict):
+        raise ConfigError("cache: must be a path, a URI (s3://bucket/prefix) or a mapping with path and storage")
+    _reject_unknown(value, ("path", "storage"), "cache")
+    if not value.get("path") or not isinstance(value["path"], str):
+        raise ConfigError("cache.path: required (a folder or a URI)")
+    return value["path"], _storage(value.get("storage"), "cache.storage")
 
 
 def _storage(value: Any, where: str) -> StorageConfig:
@@ -365,7 +374,7 @@ def _storage(value: Any, where: str) -> StorageConfig:
 
 def _check_storage_secrets(raw: dict[str, Any]) -> None:
     """Storage secrets come from the environment, never the job file itself."""
-    for section in ("input", "output"):
+    for section in ("input", "output", "cache"):
         storage = raw.get(section, {}).get("storage") if isinstance(raw.get(section), dict) else None
         if not isinstance(storage, dict):
             continue

@@ -17,7 +17,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from .cache import VectorCache, text_keys
+from .cache import Cache, text_keys
 
 log = logging.getLogger("pipeline")
 
@@ -59,7 +59,7 @@ class Claim:
 
 
 class Reuse:
-    def __init__(self, model: str, dimensions: int | None, dim: int, cache: VectorCache | None) -> None:
+    def __init__(self, model: str, dimensions: int | None, dim: int, cache: Cache | None) -> None:
         self.model = model
         self.dimensions = dimensions
         self.dim = dim

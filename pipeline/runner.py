@@ -12,13 +12,12 @@ import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Coroutine, TypeVar
 
 import pyarrow as pa
 
 from . import probe, sink, storage
-from .cache import VectorCache
+from .cache import Cache
 from .config import JobConfig
 from .dispatch import Dispatcher
 from .embedder import Embedded, Embedder
@@ -28,6 +27,7 @@ from .prices import cost_usd, job_price
 from .progress import Progress, RunCounters, log_summary
 from .providers import Provider, build_provider
 from .reuse import Reuse
+from .segments import open_cache
 from .sources import InputFile, Unit, check_columns, find_inputs, iter_units, parquet_rows
 from .texts import encoding, prepare, row_texts
 
@@ -64,7 +64,7 @@ class _Run:
         self.files: list[InputFile] = []
         self.manifest: Manifest
         self.dispatcher: Dispatcher
-        self.cache: VectorCache | None = None
+        self.cache: Cache | None = None
         self.embedder: Embedder
         self.progress: Progress
         self.dim = 0
@@ -92,7 +92,7 @@ class _Run:
                 log.info("job %s is already complete: %s rows in %s (--restart redoes it)", self.job.name, f"{rows:,}", self.output)
                 return EXIT_OK
             self.output.make_folders((sink.REJECTS_DIR, sink.PARTIAL_DIR))
-            self.cache = VectorCache(Path(self.job.cache)) if self.job.cache else None
+            self.cache = open_cache(self.job.cache, self.job.cache_storage)
             providers = [build_provider(cfg, self.job) for cfg in self.job.providers]
             try:
                 return await self._with_providers(providers)
