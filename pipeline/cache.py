@@ -97,6 +97,8 @@ class VectorCache:
     @classmethod
     def open_if_present(cls, folder: Path) -> VectorCache | None:
         """Read-only, for `estimate`: None when there is no cache yet."""
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"cache: {folder} is a file, not a cache folder")
         return cls(folder, readonly=True) if (folder / CACHE_FILE).exists() else None
 
     def get(self, keys: Sequence[bytes], dim: int) -> dict[bytes, np.ndarray]:

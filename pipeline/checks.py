@@ -55,6 +55,15 @@ def validate_job(job_file: str) -> list[str]:
         lines.append(f"ok: output {out} holds progress of this job; a run continues it")
     else:
         lines.append(f"ok: output {out} is writable")
+    if job.cache and not storage.is_remote(job.cache):
+        cache = open_cache(job.cache, job.cache_storage, readonly=True)  # checks its format; creates nothing
+        if cache is None:
+            lines.append(f"ok: cache {job.cache} will be created by the first run")
+        else:
+            lines.append(f"ok: cache {job.cache} holds {cache.count():,} vectors")
+            cache.close()
+    elif job.cache:
+        lines.append(f"ok: cache {job.cache} (on an object store: reached when a run or estimate opens it)")
     return lines
 
 

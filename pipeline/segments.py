@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 from .cache import Cache, VectorCache
 from .config import StorageConfig
 from .errors import ConfigError
-from .storage import HOST, S3_SCHEMES, WRITE_CHECK, _alive, error_line, filesystem, is_remote
+from .storage import HOST, S3_SCHEMES, WRITE_CHECK, process_alive, error_line, filesystem, is_remote
 
 log = logging.getLogger("pipeline")
 
@@ -67,7 +67,7 @@ def _remove_dead_temps() -> None:
     """Temp folders of killed runs on this host (each holds a whole cache's download)."""
     for folder in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
         pid = folder.name[len(TEMP_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -190,7 +190,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # a temp of ours at start is a leftover of an earlier process with our pid
     try:
@@ -347,7 +347,7 @@ class LocalOutput(Output):
                     continue
                 owner = name.rsplit(TEMP_MARK, 1)[1]
                 host, _, pid = owner.rpartition(".")
-                if host == HOST and pid.isdigit() and not _alive(int(pid)):
+                if host == HOST and pid.isdigit() and not process_alive(int(pid)):
                     path.unlink(missing_ok=True)
                     removed.append(str(path))
         return removed

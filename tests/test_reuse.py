@@ -165,6 +165,8 @@ def test_an_unusable_cache_exits_2_with_one_line_naming_it(tmp_path: Path, make_
     assert result.returncode == 2, result.stderr
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and "cache:" in lines[0] and "Traceback" not in result.stderr
+    checked = run_cli("validate", str(tmp_path / "job.yaml"))
+    assert checked.returncode == 2 and "cache:" in checked.stderr and "Traceback" not in checked.stderr
 
 
 def stored_vectors_match_their_texts(cache_dir: Path, texts: list[str], dim: int, dimensions: int | None = None) -> int:
