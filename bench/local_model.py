@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-BATCH_SIZES = (16, 64, 256)
+BATCH_SIZES = (16, 32, 64, 256)
 THREADS = (1, 2)
 
 

@@ -47,7 +47,7 @@ class Sizes:
 
 
 FULL = Sizes(rate_windows=2, latency_rows=100_000, cpu_rows=50_000, memory_small=200_000,
-             memory_large=2_000_000, local_texts=256)
+             memory_large=2_000_000, local_texts=128)
 QUICK = Sizes(rate_windows=1, latency_rows=20_000, cpu_rows=20_000, memory_small=20_000,
               memory_large=200_000, local_texts=48)
 
