@@ -103,7 +103,7 @@ def latency_bound(work: Path, sizes: Sizes) -> list[Row]:
     inputs = make_input(work / "in-latency", sizes.latency_rows, seed=2)
     with Server(latency_ms=latency_s * 1000) as server:
         job = job_file(work, "latency", inputs, server, dim=256, concurrency=concurrency,
-                       rows_per_request=rows_per_request, rows_per_part=2000)
+                       rows_per_request=rows_per_request, rows_per_part=10_000)
         fresh(work, "latency")
         m = run(pipeline_args(job))
         check(m, "latency-bound run")
