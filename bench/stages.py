@@ -15,8 +15,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 STAGES = ("read", "tokenize", "pack", "request + decode", "write", "startup", "other")
-# (substring of a frame's file, stage), tried from the innermost frame outwards.
-RULES = (
+# (substring of a frame, stage). The pipeline's own frames decide first, from
+# the innermost outwards (json under Manifest.read is writing, under
+# OpenAIProvider._post decoding); a stack with none goes by its libraries.
+PIPELINE_RULES = (
     ("<frozen importlib", "startup"),  # imports, wherever they happen
     ("pipeline/sources.py", "read"),
     ("pipeline/texts.py", "tokenize"),
@@ -26,7 +28,9 @@ RULES = (
     ("pipeline/limits.py", "request + decode"),
     ("pipeline/sink.py", "write"),
     ("pipeline/manifest.py", "write"),
-    ("_commit", "write"),
+    ("_commit (pipeline/runner.py", "write"),
+)
+LIBRARY_RULES = (
     ("tiktoken/", "tokenize"),
     ("aiohttp/", "request + decode"),
     ("yarl/", "request + decode"),
@@ -42,10 +46,11 @@ def stage_of(frames: list[str]) -> str | None:
     that waits: idle, or in fsync (the disk's time, not the CPU's)."""
     if frames and (frames[-1].startswith(IDLE) or "fsync" in _source_line(frames[-1])):
         return None
-    for frame in reversed(frames):
-        for needle, stage in RULES:
-            if needle in frame:
-                return stage
+    for rules in (PIPELINE_RULES, LIBRARY_RULES):
+        for frame in reversed(frames):
+            for needle, stage in rules:
+                if needle in frame:
+                    return stage
     return "other"
 
 
