@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BATCH_SIZES = (16, 32, 64, 256)
 THREADS = (1, 2)
+PASSES = 2
 
 
 def main() -> None:
@@ -31,15 +32,21 @@ def main() -> None:
     provider = LocalProvider(ProviderConfig(name="local", type="local", model="all-MiniLM-L6-v2", device="cpu"), None)
     model = provider._load()
     model.encode(texts[:32], batch_size=32)  # warm up
-    results = []
-    for threads in THREADS:
-        torch.set_num_threads(threads)
-        for batch in BATCH_SIZES:
-            started = time.perf_counter()
-            model.encode(texts, batch_size=batch, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
-            elapsed = time.perf_counter() - started
-            results.append({"threads": threads, "batch": batch, "rows": len(texts), "rows_s": len(texts) / elapsed})
-            print(results[-1], file=sys.stderr, flush=True)
+    # Two passes over every setting, interleaved, keeping each one's better
+    # pass: on a shared machine a burst of other work then hits one pass of a
+    # setting, not the setting.
+    best: dict[tuple[int, int], float] = {}
+    for _ in range(PASSES):
+        for threads in THREADS:
+            torch.set_num_threads(threads)
+            for batch in BATCH_SIZES:
+                started = time.perf_counter()
+                model.encode(texts, batch_size=batch, convert_to_numpy=True, normalize_embeddings=True,
+                             show_progress_bar=False)
+                rate = len(texts) / (time.perf_counter() - started)
+                best[(threads, batch)] = max(rate, best.get((threads, batch), 0.0))
+                print(threads, batch, round(rate, 1), file=sys.stderr, flush=True)
+    results = [{"threads": t, "batch": b, "rows": len(texts), "rows_s": r} for (t, b), r in best.items()]
     out.write_text(json.dumps(results))
 
 

@@ -47,9 +47,9 @@ class Sizes:
 
 
 FULL = Sizes(rate_windows=2, latency_rows=100_000, cpu_rows=50_000, memory_small=200_000,
-             memory_large=2_000_000, local_texts=128)
+             memory_large=2_000_000, local_texts=96)
 QUICK = Sizes(rate_windows=1, latency_rows=20_000, cpu_rows=20_000, memory_small=20_000,
-              memory_large=200_000, local_texts=48)
+              memory_large=200_000, local_texts=32)
 
 
 def fresh(work: Path, name: str) -> None:
