@@ -3,7 +3,7 @@ loopback bench server, one table of ratios against limits measured in the same
 run (so it holds on a noisy machine).
 
     python bench/run.py            # the full suite (about 8 minutes on 2 cores)
-    python bench/run.py --quick    # a smoke run (about 2 minutes)
+    python bench/run.py --quick    # a smoke run (about 2 minutes; judges no target)
     python bench/run.py --only cpu,latency
 
 Inputs are generated under --work (default /tmp/pipeline-bench) and reused.
@@ -14,7 +14,7 @@ import argparse
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -226,9 +226,13 @@ def main() -> None:
         t = time.time()
         rows += SCENARIOS[name](args.work, sizes)
         print(f"{name}: {time.time() - t:.0f}s", file=sys.stderr, flush=True)
+    if args.quick:  # start-up and the last round weigh too much at these sizes to judge a target
+        rows = [replace(r, met=None) for r in rows]
     print(table(rows))
     print(f"\n{'quick' if args.quick else 'full'} suite, {time.time() - started:.0f} s wall, "
           f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC")
+    if args.quick:
+        print("quick: a smoke run; the targets are judged by the full suite only")
     if any(r.met is False for r in rows):
         sys.exit(1)
 
