@@ -140,7 +140,7 @@ class ProviderConfig:
     max_inputs_per_request: int | None = None  # a provider may set lower limits than the job
     max_tokens_per_request: int | None = None
     device: str | None = None  # local only: "cpu", "cuda"; default: a GPU when present
-    batch_size: int = 64  # local only: rows per forward pass
+    batch_size: int = 32  # local only: rows per forward pass (16-64 equal on CPU, 256 2-3x slower: bench/README.md)
     price_per_million_tokens: float | None = None  # USD, for `estimate`; default: OpenAI's list price
 
     def __post_init__(self) -> None:

@@ -113,6 +113,24 @@ def test_shuffled_data_is_placed_by_index() -> None:
     assert_exact(result, texts, 8)
 
 
+# 12 float32s are 64 base64 characters without padding: the answer decodes as
+# one block; 8 (44 characters, padded) item by item. Both must agree.
+@pytest.mark.parametrize("dim", [8, 12, 384])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_base64_answers_decode_exactly_as_one_block_or_item_by_item(dim: int, shuffle: bool) -> None:
+    texts = [f"text {i}" for i in range(9)]
+    with FakeProvider(dim=dim, shuffle=shuffle) as fp:
+        result = embed_texts(fp, texts)
+    assert_exact(result, texts, dim)
+
+
+@pytest.mark.parametrize("directive", ["nan", "dimlen", "count"])
+def test_untrustworthy_answer_that_could_decode_as_one_block_is_refused(directive: str) -> None:
+    with FakeProvider(dim=12, script=[directive]) as fp:
+        err = embed_error(fp)
+    assert type(err) is BadResponseError
+
+
 def test_dimensions_are_sent_and_answers_have_that_length() -> None:
     with FakeProvider(dim=16) as fp:
         result = embed_texts(fp, TEXTS, dimensions=8)

@@ -311,6 +311,26 @@ def test_combine_weights_chunks_by_their_tokens_on_a_hand_built_table():
     np.testing.assert_allclose(vectors[3], [0, 1, 0], atol=1e-7)  # (4*(3,4,0) + 4*(-3,4,0)) -> (0, 32, 0)
 
 
+def test_combine_with_as_many_pieces_as_rows_but_one_row_chunked_averages_it():
+    # two chunks of row 0 and none for row 1: as many pieces as rows, yet not one per row
+    prepared = PreparedTexts(
+        n_rows=2, pieces=["c0a", "c0b"], piece_row=np.array([0, 0], dtype=np.int64),
+        piece_tokens=np.array([1, 1], dtype=np.int64), piece_bytes=np.array([3, 3], dtype=np.int64),
+        reasons=[None, "too_long"],
+    )
+    vectors, has = combine(np.array([[1, 0], [0, 1]], dtype=np.float32), prepared)
+    assert has.tolist() == [True, False]
+    np.testing.assert_allclose(vectors[0], [math.sqrt(0.5), math.sqrt(0.5)], rtol=1e-6)
+
+
+def test_combine_with_one_piece_per_row_gives_every_row_its_vector():
+    prepared = prepare(["alpha", "beta", "gamma"], emb(), [0, 1, 2])
+    piece_vectors = np.arange(9, dtype=np.float32).reshape(3, 3)
+    vectors, has = combine(piece_vectors, prepared)
+    assert has.tolist() == [True, True, True]
+    np.testing.assert_array_equal(vectors, piece_vectors)
+
+
 def test_combine_with_no_pieces_marks_every_row_without_a_vector():
     prepared = prepare([None, ""], emb(), [0, 1])
     vectors, has = combine(np.zeros((0, 4), dtype=np.float32), prepared)

@@ -1,0 +1,162 @@
+"""What every benchmark needs: generated inputs, the bench server in its own
+process, and a job run through `python -m pipeline run` with its wall time,
+CPU time and peak RSS measured for that one process."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+KEY_VAR = "BENCH_API_KEY"
+WORDS = (
+    "the of and to in is was for on that with as by at from his her an which are this be were or has had "
+    "embedding vector provider request token window latency batch parquet arrow column model answer limit "
+    "river mountain city garden market history science music letter winter summer ocean forest engine"
+).split()
+
+
+def make_input(path: Path, rows: int, *, words_per_row: int = 12, files: int = 1, seed: int = 0) -> Path:
+    """`rows` short English-like texts in `files` Parquet files under `path` (made once, reused)."""
+    done = path / "_READY"
+    if done.exists() and done.read_text() == f"{rows} {words_per_row} {files} {seed}":
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("*.parquet"):
+        old.unlink()
+    rng = np.random.default_rng(seed)
+    vocab = np.array(WORDS, dtype=object)
+    per_file = -(-rows // files)
+    for f in range(files):
+        start, end = f * per_file, min(rows, (f + 1) * per_file)
+        if start >= end:
+            break
+        picks = vocab[rng.integers(0, len(vocab), size=(end - start, words_per_row))]
+        texts = [f"doc {start + i}: " + " ".join(row) for i, row in enumerate(picks)]
+        pq.write_table(pa.table({"body": pa.array(texts, pa.string())}), path / f"in-{f:03d}.parquet")
+    done.write_text(f"{rows} {words_per_row} {files} {seed}")
+    return path
+
+
+class Server:
+    """bench/server.py in its own process."""
+
+    def __init__(self, **options: Any) -> None:
+        args = [PYTHON, str(REPO / "bench" / "server.py")]
+        for key, value in options.items():
+            if value is not None:
+                args += [f"--{key.replace('_', '-')}", str(value)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=REPO)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("PORT "):
+            self.proc.kill()
+            raise RuntimeError(f"bench server did not start: {line!r}")
+        self.port = int(line.split()[1])
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+
+    def stats(self) -> dict[str, np.ndarray]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=30) as resp:
+            cols = json.load(resp)
+        return {k: np.asarray(v) for k, v in cols.items()}
+
+    def reset(self) -> None:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/reset", method="POST", data=b"")
+        urllib.request.urlopen(req, timeout=30).close()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def job_file(work: Path, name: str, inputs: Path, server: Server, *, dim: int, concurrency: int,
+             rows_per_request: int, rows_per_part: int, rpm: int | None = None, tpm: int | None = None,
+             provider: dict[str, Any] | None = None) -> Path:
+    entry: dict[str, Any] = {
+        "name": "bench", "base_url": server.base_url, "api_key": "${" + KEY_VAR + "}",
+        "max_concurrency": concurrency, "timeout_s": 60,
+    }
+    if rpm:
+        entry["requests_per_minute"] = rpm
+    if tpm:
+        entry["tokens_per_minute"] = tpm
+    job = {
+        "name": name,
+        "input": {"path": str(inputs), "text_column": "body"},
+        "output": {"path": str(work / "out" / name), "rows_per_part": rows_per_part},
+        "embedding": {"model": "text-embedding-3-small", "dimensions": dim},
+        "batching": {"max_inputs_per_request": rows_per_request, "max_tokens_per_request": 300_000},
+        "providers": [provider or entry],
+        "retry": {"max_attempts": 8, "initial_backoff_s": 0.2, "max_backoff_s": 5},
+    }
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+@dataclass(frozen=True)
+class Measured:
+    rc: int
+    started: float  # time.time() just before the process started
+    wall_s: float
+    cpu_s: float  # user + system of that process (its threads included)
+    peak_rss_mb: float
+    stderr: str
+
+
+def run(args: list[str], *, env: dict[str, str] | None = None, stop_when: Any = None, timeout_s: float = 900) -> Measured:
+    """Run one process and measure it alone (os.wait4: its own rusage, not the server's).
+    `stop_when()` is polled; when true the process gets SIGTERM."""
+    full_env = {**os.environ, KEY_VAR: "sk-bench", "PYTHONUNBUFFERED": "1", **(env or {})}
+    err_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-stderr-{os.getpid()}.txt"
+    with open(err_path, "w") as err:
+        started = time.time()
+        proc = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = started + timeout_s
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if stop_when is not None and stop_when():
+                proc.terminate()
+                stop_when = None
+            if time.time() > deadline:
+                proc.kill()
+            time.sleep(0.02)
+    wall = time.time() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stderr = err_path.read_text()
+    err_path.unlink(missing_ok=True)
+    return Measured(proc.returncode, started, wall, usage.ru_utime + usage.ru_stime,
+                    usage.ru_maxrss / 1024.0, stderr)
+
+
+def pipeline_args(job: Path, *extra: str) -> list[str]:
+    return [PYTHON, "-m", "pipeline", "run", str(job), "--no-progress", *extra]
+
+
+def output_rows(out: Path) -> int:
+    return sum(pq.read_metadata(p).num_rows for p in sorted(out.glob("part-*.parquet")))
+
+
+def self_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,0 +1,241 @@
+"""The benchmark suite: real jobs through `python -m pipeline run` against the
+loopback bench server, one table of ratios against limits measured in the same
+run (so it holds on a noisy machine).
+
+    python bench/run.py            # the full suite (about 8 minutes on 2 cores)
+    python bench/run.py --quick    # a smoke run (about 2 minutes; judges no target)
+    python bench/run.py --only cpu,latency
+
+Inputs are generated under --work (default /tmp/pipeline-bench) and reused.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import PYTHON, Server, job_file, make_input, output_rows, pipeline_args, run  # noqa: E402
+from stages import STAGES, split  # noqa: E402
+
+PY_SPY = str(Path(PYTHON).with_name("py-spy"))
+
+
+@dataclass(frozen=True)
+class Row:
+    figure: str
+    measured: str
+    limit: str
+    ratio: float | None
+    target: str
+    met: bool | None
+
+
+@dataclass(frozen=True)
+class Sizes:
+    rate_windows: int  # 60-second windows the rate-limited run is measured over
+    latency_rows: int
+    cpu_rows: int
+    memory_small: int
+    memory_large: int
+    local_texts: int
+
+
+FULL = Sizes(rate_windows=2, latency_rows=100_000, cpu_rows=50_000, memory_small=200_000,
+             memory_large=2_000_000, local_texts=96)
+QUICK = Sizes(rate_windows=1, latency_rows=20_000, cpu_rows=20_000, memory_small=20_000,
+              memory_large=200_000, local_texts=32)
+
+
+def fresh(work: Path, name: str) -> None:
+    shutil.rmtree(work / "out" / name, ignore_errors=True)
+
+
+def check(m, what: str) -> None:
+    if m.rc != 0:
+        raise SystemExit(f"{what}: exit {m.rc}\n{m.stderr[-2000:]}")
+
+
+# -- rate-limited -----------------------------------------------------------
+
+def rate_limited(work: Path, sizes: Sizes) -> list[Row]:
+    rpm, tpm, rows_per_request = 600, 800_000, 100  # ~1,700 tokens a request: TPM binds first
+    span_s = 60.0 * sizes.rate_windows
+    inputs = make_input(work / "in-rate", int(tpm / 17 * (sizes.rate_windows + 1)), files=4, seed=1)
+    with Server(latency_ms=50, rpm=rpm, tpm=tpm) as server:
+        job = job_file(work, "rate", inputs, server, dim=64, concurrency=16, rows_per_request=rows_per_request,
+                       rows_per_part=5000, rpm=rpm, tpm=tpm)
+        fresh(work, "rate")
+
+        def measured_span_over() -> bool:
+            st = server.stats()
+            return len(st["arrived"]) > 0 and time.time() > st["arrived"][0] + span_s + 1.0
+
+        m = run(pipeline_args(job), stop_when=measured_span_over)
+        st = server.stats()
+    t0 = st["arrived"][0]
+    inside = (st["arrived"] < t0 + span_s)
+    ok = inside & (st["status"] == 200)
+    req_share = ok.sum() / (rpm * sizes.rate_windows)
+    tok_share = st["tokens"][ok].sum() / (tpm * sizes.rate_windows)
+    share_429 = (st["status"][inside] == 429).sum() / max(1, inside.sum())
+    tightest = max(req_share, tok_share)
+    return [
+        Row("rate-limited: tokens/s", f"{st['tokens'][ok].sum() / span_s:,.0f}", f"TPM {tpm:,}/60 = {tpm / 60:,.0f}",
+            tok_share, "", None),
+        Row("rate-limited: requests/s", f"{ok.sum() / span_s:.2f}", f"RPM {rpm}/60 = {rpm / 60:.2f}", req_share, "", None),
+        Row("rate-limited: tightest limit", f"{tightest:.1%} of {'TPM' if tok_share >= req_share else 'RPM'}",
+            f"{sizes.rate_windows} x 60 s windows", tightest, ">= 0.97", tightest >= 0.97),
+        Row("rate-limited: answered 429", f"{(st['status'][inside] == 429).sum()} of {inside.sum()}",
+            "requests sent", share_429, "<= 0.01", share_429 <= 0.01),
+    ]
+
+
+# -- latency-bound ----------------------------------------------------------
+
+def latency_bound(work: Path, sizes: Sizes) -> list[Row]:
+    latency_s, concurrency, rows_per_request = 0.3, 16, 100
+    inputs = make_input(work / "in-latency", sizes.latency_rows, seed=2)
+    with Server(latency_ms=latency_s * 1000) as server:
+        job = job_file(work, "latency", inputs, server, dim=256, concurrency=concurrency,
+                       rows_per_request=rows_per_request, rows_per_part=10_000)
+        fresh(work, "latency")
+        m = run(pipeline_args(job))
+        check(m, "latency-bound run")
+        st = server.stats()
+    work_ = ~st["probe"]
+    span = st["answered"][work_].max() - st["arrived"][work_].min()
+    rows_s = st["inputs"][work_].sum() / span
+    ideal = concurrency * rows_per_request / latency_s
+    return [Row("latency-bound: rows/s", f"{rows_s:,.0f}", f"{concurrency} x {rows_per_request} / {latency_s}s = {ideal:,.0f}",
+                rows_s / ideal, ">= 0.95", rows_s / ideal >= 0.95)]
+
+
+# -- CPU-bound ---------------------------------------------------------------
+
+def cpu_bound(work: Path, sizes: Sizes) -> list[Row]:
+    dim, concurrency, rows_per_request, n = 1536, 16, 256, sizes.cpu_rows
+    inputs = make_input(work / f"in-cpu-{n}", n, seed=3)
+    with Server() as server:
+        job = job_file(work, "cpu", inputs, server, dim=dim, concurrency=concurrency,
+                       rows_per_request=rows_per_request, rows_per_part=10_000)
+        fresh(work, "cpu")
+        m = run(pipeline_args(job))
+        check(m, "CPU-bound run")
+        assert output_rows(work / "out" / "cpu") == n
+        profile = work / "cpu-profile.txt"
+        fresh(work, "cpu")
+        prof = run([PY_SPY, "record", "-r", "200", "-f", "raw", "-o", str(profile), "--", *pipeline_args(job)])
+        check(prof, "CPU-bound run under py-spy")
+        base = run([PYTHON, "bench/baseline.py", str(inputs), str(work / "baseline.parquet"), "--base-url",
+                    server.base_url, "--dim", str(dim), "--batch", str(rows_per_request), "--concurrency", str(concurrency)])
+        check(base, "SDK baseline")
+    rows_s, base_s = n / m.wall_s, n / base.wall_s
+    shares = split(profile)
+    us_row = m.cpu_s / n * 1e6
+    worst = max((s for s in STAGES if s not in ("request + decode", "startup", "other")), key=lambda s: shares[s])
+    rows = [
+        Row("CPU-bound: rows/s (1536 dims)", f"{rows_s:,.0f}", f"SDK baseline {base_s:,.0f} rows/s", rows_s / base_s,
+            ">= 3", rows_s / base_s >= 3),
+        Row("CPU-bound: client CPU per row", f"{us_row:,.0f} us", f"baseline {base.cpu_s / n * 1e6:,.0f} us",
+            us_row / (base.cpu_s / n * 1e6), "", None),
+    ]
+    for stage in STAGES:
+        rows.append(Row(f"  stage {stage}", f"{shares[stage] * us_row:,.1f} us/row", "client CPU", shares[stage],
+                        "<= 0.5" if stage == worst else "", shares[stage] <= 0.5 if stage == worst else None))
+    return rows
+
+
+# -- memory and resume -------------------------------------------------------
+
+def memory_and_resume(work: Path, sizes: Sizes) -> list[Row]:
+    peaks: dict[int, float] = {}
+    rows: list[Row] = []
+    with Server() as server:
+        for n in (sizes.memory_small, sizes.memory_large):
+            inputs = make_input(work / f"in-mem-{n}", n, words_per_row=4, files=20, seed=4)
+            name = f"mem-{n}"
+            job = job_file(work, name, inputs, server, dim=8, concurrency=16, rows_per_request=1000, rows_per_part=10_000)
+            fresh(work, name)
+            limit = n * 99 // 100 if n == sizes.memory_large else None  # 99% done: the resume figure starts there
+            m = run(pipeline_args(job, *(["--limit", str(limit)] if limit else [])))
+            check(m, f"memory run of {n:,} rows")
+            peaks[n] = m.peak_rss_mb
+        server.reset()
+        resumed = run(pipeline_args(job))
+        check(resumed, "resumed run")
+        st = server.stats()
+        assert output_rows(work / "out" / name) == n
+    small, large = peaks[sizes.memory_small], peaks[sizes.memory_large]
+    first = st["arrived"][~st["probe"]].min() - resumed.started
+    rows.append(Row(f"memory: peak RSS {sizes.memory_small // 1000:,}k rows", f"{small:,.0f} MB", "", None, "", None))
+    rows.append(Row(f"memory: peak RSS {sizes.memory_large / 1e6:g}M rows (99%)", f"{large:,.0f} MB",
+                    f"{small:,.0f} MB at {sizes.memory_small // 1000:,}k", large / small, "<= 1.25, < 500 MB",
+                    large / small <= 1.25 and large < 500))
+    rows.append(Row("resume: start to first request", f"{first:.2f} s", f"{sizes.memory_large / 1e6:g}M-row job, 99% done",
+                    None, "<= 2 s", first <= 2.0))
+    return rows
+
+
+# -- local model -------------------------------------------------------------
+
+def local_model(work: Path, sizes: Sizes) -> list[Row]:
+    out = work / "local.json"
+    m = run([PYTHON, "bench/local_model.py", str(sizes.local_texts), str(out)])
+    check(m, "local model bench")
+    import json
+
+    results = json.loads(out.read_text())
+    best = max(results, key=lambda r: r["rows_s"])
+    rows = [Row(f"local CPU: batch {r['batch']}, {r['threads']} thread(s)", f"{r['rows_s']:,.0f} rows/s",
+                f"best {best['rows_s']:,.0f}", r["rows_s"] / best["rows_s"], "", None) for r in results]
+    rows.append(Row("local GPU", "not measured", "no GPU lent to this machine", None, "", None))
+    return rows
+
+
+SCENARIOS = {"rate": rate_limited, "latency": latency_bound, "cpu": cpu_bound, "memory": memory_and_resume,
+             "local": local_model}
+
+
+def table(rows: list[Row]) -> str:
+    head = ("figure", "measured", "limit compared with", "ratio", "target", "met?")
+    cells = [head] + [(r.figure, r.measured, r.limit, "" if r.ratio is None else f"{r.ratio:.3f}", r.target,
+                       "" if r.met is None else ("yes" if r.met else "NO")) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    lines = ["| " + " | ".join(c[i].ljust(widths[i]) for i in range(len(head))) + " |" for c in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated: {','.join(SCENARIOS)}")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/pipeline-bench"))
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    started = time.time()
+    for name in args.only.split(","):
+        t = time.time()
+        rows += SCENARIOS[name](args.work, sizes)
+        print(f"{name}: {time.time() - t:.0f}s", file=sys.stderr, flush=True)
+    if args.quick:  # start-up and the last round weigh too much at these sizes to judge a target
+        rows = [replace(r, met=None) for r in rows]
+    print(table(rows))
+    print(f"\n{'quick' if args.quick else 'full'} suite, {time.time() - started:.0f} s wall, "
+          f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC")
+    if args.quick:
+        print("quick: a smoke run; the targets are judged by the full suite only")
+    if any(r.met is False for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
