@@ -50,6 +50,31 @@ def lookups_per_s(cache: VectorCache, texts: list[str], dim: int, expect_hits: i
     return len(texts) / elapsed
 
 
+def measure(work: Path, entries: int, dim: int, lookups: int) -> tuple[dict[str, float], float | None]:
+    """Lookups/s for hits, misses and half of each at `entries`; and the fill rate (None when reused)."""
+    folder = work / f"cache-{entries}-{dim}"
+    if folder.exists() and (cache := VectorCache(folder)).count() == entries:
+        put_rate = None  # reused from an earlier run
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        cache = VectorCache(folder)
+        put_rate = fill(cache, entries, dim)
+    rng = random.Random(1)
+    hits = [f"stored text {i}" for i in rng.sample(range(entries), lookups)]
+    misses = [f"new text {i}" for i in range(lookups)]
+    mixed = hits[: lookups // 2] + misses[: lookups // 2]
+    rng.shuffle(mixed)
+    try:
+        rates = {
+            "hits": lookups_per_s(cache, hits, dim, len(hits)),
+            "misses": lookups_per_s(cache, misses, dim, 0),
+            "half hits": lookups_per_s(cache, mixed, dim, lookups // 2),
+        }
+    finally:
+        cache.close()
+    return rates, put_rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--entries", type=int, default=1_000_000)
@@ -57,24 +82,7 @@ def main() -> None:
     parser.add_argument("--lookups", type=int, default=200_000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/pipeline-bench"))
     args = parser.parse_args()
-    folder = args.work / f"cache-{args.entries}-{args.dim}"
-    if folder.exists() and (cache := VectorCache(folder)).count() == args.entries:
-        put_rate = None  # reused from an earlier run
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
-        cache = VectorCache(folder)
-        put_rate = fill(cache, args.entries, args.dim)
-    rng = random.Random(1)
-    hits = [f"stored text {i}" for i in rng.sample(range(args.entries), args.lookups)]
-    misses = [f"new text {i}" for i in range(args.lookups)]
-    mixed = hits[: args.lookups // 2] + misses[: args.lookups // 2]
-    rng.shuffle(mixed)
-    rates = {
-        "hits": lookups_per_s(cache, hits, args.dim, len(hits)),
-        "misses": lookups_per_s(cache, misses, args.dim, 0),
-        "half hits": lookups_per_s(cache, mixed, args.dim, args.lookups // 2),
-    }
-    cache.close()
+    rates, put_rate = measure(args.work, args.entries, args.dim, args.lookups)
     print(f"cache: {args.entries:,} entries of {args.dim} floats"
           + (f", filled at {put_rate:,.0f} vectors/s" if put_rate else " (reused)"))
     print(f"{'lookups':<12}{'per second':>14}{'limit':>12}{'ratio':>8}")

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import PYTHON, Server, job_file, make_input, output_rows, pipeline_args, run  # noqa: E402
@@ -44,12 +43,13 @@ class Sizes:
     memory_small: int
     memory_large: int
     local_texts: int
+    cache_entries: int
 
 
 FULL = Sizes(rate_windows=2, latency_rows=100_000, cpu_rows=50_000, memory_small=200_000,
-             memory_large=2_000_000, local_texts=96)
+             memory_large=2_000_000, local_texts=96, cache_entries=1_000_000)
 QUICK = Sizes(rate_windows=1, latency_rows=20_000, cpu_rows=20_000, memory_small=20_000,
-              memory_large=200_000, local_texts=32)
+              memory_large=200_000, local_texts=32, cache_entries=100_000)
 
 
 def fresh(work: Path, name: str) -> None:
@@ -76,7 +76,7 @@ def rate_limited(work: Path, sizes: Sizes) -> list[Row]:
             st = server.stats()
             return len(st["arrived"]) > 0 and time.time() > st["arrived"][0] + span_s + 1.0
 
-        m = run(pipeline_args(job), stop_when=measured_span_over)
+        run(pipeline_args(job), stop_when=measured_span_over)  # stopped (SIGTERM) once the windows are over
         st = server.stats()
     t0 = st["arrived"][0]
     inside = (st["arrived"] < t0 + span_s)
@@ -198,8 +198,19 @@ def local_model(work: Path, sizes: Sizes) -> list[Row]:
     return rows
 
 
+# -- vector cache ------------------------------------------------------------
+
+def cache_lookups(work: Path, sizes: Sizes) -> list[Row]:
+    from cache_lookups import LIMIT_ROWS_PER_S, measure
+
+    rates, _ = measure(work, sizes.cache_entries, dim=256, lookups=min(200_000, sizes.cache_entries))
+    return [Row(f"cache: {name} lookups/s at {sizes.cache_entries / 1e6:g}M", f"{rate:,.0f}",
+                f"{LIMIT_ROWS_PER_S:,} rows/s", rate / LIMIT_ROWS_PER_S, ">= 1", rate >= LIMIT_ROWS_PER_S)
+            for name, rate in rates.items()]
+
+
 SCENARIOS = {"rate": rate_limited, "latency": latency_bound, "cpu": cpu_bound, "memory": memory_and_resume,
-             "local": local_model}
+             "local": local_model, "cache": cache_lookups}
 
 
 def table(rows: list[Row]) -> str:
