@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
@@ -22,7 +21,8 @@ from .cache import Cache, text_keys
 log = logging.getLogger("pipeline")
 
 DEDUPE_MEMORY_BYTES = 64 * 2**20  # recent vectors kept for in-run dedupe; a named cache covers the rest
-ENTRY_OVERHEAD_BYTES = 300  # per remembered vector: dict slot, key bytes, array header
+MAX_DEDUPE_ENTRIES = 50_000  # binds below ~150 dims only, where the keys' own overhead would dominate
+ENTRY_OVERHEAD_BYTES = 300  # per remembered vector besides its floats: dict entry, key bytes, slot int (measured: bench memory)
 
 # Where a piece's vector came from, per piece (int8).
 FROM_PROVIDER, FROM_DEDUPE, FROM_CACHE = 0, 1, 2
@@ -42,7 +42,7 @@ Answer = Union[np.ndarray, Refused, None]
 
 def memory_entries(dim: int) -> int:
     """How many recent vectors in-run dedupe remembers for vectors of `dim` floats."""
-    return max(1, DEDUPE_MEMORY_BYTES // (dim * 4 + ENTRY_OVERHEAD_BYTES))
+    return max(1, min(MAX_DEDUPE_ENTRIES, DEDUPE_MEMORY_BYTES // (dim * 4 + ENTRY_OVERHEAD_BYTES)))
 
 
 @dataclass
@@ -64,8 +64,13 @@ class Reuse:
         self.dimensions = dimensions
         self.dim = dim
         self.cache = cache
-        self._memory: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        # Recent vectors in one ring of slots (no object per vector: RSS stays
+        # flat, where a dict of arrays fragmented the heap as it churned).
         self._capacity = memory_entries(dim)
+        self._ring = np.empty((self._capacity, dim), dtype=np.float32)  # pages are touched as slots fill
+        self._slot_of: dict[bytes, int] = {}
+        self._key_in: list[bytes | None] = [None] * self._capacity
+        self._next_slot = 0
         self._pending: dict[bytes, asyncio.Future[Answer]] = {}
         self._cache_failed = False
 
@@ -77,10 +82,10 @@ class Reuse:
         loop = asyncio.get_running_loop()
         mine: list[int] = []
         for key, i in first_of.items():
-            vector = self._memory.get(key)
-            if vector is not None:
-                self._memory.move_to_end(key)
-                claim.found[i] = vector
+            slot = self._slot_of.get(key)
+            if slot is not None:
+                claim.found[i] = vector = self._ring[slot].copy()  # a later vector may take the slot
+                self._remember(key, vector)  # a hit is recent again
             elif key in self._pending:
                 claim.waits[i] = self._pending[key]
             else:
@@ -95,7 +100,7 @@ class Reuse:
             else:
                 claim.found[i] = vector
                 claim.source[i] = FROM_CACHE
-                self._settle(keys[i], vector.copy())  # a view would keep its whole lookup batch alive
+                self._settle(keys[i], vector)
         # A repeat of a key takes its first piece's vector: from the cache if
         # that came from the cache, else it is a dedupe.
         repeats = first != np.arange(len(keys))
@@ -105,7 +110,7 @@ class Reuse:
     async def answered(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
         """Vectors just paid for: remembered, handed to waiting units, and cached."""
         for key, vector in zip(keys, vectors):
-            self._settle(key, vector.copy())
+            self._settle(key, vector)
         if self.cache is not None and not self._cache_failed:
             try:
                 await asyncio.to_thread(self.cache.put, keys, vectors)
@@ -127,10 +132,22 @@ class Reuse:
                     del self._pending[claim.keys[i]]
                 future.set_result(None)
 
+    def _remember(self, key: bytes, vector: np.ndarray) -> None:
+        """Keep `key`'s vector in the next slot, forgetting the oldest."""
+        old = self._slot_of.pop(key, None)
+        if old is not None:
+            self._key_in[old] = None
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % self._capacity
+        evicted = self._key_in[slot]
+        if evicted is not None:
+            del self._slot_of[evicted]
+        self._ring[slot] = vector
+        self._key_in[slot] = key
+        self._slot_of[key] = slot
+
     def _settle(self, key: bytes, vector: np.ndarray) -> None:
-        self._memory[key] = vector
-        if len(self._memory) > self._capacity:
-            self._memory.popitem(last=False)
+        self._remember(key, vector)
         future = self._pending.pop(key, None)
         if future is not None and not future.done():
             future.set_result(vector)

@@ -50,9 +50,6 @@ class RunOptions:
 def run_job(job: JobConfig, options: RunOptions) -> int:
     """Run a job to completion or to a clean stop. Returns the exit status;
     raises PipelineError for the one-line errors."""
-    # Arrow's default pool (jemalloc/mimalloc) keeps freed pages: the system
-    # allocator's peak RSS was 210/227 MB vs 285/314 MB at 200k/2M rows (bench memory).
-    pa.set_memory_pool(pa.system_memory_pool())
     return asyncio.run(_Run(job, options).main())
 
 
