@@ -140,7 +140,7 @@ class ProviderConfig:
     max_inputs_per_request: int | None = None  # a provider may set lower limits than the job
     max_tokens_per_request: int | None = None
     device: str | None = None  # local only: "cpu", "cuda"; default: a GPU when present
-    batch_size: int = 32  # local only: rows per forward pass (16-64 equal on CPU, 256 2-3x slower: bench/README.md)
+    batch_size: int | None = None  # local only: rows per forward pass; default by device (providers/local.py)
     price_per_million_tokens: float | None = None  # USD, for `estimate`; default: OpenAI's list price
 
     def __post_init__(self) -> None:
@@ -162,7 +162,8 @@ class ProviderConfig:
                 _check_int(f"{where}.{key}", value, 1, 10**12)
         _check_number(f"{where}.timeout_s", self.timeout_s, 0.001, 3600)
         _check_int(f"{where}.priority", self.priority, -10**6, 10**6)
-        _check_int(f"{where}.batch_size", self.batch_size, 1, 100_000)
+        if self.batch_size is not None:
+            _check_int(f"{where}.batch_size", self.batch_size, 1, 100_000)
 
 
 @dataclass(frozen=True)
