@@ -80,38 +80,37 @@ class Progress:
 
 
 def log_summary(summary: dict[str, Any]) -> None:
-    """The closing summary as log records: the run's line carries the run's
-    counters, each provider's line that provider's."""
-    lines = summary_lines(summary)
-    run = {k: v for k, v in summary["run"].items() if k != "providers"}
-    log.info(lines[0], extra={"event": "summary", "counters": {"name": summary["name"], **run}})
-    log.info(lines[1], extra={"event": "summary.job", "counters": {"name": summary["name"], **summary["job"]}})
-    for line, (name, p) in zip(lines[2:], summary["providers"].items()):
-        log.info(line, extra={"event": "summary.provider", "counters": {"provider": name, **p}})
+    """The closing summary as log records, each line with its counters."""
+    for message, event, counters in summary_records(summary):
+        log.info(message, extra={"event": event, "counters": counters})
 
 
-def summary_lines(summary: dict[str, Any]) -> list[str]:
-    """The closing summary, for people."""
+def summary_records(summary: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """The closing summary, for people: (line, event, counters) for each line."""
     run = summary["run"]
     total = summary["job"]
     rejected = rejects_text(run["rows_rejected"])
-    lines = [
-        f"{summary['status']}: {run['rows_embedded']:,} rows embedded, rejected: {rejected}; "
-        f"{run['tokens']:,} tokens, {run['requests']:,} requests, {run['retries']:,} retries "
-        f"in {_duration(run['elapsed_s'])} ({run['rows_per_s']:,.0f} rows/s)",
-        f"vectors: {run['rows_from_providers']:,} rows from providers, {run['rows_deduped']:,} from in-run dedupe, "
-        f"{run['rows_from_cache']:,} from the cache",
-        f"job {summary['name']}: {total['rows_done']:,}"
-        + (f"/{total['total_rows']:,}" if total.get("total_rows") is not None else "")
-        + f" rows done in {total['units_done']:,} parts -> {summary['output']}",
+    run_counters = {"name": summary["name"], **{k: v for k, v in run.items() if k != "providers"}}
+    records = [
+        (f"{summary['status']}: {run['rows_embedded']:,} rows embedded, rejected: {rejected}; "
+         f"{run['tokens']:,} tokens, {run['requests']:,} requests, {run['retries']:,} retries "
+         f"in {_duration(run['elapsed_s'])} ({run['rows_per_s']:,.0f} rows/s)", "summary", run_counters),
+        (f"vectors: {run['rows_from_providers']:,} rows from providers, {run['rows_deduped']:,} from in-run dedupe, "
+         f"{run['rows_from_cache']:,} from the cache", "summary.sources",
+         {k: run[k] for k in ("rows_from_providers", "rows_deduped", "rows_from_cache")}),
+        (f"job {summary['name']}: {total['rows_done']:,}"
+         + (f"/{total['total_rows']:,}" if total.get("total_rows") is not None else "")
+         + f" rows done in {total['units_done']:,} parts -> {summary['output']}", "summary.job",
+         {"name": summary["name"], **total}),
     ]
     for name, p in summary["providers"].items():
         state = p["state"] + (f" ({p['reason']})" if p.get("reason") else "")
-        lines.append(
+        records.append((
             f"  {name}: {state}; {p['requests']:,} requests, {p['inputs']:,} inputs, {p['tokens']:,} tokens, "
-            f"{p['retries']:,} retries, {p['rate_limited']:,} rate-limited"
-        )
-    return lines
+            f"{p['retries']:,} retries, {p['rate_limited']:,} rate-limited",
+            "summary.provider", {"provider": name, **p},
+        ))
+    return records
 
 
 def rejects_text(counts: Mapping[str, int]) -> str:

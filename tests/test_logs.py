@@ -54,7 +54,12 @@ def test_json_logs_are_one_object_per_line_with_the_summary_counters(tmp_path: P
     assert summary["message"].startswith("complete: 29 rows embedded")
     (provider,) = [r for r in records if r["event"] == "summary.provider"]
     assert provider["provider"] == "fake" and provider["requests"] == summary["requests"]
-    assert next(r for r in records if r["event"] == "summary.job")["rows_done"] == N_ROWS
+    assert provider["message"].startswith("  fake: ready;")
+    job = next(r for r in records if r["event"] == "summary.job")
+    assert job["rows_done"] == N_ROWS and job["message"].startswith("job ")
+    sources = next(r for r in records if r["event"] == "summary.sources")
+    assert (sources["rows_from_providers"], sources["rows_deduped"], sources["rows_from_cache"]) == (N_ROWS - 1, 0, 0)
+    assert sources["message"].startswith("vectors: 29 rows from providers")
     assert KEY not in result.stderr and KEY not in result.stdout
 
 
@@ -62,7 +67,8 @@ def test_json_log_format_is_accepted_after_the_command_too(tmp_path: Path) -> No
     with FakeProvider(dim=8) as fp:
         result = run_cli("run", str(make_job(tmp_path, fp)), "--log-format", "json", "--no-progress")
     assert result.returncode == 0, result.stderr
-    assert [r["event"] for r in json_lines(result.stderr)][-3:] == ["summary", "summary.job", "summary.provider"]
+    events = [r["event"] for r in json_lines(result.stderr)]
+    assert events[-4:] == ["summary", "summary.sources", "summary.job", "summary.provider"]
 
 
 def test_a_bad_job_in_json_mode_is_one_json_error_line_with_exit_2(tmp_path: Path) -> None:
