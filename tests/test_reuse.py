@@ -289,3 +289,36 @@ def test_estimate_uses_the_providers_price_and_says_where_it_came_from(tmp_path:
     lines = run_cli("estimate", str(job)).stdout
     assert "30 texts, 30 distinct, 0 in the cache: 30 to send" in lines
     assert json.loads(run_cli("plan", str(job), "--json").stdout) == plan  # the alias
+
+
+def test_kills_with_a_cache_and_repeats_give_the_uninterrupted_output_and_pay_about_once_per_text(
+        tmp_path: Path) -> None:
+    texts, distinct = with_repeats(600, 0.3, seed=13)
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    rng = random.Random(5)
+    kills = 0
+    with FakeProvider(dim=DIM, latency_s=0.02) as fp, FakeProvider(dim=DIM) as ref_fp:
+        job = cached_job(tmp_path, fp)
+        for _ in range(6):
+            requests = fp.count()
+            proc = start_run(job)
+            deadline = time.monotonic() + 20
+            while fp.count() <= requests + 1 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.3))
+            if proc.poll() is not None:
+                break
+            proc.kill()
+            proc.wait(timeout=10)
+            kills += 1
+        final = run(job)
+        assert final.returncode == 0, final.stderr
+        sent = rows_sent(fp)
+        ref_job = write_job(tmp_path, [provider_entry(ref_fp)], rows_per_part=50, output="ref", file_name="ref.yaml")
+        assert run(ref_job).returncode == 0
+    assert kills >= 3
+    assert read_parts(tmp_path / "out").equals(read_parts(tmp_path / "ref"))
+    assert_vectors_exact(read_parts(tmp_path / "out"), texts, DIM)
+    assert set(sent) == set(distinct)
+    in_flight_at_a_kill = 4 * 5  # max_concurrency x max_inputs_per_request: answered, never received
+    assert sum(sent.values()) - len(distinct) <= kills * in_flight_at_a_kill
