@@ -275,6 +275,22 @@ def test_storage_problems_are_one_line_exit_2_before_any_request(
 # ------------------------------------------------------------------ SIGKILL during an upload
 
 
+def kill_during_upload(job: Path, env: dict[str, str], s3_endpoint: str, path_pattern: str) -> subprocess.Popen[str]:
+    """Run the job behind a proxy that holds the upload matching `path_pattern`
+    open, and SIGKILL it while that upload is under way."""
+    with StallingProxy(s3_endpoint, path_pattern) as proxy:
+        proc = _start(job, {**env, "AWS_ENDPOINT_URL": proxy.endpoint})
+        try:
+            if not proxy.stalled.wait(60):
+                proc.kill()
+                pytest.fail(f"the run never made the upload {path_pattern}: {proc.communicate()[1]}")
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(30)
+    return proc
+
+
 class StallingProxy:
     """An HTTP proxy to the S3 server that holds forever any upload whose
     path matches `stall`, and says when one arrived."""
@@ -342,16 +358,7 @@ def test_sigkill_while_a_part_uploads_then_resume_gives_every_row_once_in_order(
     with FakeProvider(dim=DIM) as fp:
         job = _job(tmp_path, fp, f"s3://{bucket}/in/data.parquet", f"s3://{prefix}", rows_per_part=6,
                    max_concurrency=1)
-        with StallingProxy(s3_endpoint, rf"/{prefix}/part-00003\.parquet$") as proxy:
-            proc = _start(job, {**_aws_env(s3_endpoint), "AWS_ENDPOINT_URL": proxy.endpoint})
-            try:
-                if not proxy.stalled.wait(60):
-                    proc.kill()
-                    pytest.fail(f"the run never uploaded part 3: {proc.communicate()[1]}")
-                proc.send_signal(signal.SIGKILL)
-            finally:
-                proc.kill()
-                proc.wait(30)
+        kill_during_upload(job, _aws_env(s3_endpoint), s3_endpoint, rf"/{prefix}/part-00003\.parquet$")
         # Killed mid-upload: part 3 is not there at all, and the manifest does not list it.
         keys = _keys(fs, prefix)
         assert "part-00003.parquet" not in keys

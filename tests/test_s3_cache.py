@@ -4,7 +4,6 @@ plus the segmented cache driven in-process for rotation and compaction."""
 from __future__ import annotations
 
 import json
-import signal
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -32,7 +31,7 @@ from pipeline import segments
 from pipeline.cache import text_keys
 from pipeline.config import StorageConfig
 from pipeline.segments import SegmentedCache
-from test_s3 import ACCESS_KEY, SECRET_KEY, StallingProxy, _aws_env, _free_port, _fs, _keys, _start, bucket, s3_endpoint  # noqa: F401
+from test_s3 import ACCESS_KEY, SECRET_KEY, _aws_env, _free_port, _fs, _keys, _start, bucket, kill_during_upload, s3_endpoint  # noqa: F401
 
 DIM = 8
 
@@ -162,16 +161,7 @@ def test_a_run_killed_while_uploading_its_segment_leaves_only_whole_segments_and
     write_parquet(tmp_path / "data.parquet", docs_table(old + new))
     with FakeProvider(dim=DIM) as fp:
         job = _job(tmp_path, fp, f"s3://{bucket}/cache", output="killed")
-        with StallingProxy(s3_endpoint, rf"/{bucket}/cache/segments/") as proxy:
-            proc = _start(job, {**env, "AWS_ENDPOINT_URL": proxy.endpoint})
-            try:
-                if not proxy.stalled.wait(60):
-                    proc.kill()
-                    pytest.fail(f"the run never uploaded its segment: {proc.communicate()[1]}")
-                proc.send_signal(signal.SIGKILL)
-            finally:
-                proc.kill()
-                proc.wait(30)
+        proc = kill_during_upload(job, env, s3_endpoint, rf"/{bucket}/cache/segments/")
         assert rows_sent(fp) == Counter(new)  # the old texts came from the cache
     assert _segments(_fs(s3_endpoint), bucket) == before  # the cut-off upload left nothing
     left = list(Path(tempfile.gettempdir()).glob(f"{segments.TEMP_PREFIX}{proc.pid}-*"))
