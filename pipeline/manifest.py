@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from .config import JobConfig
 from .errors import ConfigError, JobChangedError, OutputLockedError
+from .lease import Lease, live_leases, live_shards
 from .sink import PARTIAL_DIR, REJECTS_DIR, part_name, write_json
 from .sources import InputFile
 from .storage import LocalOutput, Output, error_line
@@ -312,15 +313,18 @@ def manifest_lock(output: Output) -> contextlib.AbstractContextManager[None]:
 class RunLock:
     """One writer per output (per shard when sharded). The kernel drops a
     flock when its process dies, so a killed run never leaves it held.
-    Object stores have no lock: there nothing stops a second writer."""
+    Object stores have no lock: there a renewed lease object stands in (lease.py)."""
 
     def __init__(self, output: Output | os.PathLike[str], shard: tuple[int, int] | None) -> None:
         self._output = output if isinstance(output, Output) else LocalOutput(os.fspath(output))
         self._shard = shard
         self._handles: list[Any] = []
+        self._lease: Lease | None = None
 
     def __enter__(self) -> RunLock:
-        if not isinstance(self._output, LocalOutput):
+        if not isinstance(self._output, LocalOutput):  # no flock on an object store: a lease
+            self._lease = Lease(self._output, self._shard)
+            self._lease.acquire()
             return self
         try:
             if self._shard is None:
@@ -366,6 +370,9 @@ class RunLock:
         for fh in reversed(self._handles):
             fh.close()
         self._handles.clear()
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
 
 
 def shard_lock_name(k: int, n: int) -> str:
@@ -373,16 +380,16 @@ def shard_lock_name(k: int, n: int) -> str:
 
 
 def run_lock_held(output: Output) -> bool | None:
-    """Whether some run (any shard) holds the output now; None: cannot tell (object store)."""
+    """Whether some run (any shard) holds the output now."""
     if not isinstance(output, LocalOutput):
-        return None
+        return bool(live_leases(output))
     return _held(output.dir / RUN_LOCK, fcntl.LOCK_EX)
 
 
 def shard_locks_held(output: Output) -> list[tuple[int, int]]:
-    """The shards (k, n) whose run holds its lock now (none known on an object store)."""
+    """The shards (k, n) whose run holds its lock (or its lease) now."""
     if not isinstance(output, LocalOutput):
-        return []
+        return live_shards(output)
     held = []
     for path in output.dir.glob(f"{RUN_LOCK}.shard-*-of-*"):
         match = re.fullmatch(re.escape(RUN_LOCK) + r"\.shard-(\d+)-of-(\d+)", path.name)

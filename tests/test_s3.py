@@ -407,7 +407,7 @@ def test_three_shards_at_once_into_one_s3_output_lose_no_commit(tmp_path: Path, 
     assert out.column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(90)]
     assert_vectors_exact(out, texts, DIM)
     report = json.loads(status.stdout)
-    assert report["state"] == "complete" and report["running"] is None
+    assert report["state"] == "complete" and report["running"] is False  # every lease released
     assert {tuple(s["shard"]): s["units_done"] for s in report["shards"]} == {(0, 3): 6, (1, 3): 6, (2, 3): 6}
 
 
@@ -445,3 +445,54 @@ def test_merging_shard_manifests_keeps_every_commit_and_ignores_another_jobs_obj
     assert merged["dimensions"] == 8 and merged["total_units"] == 4
     assert [r["finished_at"] for r in merged["runs"]] == ["2024-01-01", "2024-01-02"]  # each run once
     assert main["units"] == {"0": record}  # pure: the inputs are untouched
+
+
+def test_a_second_writer_of_a_shard_on_s3_is_refused_while_the_first_runs(tmp_path: Path, s3_endpoint: str,
+                                                                           bucket: str) -> None:
+    fs = _fs(s3_endpoint)
+    texts = sample_texts(60)
+    _put_parquet(fs, f"{bucket}/in/data.parquet", docs_table(texts))
+    env = _aws_env(s3_endpoint)
+    with FakeProvider(dim=DIM, latency_s=0.2) as fp:
+        job = _job(tmp_path, fp, f"s3://{bucket}/in/data.parquet", f"s3://{bucket}/out", rows_per_part=5,
+                   max_concurrency=1)
+        first = _start(job, env, "--shard", "0/2")
+        deadline = time.monotonic() + 30
+        while fp.count() < 2 and time.monotonic() < deadline:  # past its start-up: it holds its lease
+            time.sleep(0.01)
+        status = json.loads(run_cli("status", str(job), "--json", key=None, env_extra=env).stdout)
+        others = [run_cli("run", str(job), "--no-progress", *args, env_extra=env)
+                  for args in (["--shard", "0/2"], [])]  # the same shard; an unsharded run
+        sibling = _start(job, env, "--shard", "1/2")  # another shard may run beside it
+        for proc in (first, sibling):
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+    assert status["running"] is True and [s["running"] for s in status["shards"]] == [True, False]
+    for other in others:
+        assert other.returncode == 1, other.stderr
+        (line,) = error_lines(other.stderr)
+        assert "is in use" in line and "lease lapses" in line
+    assert rows_sent(fp) == Counter(texts)  # the refused runs sent nothing
+    assert_vectors_exact(_read_parts(fs, f"{bucket}/out"), texts, DIM)
+
+
+@pytest.mark.parametrize("expires_in_s, refused", [(3600, True), (-1, False)])
+def test_a_lease_from_another_host_holds_until_it_lapses(tmp_path: Path, s3_endpoint: str, bucket: str,
+                                                         expires_in_s: float, refused: bool) -> None:
+    fs = _fs(s3_endpoint)
+    texts = sample_texts(10)
+    _put_parquet(fs, f"{bucket}/in/data.parquet", docs_table(texts))
+    lease = {"holder": "worker-7:4242", "host": "worker-7", "pid": 4242, "token": "x",
+             "expires_at": time.time() + expires_in_s}
+    with fs.open_output_stream(f"{bucket}/out/_run.lease") as fh:
+        fh.write(json.dumps(lease).encode())
+    with FakeProvider(dim=DIM) as fp:
+        job = _job(tmp_path, fp, f"s3://{bucket}/in/data.parquet", f"s3://{bucket}/out")
+        result = run_cli("run", str(job), "--no-progress", env_extra=_aws_env(s3_endpoint))
+        sent = rows_sent(fp)
+    if refused:
+        assert result.returncode == 1 and "worker-7:4242 is writing to it" in result.stderr
+        assert not sent
+    else:
+        assert result.returncode == 0, result.stderr
+        assert sent == Counter(texts) and "_run.lease" not in _keys(fs, f"{bucket}/out")
