@@ -14,7 +14,8 @@ from . import storage
 from .cache import text_keys
 from .config import load_job
 from .errors import ConfigError, JobChangedError
-from .manifest import Manifest, describe_change, job_fingerprint, run_lock_held, shard_locks_held
+from .locks import run_lock_held, shard_locks_held
+from .manifest import Manifest, describe_change, job_fingerprint
 from .packing import pack
 from .prices import cost_usd, expected_dimensions, job_price
 from .progress import rejects_text

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import json
-import os
 import re
 import time
 from collections import Counter
@@ -25,19 +23,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .config import JobConfig
-from .errors import ConfigError, JobChangedError, OutputLockedError
-from .lease import Lease, live_leases, live_shards
+from .errors import ConfigError, JobChangedError
 from .sink import PARTIAL_DIR, REJECTS_DIR, part_name, write_json
 from .sources import InputFile
-from .storage import LocalOutput, Output, error_line
+from .storage import Output, error_line
 
 MANIFEST_NAME = "_manifest.json"
 SHARD_MANIFESTS = "_manifest.d"  # object stores: one manifest object per shard, merged by readers
-RUN_LOCK = "_run.lock"
 FORMAT_VERSION = 1
 MAX_RUNS_KEPT = 50  # run history in the manifest stays small
-LOCK_RETRY_S = 0.25  # `status` holds a run lock for an instant to probe it; a real holder holds it for the run
-LOCK_POLL_S = 0.02
 # S3 itself swaps objects atomically; some S3-compatible stores (moto among
 # them) can serve an object half-overwritten, so a torn manifest is read again.
 REMOTE_READ_ATTEMPTS = 5
@@ -306,112 +300,8 @@ def _seq(rel: str) -> int | None:
 
 
 def manifest_lock(output: Output) -> contextlib.AbstractContextManager[None]:
-    """Serialises manifest updates locally; a no-op on an object store (see the module's doc)."""
+    """Serialises manifest updates locally; a no-op on an object store (a writer rewrites only its own object there)."""
     return output.manifest_lock()
-
-
-class RunLock:
-    """One writer per output (per shard when sharded). The kernel drops a
-    flock when its process dies, so a killed run never leaves it held.
-    Object stores have no lock: there a renewed lease object stands in (lease.py)."""
-
-    def __init__(self, output: Output | os.PathLike[str], shard: tuple[int, int] | None) -> None:
-        self._output = output if isinstance(output, Output) else LocalOutput(os.fspath(output))
-        self._shard = shard
-        self._handles: list[Any] = []
-        self._lease: Lease | None = None
-
-    def __enter__(self) -> RunLock:
-        if not isinstance(self._output, LocalOutput):  # no flock on an object store: a lease
-            self._lease = Lease(self._output, self._shard)
-            self._lease.acquire()
-            return self
-        try:
-            if self._shard is None:
-                self._take(RUN_LOCK, fcntl.LOCK_EX, "another run of this job")
-            else:
-                k, n = self._shard
-                self._take(RUN_LOCK, fcntl.LOCK_SH, "an unsharded run of this job")
-                self._take(shard_lock_name(k, n), fcntl.LOCK_EX, f"another run of shard {k}/{n}")
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _take(self, name: str, mode: int, holder: str) -> None:
-        assert isinstance(self._output, LocalOutput)
-        path = self._output.dir / name
-        fh = open(path, "a+b")
-        deadline = time.monotonic() + LOCK_RETRY_S
-        while True:
-            try:
-                fcntl.flock(fh.fileno(), mode | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() < deadline:
-                    time.sleep(LOCK_POLL_S)
-                    continue
-                fh.close()
-                if name == RUN_LOCK and mode == fcntl.LOCK_EX and not _held(path, fcntl.LOCK_SH):
-                    holder = "a sharded run of this job"  # shards share the output lock; none holds it alone
-                else:
-                    pid = path.read_text(errors="replace").strip()
-                    holder += f" (pid {pid})" if pid.isdigit() else ""
-                raise OutputLockedError(
-                    f"output {self._output} is in use: {holder} is writing to it; wait for it to end or stop it"
-                ) from None
-        if mode == fcntl.LOCK_EX:
-            fh.truncate(0)
-            fh.write(f"{os.getpid()}\n".encode())
-            fh.flush()
-        self._handles.append(fh)
-
-    def __exit__(self, *exc: object) -> None:
-        for fh in reversed(self._handles):
-            fh.close()
-        self._handles.clear()
-        if self._lease is not None:
-            self._lease.release()
-            self._lease = None
-
-
-def shard_lock_name(k: int, n: int) -> str:
-    return f"{RUN_LOCK}.shard-{k}-of-{n}"
-
-
-def run_lock_held(output: Output) -> bool | None:
-    """Whether some run (any shard) holds the output now."""
-    if not isinstance(output, LocalOutput):
-        return bool(live_leases(output))
-    return _held(output.dir / RUN_LOCK, fcntl.LOCK_EX)
-
-
-def shard_locks_held(output: Output) -> list[tuple[int, int]]:
-    """The shards (k, n) whose run holds its lock (or its lease) now."""
-    if not isinstance(output, LocalOutput):
-        return live_shards(output)
-    held = []
-    for path in output.dir.glob(f"{RUN_LOCK}.shard-*-of-*"):
-        match = re.fullmatch(re.escape(RUN_LOCK) + r"\.shard-(\d+)-of-(\d+)", path.name)
-        if match and _held(path, fcntl.LOCK_EX):
-            held.append((int(match.group(1)), int(match.group(2))))
-    return sorted(held)
-
-
-def _held(path: os.PathLike[str], mode: int) -> bool:
-    """Whether another process holds `path` so that `mode` cannot be had.
-    Takes the lock for an instant when free; RunLock retries past that."""
-    try:
-        fh = open(path, "rb")
-    except FileNotFoundError:
-        return False
-    with fh:
-        try:
-            fcntl.flock(fh.fileno(), mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        return False
 
 
 def _now() -> str:

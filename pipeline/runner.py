@@ -22,7 +22,8 @@ from .config import JobConfig
 from .dispatch import Dispatcher
 from .embedder import Embedded, Embedder
 from .errors import EXIT_OK, ConfigError, PipelineError, ProviderError, WorkLeftError
-from .manifest import MAX_RUNS_KEPT, Manifest, RunLock, job_fingerprint, manifest_lock, orphan_parts
+from .locks import RunLock
+from .manifest import MAX_RUNS_KEPT, Manifest, job_fingerprint, manifest_lock, orphan_parts
 from .prices import cost_usd, job_price
 from .progress import Progress, RunCounters, log_summary
 from .providers import Provider, build_provider

@@ -40,7 +40,7 @@ from fakeprovider import FakeProvider
 from pipeline import sink
 from pipeline.config import load_job
 from pipeline.errors import WorkLeftError
-from pipeline.manifest import RunLock
+from pipeline.locks import RunLock
 from pipeline.runner import GRACE_S as DEFAULT_GRACE_S
 from pipeline.runner import RunOptions, _Run, run_job
 
