@@ -15,6 +15,7 @@ the schemes pyarrow lacks.
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 import fcntl
 import fnmatch
 import functools
@@ -237,10 +238,11 @@ class Staged:
             temp.unlink(missing_ok=True)
 
 
-class Output:
-    """The output directory: files by name relative to it ("_partial.d/part-00001.parquet")."""
+class Output(ABC):
+    """The output directory: files by name relative to it ("_partial.d/part-00001.parquet").
+    LocalOutput and ObjectOutput implement the abstract methods."""
 
-    remote = False  # True: no rename and no lock; see manifest.py for what changes
+    remote = False  # True: no rename and no lock; manifest.py and locks.py say what changes
 
     def __init__(self, root: str) -> None:
         self.root = root
@@ -251,19 +253,22 @@ class Output:
     def display(self, rel: str) -> str:
         return f"{self.root.rstrip('/')}/{rel}"
 
+    @abstractmethod
     def prepare(self) -> None:
         """Create it if need be; a ConfigError (exit 2) if it cannot be written."""
-        raise NotImplementedError
+        ...
 
     def make_folders(self, folders: tuple[str, ...]) -> None:
         """Object stores have no folders to make."""
 
+    @abstractmethod
     def exists(self, rel: str) -> bool:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def read_bytes(self, rel: str) -> bytes:
         """Raises FileNotFoundError when absent."""
-        raise NotImplementedError
+        ...
 
     def read_table(self, rel: str, schema: pa.Schema | None = None) -> pa.Table:
         return pq.read_table(pa.BufferReader(self.read_bytes(rel)), schema=schema)
@@ -271,17 +276,20 @@ class Output:
     def read_metadata(self, rel: str) -> pq.FileMetaData:
         return pq.read_metadata(pa.BufferReader(self.read_bytes(rel)))
 
+    @abstractmethod
     def write(self, rel: str, data: bytes) -> None:
         """Atomically: the file is seen whole or not at all."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def delete(self, rel: str) -> None:
         """Gone afterwards; absent already is fine."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def list(self, folder: str, pattern: str) -> list[str]:
         """Names (relative to the output) in `folder` matching `pattern`, sorted."""
-        raise NotImplementedError
+        ...
 
     def stage(self, files: dict[str, bytes]) -> Staged:
         return Staged(self, files)
