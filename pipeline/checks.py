@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import replace
 from typing import Any
 
@@ -19,7 +19,7 @@ from .manifest import Manifest, describe_change, job_fingerprint
 from .packing import pack
 from .prices import cost_usd, expected_dimensions, job_price
 from .progress import rejects_text
-from .reuse import memory_entries
+from .reuse import RecentKeys, first_pieces, memory_entries
 from .segments import open_cache
 from .sources import check_columns, find_inputs, iter_units
 from .texts import prepare, row_texts
@@ -84,8 +84,7 @@ def estimate_job(job_file: str) -> dict[str, Any]:
         policy = replace(policy, empty="skip" if policy.empty == "fail" else policy.empty,
                          too_long="skip" if policy.too_long == "fail" else policy.too_long)
     dim = expected_dimensions(job)
-    recent: OrderedDict[bytes, None] = OrderedDict()  # the run's in-run dedupe memory, keys only
-    capacity = memory_entries(dim)
+    recent = RecentKeys(memory_entries(dim))  # the run's in-run dedupe memory, keys only
     cache = open_cache(job.cache, job.cache_storage, readonly=True)
     try:
         for unit in iter_units(files, job.input, job.output.rows_per_part, lambda _: True):
@@ -93,18 +92,10 @@ def estimate_job(job_file: str) -> dict[str, Any]:
             rows += prepared.n_rows
             pieces += len(prepared.pieces)
             rejected.update(r for r in prepared.reasons if r)
-            first_of: dict[bytes, int] = {}
-            for i, key in enumerate(text_keys(prepared.pieces, job.embedding.model, job.embedding.dimensions)):
-                first_of.setdefault(key, i)
-            new = []
-            for key, i in first_of.items():
-                if key in recent:
-                    recent.move_to_end(key)
-                else:
-                    new.append(key)
-                    recent[key] = None
-                    if len(recent) > capacity:
-                        recent.popitem(last=False)
+            first_of, _ = first_pieces(text_keys(prepared.pieces, job.embedding.model, job.embedding.dimensions))
+            new = [key for key in first_of if recent.slot(key) is None]
+            for key in first_of:  # seen or not, a key is the most recent now
+                recent.add(key)
             hits = cache.contains(new) if cache is not None else set()
             distinct += len(new)
             cache_hits += len(hits)

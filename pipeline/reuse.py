@@ -45,6 +45,42 @@ def memory_entries(dim: int) -> int:
     return max(1, min(MAX_DEDUPE_ENTRIES, DEDUPE_MEMORY_BYTES // (dim * 4 + ENTRY_OVERHEAD_BYTES)))
 
 
+def first_pieces(keys: Sequence[bytes]) -> tuple[dict[bytes, int], np.ndarray]:
+    """Each distinct key's first piece, and for every piece the first piece with its key."""
+    first_of: dict[bytes, int] = {}
+    first = np.fromiter((first_of.setdefault(k, i) for i, k in enumerate(keys)), dtype=np.int64, count=len(keys))
+    return first_of, first
+
+
+class RecentKeys:
+    """The most recent `capacity` keys, each in a slot of a ring: adding a key
+    takes the next slot and forgets the key that held it; a key added again
+    moves to the newest slot. The run keeps vectors by slot; `estimate` keeps
+    only the keys, and so dedupes exactly as the run does."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._slot_of: dict[bytes, int] = {}
+        self._key_in: list[bytes | None] = [None] * capacity
+        self._next_slot = 0
+
+    def slot(self, key: bytes) -> int | None:
+        return self._slot_of.get(key)
+
+    def add(self, key: bytes) -> int:
+        old = self._slot_of.pop(key, None)
+        if old is not None:
+            self._key_in[old] = None
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % self.capacity
+        evicted = self._key_in[slot]
+        if evicted is not None:
+            del self._slot_of[evicted]
+        self._key_in[slot] = key
+        self._slot_of[key] = slot
+        return slot
+
+
 @dataclass
 class Claim:
     """One unit's pieces, sorted into what it must send and what it need not."""
@@ -66,23 +102,19 @@ class Reuse:
         self.cache = cache
         # Recent vectors in one ring of slots (no object per vector: RSS stays
         # flat, where a dict of arrays fragmented the heap as it churned).
-        self._capacity = memory_entries(dim)
-        self._ring = np.empty((self._capacity, dim), dtype=np.float32)  # pages are touched as slots fill
-        self._slot_of: dict[bytes, int] = {}
-        self._key_in: list[bytes | None] = [None] * self._capacity
-        self._next_slot = 0
+        self._recent = RecentKeys(memory_entries(dim))
+        self._ring = np.empty((self._recent.capacity, dim), dtype=np.float32)  # pages are touched as slots fill
         self._pending: dict[bytes, asyncio.Future[Answer]] = {}
         self._cache_failed = False
 
     async def claim(self, pieces: Sequence[str]) -> Claim:
         keys = text_keys(pieces, self.model, self.dimensions)
-        first_of: dict[bytes, int] = {}
-        first = np.fromiter((first_of.setdefault(k, i) for i, k in enumerate(keys)), dtype=np.int64, count=len(keys))
+        first_of, first = first_pieces(keys)
         claim = Claim(keys=keys, first=first, source=np.full(len(keys), FROM_DEDUPE, dtype=np.int8))
         loop = asyncio.get_running_loop()
         mine: list[int] = []
         for key, i in first_of.items():
-            slot = self._slot_of.get(key)
+            slot = self._recent.slot(key)
             if slot is not None:
                 claim.found[i] = vector = self._ring[slot].copy()  # a later vector may take the slot
                 self._remember(key, vector)  # a hit is recent again
@@ -133,18 +165,7 @@ class Reuse:
                 future.set_result(None)
 
     def _remember(self, key: bytes, vector: np.ndarray) -> None:
-        """Keep `key`'s vector in the next slot, forgetting the oldest."""
-        old = self._slot_of.pop(key, None)
-        if old is not None:
-            self._key_in[old] = None
-        slot = self._next_slot
-        self._next_slot = (slot + 1) % self._capacity
-        evicted = self._key_in[slot]
-        if evicted is not None:
-            del self._slot_of[evicted]
-        self._ring[slot] = vector
-        self._key_in[slot] = key
-        self._slot_of[key] = slot
+        self._ring[self._recent.add(key)] = vector
 
     def _settle(self, key: bytes, vector: np.ndarray) -> None:
         self._remember(key, vector)

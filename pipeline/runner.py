@@ -316,7 +316,7 @@ class _Run:
         self.counters.tokens += tokens - (partial["tokens"] if partial else 0)
         self.counters.rows_from.update(sources)
         if partial:
-            sources = dict(Counter(sources) + Counter({k: partial.get(k, 0) for k in sources}))
+            sources = {k: n + partial.get(k, 0) for k, n in sources.items()}
         finished = end == unit.table.num_rows
 
         part = sink.part_table(self.job, unit.table.slice(0, end), unit.row_offset, result.column("vector").combine_chunks(), self.dim)
