@@ -1,6 +1,7 @@
 """Shared helpers: small input files, job files, and the CLI run as a subprocess."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -113,6 +114,16 @@ def run_cli(*args: str, key: str | None = KEY, env_extra: dict[str, str] | None 
         [sys.executable, "-m", "pipeline", *args],
         cwd=REPO, env=cli_env(key, env_extra), capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
     )
+
+
+def run_job(job: Path, *args: str, key: str | None = KEY,
+            env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m pipeline run JOB --no-progress ARGS`, to its end."""
+    return run_cli("run", str(job), "--no-progress", *args, key=key, env_extra=env_extra)
+
+
+def read_summary(out: Path) -> dict[str, Any]:
+    return json.loads((out / "_summary.json").read_text())
 
 
 def start_run(job: Path, *args: str) -> subprocess.Popen[str]:

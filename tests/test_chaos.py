@@ -30,7 +30,7 @@ from conftest import (
     provider_entry,
     read_parts,
     rows_sent,
-    run_cli,
+    run_job as run,
     sample_texts,
     write_job,
     write_parquet,
@@ -46,10 +46,6 @@ PER_REQUEST = 5  # write_job's batching.max_inputs_per_request
 # request may meet several of a provider's injected failures in a row.
 RETRY = {"max_attempts": 10, "initial_backoff_s": 0.01, "max_backoff_s": 0.05}
 BLIP_LATENCY_S = 0.3  # long enough that a burst's requests are all in flight together
-
-
-def run(job: Path) -> Any:
-    return run_cli("run", str(job), "--no-progress")
 
 
 def directive_kind(directive: str) -> str | None:

@@ -18,14 +18,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import (
-    REPO,
     assert_vectors_exact,
     docs_table,
     error_lines,
     provider_entry,
     read_parts,
+    read_summary as summary,
+    REPO,
     rows_sent,
     run_cli,
+    run_job as run,
     sample_texts,
     start_run,
     write_job,
@@ -39,14 +41,6 @@ from pipeline.texts import prepare
 
 DIM = 8
 MODEL = "text-embedding-3-small"
-
-
-def run(job: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_cli("run", str(job), "--no-progress", *args)
-
-
-def summary(out: Path) -> dict[str, Any]:
-    return json.loads((out / "_summary.json").read_text())
 
 
 def with_repeats(n: int, share: float, seed: int = 7) -> tuple[list[str], list[str]]:

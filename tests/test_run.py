@@ -17,17 +17,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import (
-    KEY,
-    KEY_VAR,
-    MODEL,
     assert_vectors_exact,
     docs_table,
     error_lines,
+    KEY,
+    KEY_VAR,
+    MODEL,
     part_files,
     provider_entry,
     read_parts,
+    read_summary as summary,
     rows_sent,
     run_cli,
+    run_job as run,
     sample_texts,
     start_run,
     write_csv,
@@ -40,14 +42,6 @@ from pipeline.probe import PROBE_TEXTS
 from pipeline.texts import prepare
 
 SECRET = "sk-live-SECRET-0123456789abcdef"
-
-
-def run(job: Path, *args: str, key: str | None = KEY) -> Any:
-    return run_cli("run", str(job), "--no-progress", *args, key=key)
-
-
-def summary(out: Path) -> dict[str, Any]:
-    return json.loads((out / "_summary.json").read_text())
 
 
 def rejects(out: Path) -> list[dict[str, Any]]:

@@ -15,17 +15,13 @@ from conftest import (
     provider_entry,
     read_parts,
     rows_sent,
-    run_cli,
+    run_job as run,
     sample_texts,
     write_job,
     write_parquet,
 )
 from fakeprovider import FakeProvider
 from pipeline import probe
-
-
-def run(job: Path, *args: str) -> object:
-    return run_cli("run", str(job), "--no-progress", *args)
 
 
 def test_a_relay_serving_another_model_is_dropped_at_start_and_never_gets_a_row(tmp_path: Path) -> None:
