@@ -14,6 +14,8 @@ from typing import Literal, Mapping
 
 import aiohttp
 
+from .limits import KeyReading, LimitReading
+
 EXIT_OK = 0
 EXIT_WORK_LEFT = 1  # a rerun continues
 EXIT_BAD_JOB = 2  # only a fix of the job file or inputs helps
@@ -71,6 +73,7 @@ class ProviderError(PipelineError):
         self.status = status
         self.code = code
         self.retry_after_s = retry_after_s
+        self.limits: KeyReading | None = None  # what the failed answer said of the key's rate limits
 
     def __str__(self) -> str:
         where = f"{self.provider}: " if self.provider else ""
@@ -270,3 +273,23 @@ def _duration_seconds(raw: str | None) -> float | None:
     if not parts or "".join(n + u for n, u in parts) != raw:
         return None
     return sum(float(n) * DURATION_UNIT_S[u] for n, u in parts)
+
+
+def key_reading(headers: Mapping[str, str]) -> KeyReading | None:
+    """The key's limits from `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`;
+    None when an answer states neither. A dimension whose figures are missing
+    or make no sense (a limit under 1, remaining below 0 or above the limit)
+    is left out rather than guessed."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    requests = _limit_reading(lower, "requests")
+    tokens = _limit_reading(lower, "tokens")
+    return None if requests is None and tokens is None else KeyReading(requests, tokens)
+
+
+def _limit_reading(lower: Mapping[str, str], dimension: str) -> LimitReading | None:
+    limit = _finite_float(lower.get(f"x-ratelimit-limit-{dimension}"))
+    remaining = _finite_float(lower.get(f"x-ratelimit-remaining-{dimension}"))
+    if limit is None or remaining is None or not (limit >= 1 and 0 <= remaining <= limit):
+        return None
+    reset = _duration_seconds(lower.get(f"x-ratelimit-reset-{dimension}"))
+    return LimitReading(limit, remaining, reset if reset is not None and reset >= 0 else None)

@@ -8,12 +8,14 @@ import numpy as np
 
 from ..config import ProviderConfig
 from ..errors import BadResponseError
+from ..limits import KeyReading
 
 
 @dataclass(frozen=True)
 class EmbedResult:
     vectors: np.ndarray  # float32 [n_inputs, dim], C-contiguous
     usage_tokens: int | None  # what the provider says it billed, when it says
+    limits: KeyReading | None = None  # what the answer said of the key's rate limits (x-ratelimit-*)
 
 
 class Provider(Protocol):

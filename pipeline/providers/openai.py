@@ -2,7 +2,8 @@
 
 It absorbs the dialects met in the field: `embedding` or `embeddings` (ctyun),
 `data` out of order, float lists or base64 whatever was asked, error bodies
-under HTTP 200, word or numeric error codes.
+under HTTP 200, word or numeric error codes. Every answer's `x-ratelimit-*`
+headers go back to the dispatcher with it, success or failure, for pacing.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import numpy as np
 import pybase64  # SIMD base64: 0.3 us a 1536-dim vector where the standard library takes 9
 
 from ..config import ProviderConfig
-from ..errors import BadResponseError, ProviderError, classify
+from ..errors import BadResponseError, ProviderError, classify, key_reading
+from ..limits import KeyReading
 from .base import EmbedResult, check_vectors
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,16 @@ class OpenAIProvider:
                 raw = await resp.read()
         except Exception as exc:  # noqa: BLE001 - every failure is classified in one place
             raise self._redact(classify(provider=self.name, exc=exc)) from exc
+        reading = key_reading(headers)
+        try:
+            return self._answer(status, headers, raw, len(texts), reading)
+        except ProviderError as err:
+            err.limits = reading
+            raise
+
+    def _answer(
+        self, status: int, headers: dict[str, str], raw: bytes, n_inputs: int, reading: KeyReading | None
+    ) -> EmbedResult:
         try:
             payload = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -84,11 +96,11 @@ class OpenAIProvider:
             raise BadResponseError(f"response is not JSON ({len(raw)} bytes)", provider=self.name) from exc
         if status >= 400 or (isinstance(payload, dict) and payload.get("error") and not payload.get("data")):
             raise self._redact(classify(provider=self.name, status=status, body=payload, headers=headers))
-        vectors = self._vectors(payload, len(texts))
-        check_vectors(vectors, len(texts), self._dimensions, self.name)
+        vectors = self._vectors(payload, n_inputs)
+        check_vectors(vectors, n_inputs, self._dimensions, self.name)
         usage = payload.get("usage") if isinstance(payload, dict) else None
         billed = usage.get("total_tokens", usage.get("prompt_tokens")) if isinstance(usage, dict) else None
-        return EmbedResult(vectors, billed if isinstance(billed, int) else None)
+        return EmbedResult(vectors, billed if isinstance(billed, int) else None, reading)
 
     def _vectors(self, payload: Any, n_inputs: int) -> np.ndarray:
         data = payload.get("data") if isinstance(payload, dict) else None
