@@ -135,6 +135,7 @@ class ProviderConfig:
     max_concurrency: int = 8
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    limits_per_shard: bool = False  # the key's RPM/TPM are each shard's own, not split among `--shard K/N` runs
     timeout_s: float = 60.0
     priority: int = 0
     max_inputs_per_request: int | None = None  # a provider may set lower limits than the job
@@ -160,6 +161,8 @@ class ProviderConfig:
             value = getattr(self, key)
             if value is not None:
                 _check_int(f"{where}.{key}", value, 1, 10**12)
+        if not isinstance(self.limits_per_shard, bool):
+            raise ConfigError(f"{where}.limits_per_shard: expected true or false, got {self.limits_per_shard!r}")
         _check_number(f"{where}.timeout_s", self.timeout_s, 0.001, 3600)
         _check_int(f"{where}.priority", self.priority, -10**6, 10**6)
         if self.batch_size is not None:

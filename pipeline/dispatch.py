@@ -1,11 +1,13 @@
 """Routing, per-provider limits, retries, circuits and accounting.
 
 One request is one call of `Dispatcher.embed`: it picks a provider, waits for
-a slot there (adaptive concurrency) and for room in its RPM/TPM window,
-sends, and on failure reads the failure's class to decide between retrying
-(after a backoff, preferably elsewhere), routing around a provider that is
-unusable for this job, or handing the failure back. A provider that keeps
-failing is opened as a circuit, cooled down, then probed with one request.
+a slot there (adaptive concurrency) and for room in its RPM/TPM window (the
+job's figures, split among shards, or the share of the key the provider's
+`x-ratelimit-*` headers leave this process), sends, and on failure reads the
+failure's class to decide between retrying (after a backoff, preferably
+elsewhere), routing around a provider that is unusable for this job, or
+handing the failure back. A provider that keeps failing is opened as a
+circuit (`limits.Circuit`), rested, then probed with one request.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np
 
 from .config import RetryConfig
 from .errors import BadResponseError, ProviderError, ProviderUnusableError, WorkLeftError, classify
-from .limits import AdaptiveConcurrency, RateWindow
+from .limits import AdaptiveConcurrency, Circuit, Permit, RateWindow
 from .providers import EmbedResult, Provider
 
 log = logging.getLogger(__name__)
@@ -31,9 +33,20 @@ LATENCY_SAMPLES = 2048  # latencies kept per provider for p50/p95
 CIRCUIT_FAILURES = 5  # consecutive failed answers that open a provider's circuit
 CIRCUIT_COOLDOWN_BACKOFFS = 4  # an open circuit rests this many initial backoffs, doubling per reopening
 CIRCUIT_OPENS_TO_GIVE_UP = 4  # its probe failed after this many rests in a row: down for this run
-HALF_OPEN_POLL_S = 0.05  # how often others look while one request probes a half-open circuit
 
 ProviderState = Literal["ready", "cooling", "open", "unusable"]
+
+
+@dataclass(frozen=True)
+class NotSent:
+    """An attempt that sent nothing: while it waited for a slot the provider
+    became unusable, began resting (a Retry-After, an open circuit), or
+    another request took the one probe of its half-open circuit."""
+
+    why: Literal["unusable", "resting", "probing"]
+
+
+Outcome = EmbedResult | ProviderError | NotSent
 
 
 def backoff_s(attempt: int, initial_s: float, cap_s: float, rand: Callable[[], float] = random.random) -> float:
@@ -83,33 +96,37 @@ class ProviderStats:
 class Route:
     """A provider and what the dispatcher knows about it."""
 
-    def __init__(self, provider: Provider) -> None:
+    def __init__(self, provider: Provider, retry: RetryConfig, shards: int) -> None:
+        cfg = provider.config
         self.provider = provider
         self.name = provider.name
-        self.priority = provider.config.priority
-        self.concurrency = AdaptiveConcurrency(provider.config.max_concurrency)
-        self.rate = RateWindow(provider.config.requests_per_minute, provider.config.tokens_per_minute)
+        self.priority = cfg.priority
+        self.concurrency = AdaptiveConcurrency(cfg.max_concurrency)
+        # A key's figures are shared by the job's shards unless each shard has a key of its own.
+        self.rate = RateWindow(cfg.requests_per_minute, cfg.tokens_per_minute,
+                               shards=1 if cfg.limits_per_shard else shards)
+        self.circuit = Circuit(
+            failures_to_open=CIRCUIT_FAILURES,
+            first_rest_s=retry.initial_backoff_s * CIRCUIT_COOLDOWN_BACKOFFS,
+            max_rest_s=retry.max_backoff_s,
+            opens_to_give_up=CIRCUIT_OPENS_TO_GIVE_UP,
+        )
         self.in_flight = 0
         self._slot_freed = asyncio.Condition()
-        self.cool_until = 0.0  # rate limited or circuit open until then
-        self.failures_in_a_row = 0
-        self.circuit_opens = 0  # times opened since the last success
-        self.probing = False  # a half-open circuit lets one request through
+        self.rate_limited_until = 0.0  # resting out a 429 until then
         self.unusable_reason: str | None = None
         self.stats = ProviderStats()
 
     def state(self, now: float) -> ProviderState:
         if self.unusable_reason is not None:
             return "unusable"
-        if self.circuit_opens:
+        if self.circuit.state() != "closed":
             return "open"
-        return "cooling" if now < self.cool_until else "ready"
+        return "cooling" if now < self.rate_limited_until else "ready"
 
     def available_at(self, now: float) -> float:
         """When this provider can take a request (now or later)."""
-        if self.circuit_opens and self.probing:
-            return now + HALF_OPEN_POLL_S
-        return max(now, self.cool_until)
+        return max(self.rate_limited_until, self.circuit.available_at(now))
 
     async def acquire(self) -> None:
         async with self._slot_freed:
@@ -128,11 +145,12 @@ class Dispatcher:
         providers: list[Provider],
         retry: RetryConfig,
         *,
+        shards: int = 1,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        self.routes = [Route(p) for p in providers]
+        self.routes = [Route(p, retry, shards) for p in providers]  # shards: processes of this job sharing its keys
         self.dimensions: int | None = None  # once known, every answer must match it
         self._retry = retry
         self._clock = clock
@@ -166,9 +184,8 @@ class Dispatcher:
     async def _with_retries(self, texts: list[str], tokens: int, pinned: Route | None) -> EmbedResult:
         last: ProviderError | None = None
         avoid: Route | None = None
-        attempt = 0
+        attempt = 0  # requests sent that count towards retry.max_attempts
         while attempt < self._retry.max_attempts:
-            attempt += 1
             route = pinned or self._pick(avoid)
             if route is None or route.unusable_reason is not None:
                 if pinned is not None:
@@ -178,30 +195,28 @@ class Dispatcher:
             # request probes a half-open one: waiting costs no attempt.
             while (wait := route.available_at(self._clock()) - self._clock()) > 0 and route.unusable_reason is None:
                 await self._sleep(wait)
-            outcome = await self._attempt(route, texts, tokens, retry=attempt > 1)
-            if isinstance(outcome, EmbedResult):
-                return outcome
-            if outcome is None:  # it became unusable, began resting or is being probed: nothing was sent
-                attempt -= 1
+            outcome = await self._attempt(route, texts, tokens, retry=attempt > 0)
+            if isinstance(outcome, NotSent):
                 avoid = route
                 continue
+            if isinstance(outcome, EmbedResult):
+                return outcome
             last = err = outcome
             if err.kind == "bad_input":
                 raise err
             if err.kind == "unusable":
                 if pinned is not None:
                     raise err
-                if self.usable():
-                    attempt -= 1  # routing around a provider that can never work is not a retry
-                continue
+                continue  # routing around a provider that can never work is not a retry
+            attempt += 1
             delay = retry_delay_s(attempt, err, self._retry, self._rand)
             if err.kind == "rate_limited":
-                route.cool_until = max(route.cool_until, self._clock() + delay)
+                route.rate_limited_until = max(route.rate_limited_until, self._clock() + delay)
             log.debug("retry %d after %s (%s); waiting %.2fs", attempt, err.kind, err, delay)
             avoid = route
             if attempt < self._retry.max_attempts and (pinned or self._pick(avoid)) is route:
                 # Nowhere else to go: back off here (a rest already ahead counts towards it).
-                remaining = delay - max(0.0, route.cool_until - self._clock())
+                remaining = delay - max(0.0, route.available_at(self._clock()) - self._clock())
                 if remaining > 1e-6:
                     await self._sleep(remaining)
         if pinned is not None and last is not None:
@@ -210,54 +225,56 @@ class Dispatcher:
             raise WorkLeftError(self.no_provider_message())
         raise WorkLeftError(f"a request failed {self._retry.max_attempts} times (retry.max_attempts); last: {last}")
 
-    async def _attempt(
-        self, route: Route, texts: list[str], tokens: int, *, retry: bool
-    ) -> EmbedResult | ProviderError | None:
-        """One request to one provider: the result, the classified failure, or
-        None when nothing was sent: while this request waited for a slot, the
-        provider became unusable, began resting (a Retry-After, an open
-        circuit), or another request took the one probe of its half-open circuit."""
+    async def _attempt(self, route: Route, texts: list[str], tokens: int, *, retry: bool) -> Outcome:
+        """One request to one provider: its result, its classified failure, or
+        NotSent when something that happened while it waited for a slot or for
+        room in the rate window means it must not go there now."""
         await route.acquire()
-        half_open_probe = False
         try:
             await self._wait_for_rate(route, tokens)
             # Checked after every wait and with no await before the send, so
             # nothing that happened meanwhile (a 429, an opened circuit) is missed.
             if route.unusable_reason is not None:
-                return None
-            if self._clock() < route.cool_until or (route.circuit_opens and route.probing):
-                return None
-            if route.circuit_opens:
-                half_open_probe = route.probing = True
-            opens_at_send = route.circuit_opens
-            route.rate.sent(tokens)
-            route.stats.requests += 1
-            if retry:  # counted when sent: a request held back above is no retry
-                route.stats.retries += 1
-            started = self._clock()
+                return NotSent("unusable")
+            if self._clock() < route.rate_limited_until:
+                return NotSent("resting")
+            permit = route.circuit.admit(self._clock())
+            if permit is None:
+                return NotSent("probing" if route.circuit.probing else "resting")
             try:
-                result = await route.provider.embed(texts)
-                if self.dimensions is not None and result.vectors.shape[1] != self.dimensions:
-                    raise BadResponseError(
-                        f"vectors of length {result.vectors.shape[1]}, this job's are {self.dimensions}",
-                        provider=route.name,
-                    )
-            except Exception as exc:  # noqa: BLE001 - classified in one place
-                err = classify(provider=route.name, exc=exc)
-                self._record_failure(route, err, opens_at_send)
-                return err
+                return await self._send(route, permit, texts, tokens, retry=retry)
             finally:
-                route.rate.answered(tokens, self._clock())
-            self._record_success(route, len(texts), tokens, result, self._clock() - started)
-            return result
+                route.circuit.release(permit)
         finally:
-            if half_open_probe:
-                route.probing = False
             await route.release()
 
-    def _record_failure(self, route: Route, err: ProviderError, opens_at_send: int) -> None:
-        """Count a failed answer; `opens_at_send` is how many times the circuit
-        had opened when the request was sent."""
+    async def _send(self, route: Route, permit: Permit, texts: list[str], tokens: int, *, retry: bool) -> Outcome:
+        ticket = route.rate.sent(tokens, self._clock())
+        route.stats.requests += 1
+        if retry:  # counted when sent: a request held back is no retry
+            route.stats.retries += 1
+        started = self._clock()
+        try:
+            result = await route.provider.embed(texts)
+        except Exception as exc:  # noqa: BLE001 - classified in one place
+            err = classify(provider=route.name, exc=exc)
+            route.rate.answered(ticket, tokens, self._clock(), err.limits)
+            self._record_failure(route, err, permit)
+            return err
+        except BaseException:  # cancelled: it leaves the window's requests in flight all the same
+            route.rate.answered(ticket, tokens, self._clock())
+            raise
+        route.rate.answered(ticket, tokens, self._clock(), result.limits)
+        if self.dimensions is not None and result.vectors.shape[1] != self.dimensions:
+            err = BadResponseError(
+                f"vectors of length {result.vectors.shape[1]}, this job's are {self.dimensions}", provider=route.name
+            )
+            self._record_failure(route, err, permit)
+            return err
+        self._record_success(route, len(texts), tokens, result, self._clock() - started)
+        return result
+
+    def _record_failure(self, route: Route, err: ProviderError, permit: Permit) -> None:
         route.stats.failures[err.kind] += 1
         if err.kind == "unusable":
             # reasons are keyed by provider already: drop the "name: " that str(err) starts with
@@ -266,27 +283,17 @@ class Dispatcher:
             route.stats.rate_limited += 1
             route.concurrency.on_rate_limited()
         elif err.kind in ("transient", "bad_response"):
-            route.failures_in_a_row += 1
-            if route.circuit_opens > opens_at_send:
-                # Sent before the circuit last opened: more of the outage that
-                # opened it, not a failed probe. Only probes count towards giving up.
+            rest = route.circuit.failed(permit, self._clock())
+            if rest is None:
                 return
-            if route.circuit_opens or route.failures_in_a_row >= CIRCUIT_FAILURES:
-                rest = min(
-                    self._retry.max_backoff_s,
-                    self._retry.initial_backoff_s * CIRCUIT_COOLDOWN_BACKOFFS * 2.0 ** min(route.circuit_opens, 30),
-                )
-                route.circuit_opens += 1
-                route.cool_until = max(route.cool_until, self._clock() + rest)
-                log.warning("provider %s: circuit open for %.2fs after %s (%s)", route.name, rest, err.kind, err)
-                if route.circuit_opens >= CIRCUIT_OPENS_TO_GIVE_UP:
-                    # Every probe after every rest failed: give it up for this run.
-                    self.mark_unusable(route, f"down: {route.failures_in_a_row} failures in a row; last: {err.message}")
+            log.warning("provider %s: circuit open for %.2fs after %s (%s)", route.name, rest, err.kind, err)
+            if route.circuit.state() == "down":
+                # Every probe after every rest failed: give it up for this run.
+                failures = route.circuit.failures_in_a_row
+                self.mark_unusable(route, f"down: {failures} failures in a row; last: {err.message}")
 
     async def _wait_for_rate(self, route: Route, tokens: int) -> None:
         """Hold the request until the provider's RPM/TPM window has room for it."""
-        if not route.rate.limited:
-            return
         while (delay := route.rate.delay_s(tokens, self._clock())) > 0:
             await self._sleep(delay)
 
@@ -307,12 +314,9 @@ class Dispatcher:
         )
 
     def _record_success(self, route: Route, n: int, tokens: int, result: EmbedResult, latency: float) -> None:
-        route.failures_in_a_row = 0
-        if route.circuit_opens:
+        if route.circuit.succeeded():
             log.info("provider %s: circuit closed again", route.name)
-            route.circuit_opens = 0
-            route.cool_until = 0.0
-        route.concurrency.on_success(latency)
+        route.concurrency.on_success(latency, tokens)
         s = route.stats
         s.inputs += n
         s.tokens += tokens

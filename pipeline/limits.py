@@ -1,66 +1,231 @@
-"""Pure: a provider's requests-per-minute and tokens-per-minute limits.
+"""Pure: how fast and how much a provider gets. Fed outcomes and `now`; no I/O.
 
-A sliding window of the last minute's requests. A request counts from the
-moment it is sent; once answered it is stamped with its completion time,
-which is no earlier than its arrival at the provider, so no 60-second window
-the provider sees ever holds more than the limit, however long a connection
-took to open. (A token bucket would allow twice the limit in the first
-minute.) A full window frees a slot exactly as an old request ages out, so the
-job runs at the limit, less one latency per minute.
+- `RateWindow`: the requests- and tokens-per-minute of one provider key. Own
+  requests are kept over a sliding window; a request counts from the moment it
+  is sent and, once answered, is stamped with its completion time, which is no
+  earlier than its arrival at the provider, so no 60-second window the
+  provider sees holds more than this process's figure (a token bucket would
+  allow twice the limit in the first minute).
+- `KeyShare`: what one process may take of a key that others use too (shards
+  of a job, other jobs), read from the provider's `x-ratelimit-*` headers.
+- `AdaptiveConcurrency`: AIMD on requests in flight, judging latency against
+  what a request of that size usually takes.
+- `Circuit`: consecutive failures open it, it rests, one probe closes it.
 """
 from __future__ import annotations
 
+import bisect
+import math
+import os
 from collections import deque
+from dataclasses import dataclass
+from typing import Literal
 
-WINDOW_S = 60.0
+TEST_WINDOW_ENV = "EMBEDDING_PIPELINE_TEST_WINDOW_S"  # tests only: a short "minute" for subprocess runs
+
+
+def _window_s() -> float:
+    try:
+        value = float(os.environ.get(TEST_WINDOW_ENV, ""))
+    except ValueError:
+        return 60.0
+    return value if 0 < value < math.inf else 60.0
+
+
+WINDOW_S = _window_s()  # what "per minute" means: RPM/TPM and the providers' x-ratelimit figures
 SAFETY_S = 0.05  # clock granularity between us and the provider
 POLL_S = 0.05  # when the window is full of requests still in flight, look again this soon
 
+# Sharing a key. Each process takes its share of the key's use times the
+# limit less a margin, plus a small step: the shares of all processes add up
+# to the limit less the margin less their steps, whatever their number.
+MARGIN_SHARE = 0.03  # of the key's limit left unclaimed: others' requests in flight that no answer shows yet
+SHARERS_PROVIDED_FOR = 8  # each step is the margin / this: so many processes stay under the limit together
+MIN_REQUEST_STEP = 1.0  # a process may always grow its request share by one (late joiners are not starved)
+LOG_PRUNE_AT = 64  # sends kept before the log of sends is pruned
+
+Dimension = Literal["requests", "tokens"]
+
+
+@dataclass(frozen=True)
+class LimitReading:
+    """One of a provider's limits as an answer stated it (`x-ratelimit-*-requests` or `-tokens`)."""
+
+    limit: float  # per minute, for the whole key
+    remaining: float  # left in the key's current window, everyone's use counted
+    reset_s: float | None  # until the key's use is back to none
+
+
+@dataclass(frozen=True)
+class KeyReading:
+    """What one answer said about the key's limits; a dimension it did not state is None."""
+
+    requests: LimitReading | None = None
+    tokens: LimitReading | None = None
+
+
+class KeyShare:
+    """One limit (requests or tokens) of a key, as this process may use it.
+
+    Without readings from the provider: the job's figure, split evenly among
+    `shards` (processes of one job each take 1/N). With them: the provider's
+    limit (the job's figure when tighter), shared with whoever else uses the
+    key. A reading says how much of the key's window is used (`limit -
+    remaining`); this process knows how much of that was its own, so it takes
+    that share of the limit less a margin, plus a step. Every process doing
+    the same converges to the limit together without knowing of the others: a
+    process that used more than its share sees its share shrink; the step lets
+    a newcomer grow. A reading showing no more use than this process's own
+    (a key it has to itself, a bucket refilled) leaves it the whole limit.
+    Readings are ordered by when their request was sent, so a late answer to
+    an early request does not overwrite a fresher one.
+    """
+
+    def __init__(self, figure: float | None, shards: int = 1, *, min_step: float = 0.0) -> None:
+        if figure is not None and not figure >= 1:
+            raise ValueError("a rate limit must be at least 1")
+        if shards < 1:
+            raise ValueError("shards must be at least 1")
+        self.figure = figure
+        self.static = None if figure is None else max(1.0, figure / shards)
+        self._min_step = min_step
+        self._seq = -1  # the request whose answer gave the current reading
+        self._at = -math.inf
+        self._limit = 0.0
+        self.share = 1.0  # of the key's use that is this process's, as last measured
+
+    def observe(self, seq: int, reading: LimitReading, own: float, now: float) -> None:
+        """`reading` came with the answer to request `seq`; `own` is this
+        process's use of the window it describes (its requests up to `seq`)."""
+        if seq <= self._seq:
+            return  # older news than what we have
+        self._seq, self._at = seq, now
+        self._limit = reading.limit
+        used = reading.limit - reading.remaining
+        self.share = 1.0 if own >= used else max(0.0, own) / used
+
+    def live(self, now: float) -> bool:
+        """A reading younger than one window: the provider speaks for the key."""
+        return now - self._at < WINDOW_S
+
+    def cap(self, now: float) -> float | None:
+        """How much of this limit this process may have in a window now (None: no limit)."""
+        if not self.live(now):
+            return self.static
+        limit = self._limit if self.figure is None else min(self.figure, self._limit)
+        margin = MARGIN_SHARE * limit
+        step = max(self._min_step, margin / SHARERS_PROVIDED_FOR)
+        return max(step, self.share * (limit - margin) + step)
+
 
 class RateWindow:
-    def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
-        if requests_per_minute is not None and requests_per_minute < 1:
-            raise ValueError("requests_per_minute must be at least 1")
-        if tokens_per_minute is not None and tokens_per_minute < 1:
-            raise ValueError("tokens_per_minute must be at least 1")
-        self.rpm = requests_per_minute
-        self.tpm = tokens_per_minute
+    """This process's requests against one key's RPM and TPM.
+
+    Without readings it keeps the job's figures (split among shards) over any
+    window, sending as soon as they allow, so the job runs at the limit, less
+    one latency per window. While the provider states its limits (`KeyShare`),
+    requests are also spread evenly over the window at the current share
+    instead of bursting it: processes that share a key then never see room
+    that the others have already taken.
+    """
+
+    def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None, *, shards: int = 1) -> None:
+        self.requests = KeyShare(requests_per_minute, shards, min_step=MIN_REQUEST_STEP)
+        self.tokens = KeyShare(tokens_per_minute, shards)
         self._done: deque[tuple[float, int]] = deque()  # (completed at, tokens), in completion order
         self._done_tokens = 0
         self._in_flight = 0
         self._in_flight_tokens = 0
-
-    @property
-    def limited(self) -> bool:
-        return self.rpm is not None or self.tpm is not None
+        # Every send, by ticket - _log_base: (sent at, requests and tokens sent before it, its tokens)
+        self._log: list[tuple[float, int, int, int]] = []
+        self._log_base = 1
+        self._sent_requests = 0
+        self._sent_tokens = 0
 
     def delay_s(self, tokens: int, now: float) -> float:
         """Seconds until a request of `tokens` may be sent (0: now)."""
-        self._expire(now)
-        wait = 0.0
-        if self.rpm is not None:
-            over = len(self._done) + self._in_flight + 1 - self.rpm
-            if over > 0:
-                wait = max(wait, self._age_out_s(over, now, by_tokens=False))
-        if self.tpm is not None and (self._done or self._in_flight):
-            # A request larger than the whole limit goes alone into an empty window.
-            over = self._done_tokens + self._in_flight_tokens + min(tokens, self.tpm) - self.tpm
-            if over > 0:
-                wait = max(wait, self._age_out_s(over, now, by_tokens=True))
-        return wait
+        return max(self._delay_s(self.requests, 1, now, by_tokens=False),
+                   self._delay_s(self.tokens, tokens, now, by_tokens=True))
 
-    def sent(self, tokens: int) -> None:
+    def _delay_s(self, share: KeyShare, cost: int, now: float, *, by_tokens: bool) -> float:
+        cap = share.cap(now)
+        if cap is None:
+            return 0.0
+        if share.live(now):
+            return self._shared_delay_s(cap, cost, now, by_tokens=by_tokens)
+        self._expire(now)
+        if not self._done and not self._in_flight:
+            return 0.0  # a lone request always fits an empty window, even one larger than the whole limit
+        in_window = (self._done_tokens + self._in_flight_tokens) if by_tokens else (len(self._done) + self._in_flight)
+        over = in_window + min(cost, cap) - cap
+        return self._age_out_s(over, now, by_tokens=by_tokens) if over > 0 else 0.0
+
+    def _shared_delay_s(self, cap: float, cost: int, now: float, *, by_tokens: bool) -> float:
+        """While the provider speaks for the key: this process's share of the
+        window (own sends counted from when they were sent, as the share was
+        measured), spread evenly over it rather than sent in a burst."""
+        column = 2 if by_tokens else 1
+        first = bisect.bisect_right(self._log, now - WINDOW_S, key=lambda entry: entry[0])
+        if first == len(self._log):
+            return 0.0  # nothing of ours in the window
+        total = self._sent_tokens if by_tokens else self._sent_requests
+        over = total - self._log[first][column] + min(cost, cap) - cap
+        wait = 0.0
+        if over > 0:  # until enough of our own sends have left the window
+            for sent_at, _, _, tokens in self._log[first:]:
+                over -= tokens if by_tokens else 1
+                if over <= 0:
+                    wait = sent_at + WINDOW_S - now
+                    break
+        sent_at, _, _, last_tokens = self._log[-1]
+        spacing = WINDOW_S * (min(last_tokens, cap) if by_tokens else 1) / cap
+        return max(wait, sent_at + spacing - now)
+
+    def sent(self, tokens: int, now: float) -> int:
+        """A request goes out now; returns its ticket for `answered`."""
         self._in_flight += 1
         self._in_flight_tokens += tokens
+        self._log.append((now, self._sent_requests, self._sent_tokens, tokens))
+        self._sent_requests += 1
+        self._sent_tokens += tokens
+        self._prune_log(now)
+        return self._log_base + len(self._log) - 1
 
-    def answered(self, tokens: int, now: float) -> None:
-        """A request ended (success or failure: relays count both)."""
+    def answered(self, ticket: int, tokens: int, now: float, reading: KeyReading | None = None) -> None:
+        """A request ended (success or failure: relays count both), with what
+        its answer said about the key, if anything."""
         self._in_flight -= 1
         self._in_flight_tokens -= tokens
         self._done.append((now, tokens))
         self._done_tokens += tokens
+        if reading is None:
+            return
+        own = self._own_use(ticket)
+        if own is None:
+            return  # sent longer ago than any window: nothing current to learn
+        if reading.requests is not None:
+            self.requests.observe(ticket, reading.requests, own[0], now)
+        if reading.tokens is not None:
+            self.tokens.observe(ticket, reading.tokens, own[1], now)
 
-    def _age_out_s(self, amount: int, now: float, *, by_tokens: bool) -> float:
+    def _own_use(self, ticket: int) -> tuple[int, int] | None:
+        """(requests, tokens) this process sent in the window up to and including `ticket`."""
+        i = ticket - self._log_base
+        if not 0 <= i < len(self._log):
+            return None
+        sent_at, requests_before, tokens_before, tokens = self._log[i]
+        first = bisect.bisect_right(self._log, sent_at - WINDOW_S, hi=i, key=lambda entry: entry[0])
+        _, first_requests_before, first_tokens_before, _ = self._log[first]
+        return requests_before + 1 - first_requests_before, tokens_before + tokens - first_tokens_before
+
+    def _prune_log(self, now: float) -> None:
+        """Forget sends older than two windows, half the log at a time (amortised O(1))."""
+        half = len(self._log) // 2
+        if len(self._log) >= LOG_PRUNE_AT and self._log[half][0] < now - 2 * WINDOW_S:
+            del self._log[:half]
+            self._log_base += half
+
+    def _age_out_s(self, amount: float, now: float, *, by_tokens: bool) -> float:
         """Time until `amount` requests (or tokens) of the window have aged out."""
         freed = 0
         for done_at, tokens in self._done:
@@ -74,25 +239,54 @@ class RateWindow:
             self._done_tokens -= self._done.popleft()[1]
 
 
-LATENCY_RISE_FACTOR = 2.0  # recent latency this many times the usual: the provider is saturating
+LATENCY_RISE_FACTOR = 2.0  # recent latency this many times what the size predicts: the provider is saturating
 LATENCY_FAST_ALPHA = 0.3
 LATENCY_SLOW_ALPHA = 0.03
 LATENCY_MIN_SAMPLES = 20  # no latency judgement before this many answers
+SIZE_SPREAD_MIN = 0.05  # request sizes varying less than this (coefficient of variation): judge latency alone
+EXPECTED_FLOOR_SHARE = 0.1  # a predicted latency is never below this share of the usual one
+
+
+class LatencyModel:
+    """What a request of `size` (tokens) usually takes: latency = a + b * size,
+    fitted by least squares over exponentially fading recent answers, so a
+    server whose latency follows request size is not taken for a slow one."""
+
+    def __init__(self, alpha: float = LATENCY_SLOW_ALPHA) -> None:
+        self._alpha = alpha
+        self._moments: tuple[float, float, float, float] | None = None  # E[x], E[y], E[x^2], E[xy]
+
+    def add(self, size: float, latency_s: float) -> None:
+        m = (size, latency_s, size * size, size * latency_s)
+        old = self._moments
+        self._moments = m if old is None else tuple(o + self._alpha * (n - o) for o, n in zip(old, m))  # type: ignore[assignment]
+
+    def expected_s(self, size: float) -> float | None:
+        if self._moments is None:
+            return None
+        mx, my, mxx, mxy = self._moments
+        var = mxx - mx * mx
+        slope = 0.0
+        if var > (SIZE_SPREAD_MIN * mx) ** 2 and var > 0:
+            slope = max(0.0, (mxy - mx * my) / var)
+        return max(EXPECTED_FLOOR_SHARE * my, my + slope * (size - mx))
 
 
 class AdaptiveConcurrency:
     """How many requests a provider gets at once: AIMD between 1 and its
     `max_concurrency`. A rate limit halves it, a latency spike trims it, and
     each answered request adds 1/limit (one per window of successes). Only
-    successes raise it: fast error responses never speed anything up."""
+    successes raise it: fast error responses never speed anything up. A spike
+    is latency well above what requests of that size usually take, so a
+    bigger request is not one."""
 
     def __init__(self, maximum: int) -> None:
         if maximum < 1:
             raise ValueError("maximum must be at least 1")
         self.maximum = maximum
         self.limit = float(maximum)
-        self._fast: float | None = None  # EWMA of recent latencies
-        self._slow: float | None = None  # EWMA of usual latencies
+        self._usual = LatencyModel()
+        self._recent: float | None = None  # EWMA of latency / what its size predicts
         self._samples = 0
         self._since_trim = 0
 
@@ -100,16 +294,19 @@ class AdaptiveConcurrency:
     def allowed(self) -> int:
         return max(1, int(self.limit))
 
-    def on_success(self, latency_s: float) -> None:
+    def on_success(self, latency_s: float, tokens: int = 0) -> None:
         if not latency_s >= 0:  # nan or negative: a clock glitch, not a signal
             return
+        size = float(max(0, tokens))
+        expected = self._usual.expected_s(size)
+        self._usual.add(size, latency_s)
+        ratio = 1.0 if not expected else latency_s / expected
+        self._recent = ratio if self._recent is None else self._recent + LATENCY_FAST_ALPHA * (ratio - self._recent)
         self._samples += 1
         self._since_trim += 1
-        self._fast = latency_s if self._fast is None else self._fast + LATENCY_FAST_ALPHA * (latency_s - self._fast)
-        self._slow = latency_s if self._slow is None else self._slow + LATENCY_SLOW_ALPHA * (latency_s - self._slow)
         rising = (
             self._samples >= LATENCY_MIN_SAMPLES
-            and self._fast > LATENCY_RISE_FACTOR * self._slow
+            and self._recent > LATENCY_RISE_FACTOR
             and self._since_trim >= self.allowed  # at most one trim per window of answers
         )
         if rising:
@@ -121,3 +318,80 @@ class AdaptiveConcurrency:
     def on_rate_limited(self) -> None:
         self.limit = max(1.0, self.limit / 2.0)
         self._since_trim = 0
+
+
+HALF_OPEN_POLL_S = 0.05  # how often others look while one request probes a half-open circuit
+CircuitState = Literal["closed", "open", "down"]
+
+
+@dataclass(frozen=True)
+class Permit:
+    """Leave to send one request through a circuit."""
+
+    opens: int  # how many times the circuit had opened when the request was sent
+    probe: bool  # the one request a half-open circuit lets through
+
+
+class Circuit:
+    """A provider that fails `failures_to_open` answers in a row is opened:
+    it rests, then one request probes it while the others wait. A good answer
+    closes it; a failed probe opens it again for twice as long, and after
+    `opens_to_give_up` rests in a row it is down for the run. Only failures
+    of requests sent since it last opened count as failed probes: the rest of
+    a burst in flight when it opened is more of the same outage."""
+
+    def __init__(self, *, failures_to_open: int, first_rest_s: float, max_rest_s: float, opens_to_give_up: int) -> None:
+        if failures_to_open < 1 or opens_to_give_up < 1:
+            raise ValueError("failures_to_open and opens_to_give_up must be at least 1")
+        self.failures_to_open = failures_to_open
+        self.first_rest_s = max(0.0, first_rest_s)
+        self.max_rest_s = max(0.0, max_rest_s)
+        self.opens_to_give_up = opens_to_give_up
+        self.failures_in_a_row = 0
+        self.opens = 0  # times opened since the last good answer
+        self.rest_until = 0.0
+        self.probing = False
+
+    def state(self) -> CircuitState:
+        if self.opens >= self.opens_to_give_up:
+            return "down"
+        return "open" if self.opens else "closed"
+
+    def available_at(self, now: float) -> float:
+        """When a request may next be admitted (now or later)."""
+        if self.opens and self.probing:
+            return now + HALF_OPEN_POLL_S
+        return max(now, self.rest_until)
+
+    def admit(self, now: float) -> Permit | None:
+        """Leave to send now, or None: resting, down, or another request is the probe."""
+        if self.state() == "down" or now < self.rest_until or (self.opens and self.probing):
+            return None
+        probe = self.opens > 0
+        self.probing = self.probing or probe
+        return Permit(self.opens, probe)
+
+    def release(self, permit: Permit) -> None:
+        """The request ended, however: a probe's place is free again."""
+        if permit.probe:
+            self.probing = False
+
+    def succeeded(self) -> bool:
+        """A good answer; True when it closed an open circuit."""
+        was_open = self.opens > 0
+        self.failures_in_a_row = 0
+        self.opens = 0
+        self.rest_until = 0.0
+        return was_open
+
+    def failed(self, permit: Permit, now: float) -> float | None:
+        """A failed answer (the provider's fault). Returns the rest when it opened the circuit."""
+        self.failures_in_a_row += 1
+        if self.opens > permit.opens or self.state() == "down":
+            return None
+        if not self.opens and self.failures_in_a_row < self.failures_to_open:
+            return None
+        rest = min(self.max_rest_s, self.first_rest_s * 2.0 ** min(self.opens, 30))
+        self.opens += 1
+        self.rest_until = max(self.rest_until, now + rest)
+        return rest

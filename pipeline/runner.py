@@ -103,7 +103,7 @@ class _Run:
                     self.cache.close()
 
     async def _with_providers(self, providers: list[Provider]) -> int:
-        self.dispatcher = Dispatcher(providers, self.job.retry)
+        self.dispatcher = Dispatcher(providers, self.job.retry, shards=self.opts.shard[1] if self.opts.shard else 1)
         self.progress = Progress(self._rows_to_do(), self.opts.progress)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
