@@ -38,13 +38,15 @@ POLL_S = 0.05  # when the window is full of requests still in flight, look again
 
 # Sharing a key. Each process takes its share of the key's use times the
 # limit less a margin, plus a small step: the shares of all processes add up
-# to the limit less the margin less their steps, whatever their number.
+# to the limit less the margin plus their steps, whatever their number.
 MARGIN_SHARE = 0.03  # of the key's limit left unclaimed: others' requests in flight that no answer shows yet
-SHARERS_PROVIDED_FOR = 8  # each step is the margin / this: so many processes stay under the limit together
-MIN_REQUEST_STEP = 1.0  # a process may always grow its request share by one (late joiners are not starved)
+SHARERS_PROVIDED_FOR = 8  # steps are the margin / this, and any process may take 1/this of the key:
+#                           so many processes together stay under the limit and none is starved
+MIN_REQUEST_STEP = 1.0  # requests move by whole requests
 LOG_PRUNE_AT = 64  # sends kept before the log of sends is pruned
-
-Dimension = Literal["requests", "tokens"]
+READING_LIFE_WINDOWS = 5  # a reading this old is dropped: the key may have changed hands since
+ANSWERS_WITHOUT_READING = 3  # answers in a row without a reading: the provider stopped sending them
+LATENCY_EWMA_ALPHA = 0.2  # weight of each answer in the recent latency that pacing allows for
 
 
 @dataclass(frozen=True)
@@ -74,11 +76,13 @@ class KeyShare:
     remaining`); this process knows how much of that was its own, so it takes
     that share of the limit less a margin, plus a step. Every process doing
     the same converges to the limit together without knowing of the others: a
-    process that used more than its share sees its share shrink; the step lets
-    a newcomer grow. A reading showing no more use than this process's own
-    (a key it has to itself, a bucket refilled) leaves it the whole limit.
-    Readings are ordered by when their request was sent, so a late answer to
-    an early request does not overwrite a fresher one.
+    process that used more than its share sees its share shrink, and one that
+    joins a busy key may take an eighth of it at once (what it then uses is
+    its share). A reading showing no more use than this process's own (a key
+    it has to itself, a bucket refilled) leaves it the whole limit. Readings
+    are ordered by when their request was sent, so a late answer to an early
+    request does not overwrite a fresher one. The reset times are not needed:
+    shares are measured over the window itself.
     """
 
     def __init__(self, figure: float | None, shards: int = 1, *, min_step: float = 0.0) -> None:
@@ -92,6 +96,7 @@ class KeyShare:
         self._seq = -1  # the request whose answer gave the current reading
         self._at = -math.inf
         self._limit = 0.0
+        self._unread = 0  # answers since the last reading that carried none
         self.share = 1.0  # of the key's use that is this process's, as last measured
 
     def observe(self, seq: int, reading: LimitReading, own: float, now: float) -> None:
@@ -100,13 +105,18 @@ class KeyShare:
         if seq <= self._seq:
             return  # older news than what we have
         self._seq, self._at = seq, now
+        self._unread = 0
         self._limit = reading.limit
         used = reading.limit - reading.remaining
         self.share = 1.0 if own >= used else max(0.0, own) / used
 
+    def unread(self) -> None:
+        """An answer came without a reading of this limit."""
+        self._unread += 1
+
     def live(self, now: float) -> bool:
-        """A reading younger than one window: the provider speaks for the key."""
-        return now - self._at < WINDOW_S
+        """The provider speaks for the key: its answers carry readings, the latest a recent one."""
+        return self._unread < ANSWERS_WITHOUT_READING and now - self._at < READING_LIFE_WINDOWS * WINDOW_S
 
     def cap(self, now: float) -> float | None:
         """How much of this limit this process may have in a window now (None: no limit)."""
@@ -115,18 +125,19 @@ class KeyShare:
         limit = self._limit if self.figure is None else min(self.figure, self._limit)
         margin = MARGIN_SHARE * limit
         step = max(self._min_step, margin / SHARERS_PROVIDED_FOR)
-        return max(step, self.share * (limit - margin) + step)
+        return max((limit - margin) / SHARERS_PROVIDED_FOR, self.share * (limit - margin) + step)
 
 
 class RateWindow:
     """This process's requests against one key's RPM and TPM.
 
-    Without readings it keeps the job's figures (split among shards) over any
-    window, sending as soon as they allow, so the job runs at the limit, less
-    one latency per window. While the provider states its limits (`KeyShare`),
-    requests are also spread evenly over the window at the current share
-    instead of bursting it: processes that share a key then never see room
-    that the others have already taken.
+    Its own requests are kept under the current figure (`KeyShare.cap`: the
+    job's figures split among shards, or its share of the key while the
+    provider states the key's limits) over any window, sending as soon as
+    they allow, so a process alone runs at the limit, less one latency per
+    window. While the provider states its limits, requests are also spread
+    evenly over the window instead of bursting it: processes that share a key
+    then never see room that the others have already taken.
     """
 
     def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None, *, shards: int = 1) -> None:
@@ -141,6 +152,7 @@ class RateWindow:
         self._log_base = 1
         self._sent_requests = 0
         self._sent_tokens = 0
+        self._latency_s = 0.0  # recent time from send to answer (EWMA)
 
     def delay_s(self, tokens: int, now: float) -> float:
         """Seconds until a request of `tokens` may be sent (0: now)."""
@@ -151,35 +163,22 @@ class RateWindow:
         cap = share.cap(now)
         if cap is None:
             return 0.0
-        if share.live(now):
-            return self._shared_delay_s(cap, cost, now, by_tokens=by_tokens)
         self._expire(now)
-        if not self._done and not self._in_flight:
-            return 0.0  # a lone request always fits an empty window, even one larger than the whole limit
-        in_window = (self._done_tokens + self._in_flight_tokens) if by_tokens else (len(self._done) + self._in_flight)
-        over = in_window + min(cost, cap) - cap
-        return self._age_out_s(over, now, by_tokens=by_tokens) if over > 0 else 0.0
-
-    def _shared_delay_s(self, cap: float, cost: int, now: float, *, by_tokens: bool) -> float:
-        """While the provider speaks for the key: this process's share of the
-        window (own sends counted from when they were sent, as the share was
-        measured), spread evenly over it rather than sent in a burst."""
-        column = 2 if by_tokens else 1
-        first = bisect.bisect_right(self._log, now - WINDOW_S, key=lambda entry: entry[0])
-        if first == len(self._log):
-            return 0.0  # nothing of ours in the window
-        total = self._sent_tokens if by_tokens else self._sent_requests
-        over = total - self._log[first][column] + min(cost, cap) - cap
         wait = 0.0
-        if over > 0:  # until enough of our own sends have left the window
-            for sent_at, _, _, tokens in self._log[first:]:
-                over -= tokens if by_tokens else 1
-                if over <= 0:
-                    wait = sent_at + WINDOW_S - now
-                    break
-        sent_at, _, _, last_tokens = self._log[-1]
-        spacing = WINDOW_S * (min(last_tokens, cap) if by_tokens else 1) / cap
-        return max(wait, sent_at + spacing - now)
+        if self._done or self._in_flight:  # a lone request always fits an empty window, even one over the limit
+            in_window = (self._done_tokens + self._in_flight_tokens) if by_tokens else (len(self._done) + self._in_flight)
+            over = in_window + min(cost, cap) - cap
+            if over > 0:
+                wait = self._age_out_s(over, now, by_tokens=by_tokens)
+        if share.live(now) and self._log:
+            # The provider speaks for a key others may share: this process's
+            # share is spread evenly over the window rather than sent in a burst.
+            # Paced at what the window, whose requests stay until answered, sustains: smoothly,
+            # so a burst's pattern is not repeated window after window.
+            sent_at, _, _, last_tokens = self._log[-1]
+            spacing = (WINDOW_S + SAFETY_S + self._latency_s) * (min(last_tokens, cap) if by_tokens else 1) / cap
+            wait = max(wait, sent_at + spacing - now)
+        return wait
 
     def sent(self, tokens: int, now: float) -> int:
         """A request goes out now; returns its ticket for `answered`."""
@@ -198,15 +197,16 @@ class RateWindow:
         self._in_flight_tokens -= tokens
         self._done.append((now, tokens))
         self._done_tokens += tokens
-        if reading is None:
-            return
+        i = ticket - self._log_base
+        if 0 <= i < len(self._log):
+            self._latency_s += LATENCY_EWMA_ALPHA * (max(0.0, now - self._log[i][0]) - self._latency_s)
         own = self._own_use(ticket)
-        if own is None:
-            return  # sent longer ago than any window: nothing current to learn
-        if reading.requests is not None:
-            self.requests.observe(ticket, reading.requests, own[0], now)
-        if reading.tokens is not None:
-            self.tokens.observe(ticket, reading.tokens, own[1], now)
+        for share, limit, used in ((self.requests, reading and reading.requests, own and own[0]),
+                                   (self.tokens, reading and reading.tokens, own and own[1])):
+            if limit is None:
+                share.unread()
+            elif used is not None:  # else sent longer ago than any window: nothing current to learn
+                share.observe(ticket, limit, used, now)
 
     def _own_use(self, ticket: int) -> tuple[int, int] | None:
         """(requests, tokens) this process sent in the window up to and including `ticket`."""

