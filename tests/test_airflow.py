@@ -3,14 +3,20 @@ mapped shard tasks and the completion check, against a loopback provider;
 a shard whose try fails on a provider fault is retried by Airflow and the
 retry resumes instead of starting over; a wrong job (exit 2) is not retried.
 
-Skipped where Airflow is not installed (the normal suite). To run it:
+Airflow runs in its own environment, as in production: `.venv-airflow` at the
+repository root (what `.ci/run` builds from `.ci/airflow-requirements.txt`),
+or this interpreter's if it has Airflow. Its tasks run the pipeline from this
+interpreter through EMBEDDING_CLI. Skipped where neither has Airflow (CI,
+which sets EMBEDDING_TEST_REQUIRE_AIRFLOW, fails instead). To run it:
 
-    python3 -m venv /tmp/af && /tmp/af/bin/pip install "apache-airflow==3.3.*" pytest pytest-timeout -e .
-    /tmp/af/bin/python -m pytest -q tests/test_airflow.py
+    python3 -m venv .venv-airflow && .venv-airflow/bin/pip install -r .ci/airflow-requirements.txt
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -19,11 +25,25 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("airflow", reason="Airflow is not installed; see this file's docstring to run it")
-
-from conftest import (REPO, cli_env, docs_table, provider_entry, read_parts, rows_sent, sample_texts,  # noqa: E402
+from conftest import (REPO, cli_env, docs_table, provider_entry, read_parts, rows_sent, sample_texts,
                       write_job, write_parquet)
-from fakeprovider import FakeProvider  # noqa: E402
+from fakeprovider import FakeProvider
+
+AIRFLOW_VENV_PYTHON = REPO / ".venv-airflow" / "bin" / "python"
+REQUIRE_AIRFLOW_ENV = "EMBEDDING_TEST_REQUIRE_AIRFLOW"  # set by .ci/run: a missing Airflow fails the suite
+
+
+def airflow_python() -> str | None:
+    """The interpreter that has Airflow: its own environment first, else this one."""
+    if AIRFLOW_VENV_PYTHON.exists():
+        return str(AIRFLOW_VENV_PYTHON)
+    return sys.executable if importlib.util.find_spec("airflow") is not None else None
+
+
+AIRFLOW_PYTHON = airflow_python()
+if AIRFLOW_PYTHON is None and os.environ.get(REQUIRE_AIRFLOW_ENV):
+    raise RuntimeError(f"{REQUIRE_AIRFLOW_ENV} is set but no Airflow was found: {AIRFLOW_VENV_PYTHON} is missing")
+pytestmark = pytest.mark.skipif(AIRFLOW_PYTHON is None, reason="no Airflow: see this file's docstring to install it")
 
 N_ROWS = 60
 ROWS_PER_PART = 5
@@ -46,12 +66,15 @@ def airflow_env(tmp: Path, job: Path) -> dict[str, str]:
         "EMBEDDING_SHARDS": str(SHARDS),
         "EMBEDDING_RETRY_DELAY_S": "1",
         "EMBEDDING_DAG_ID": DAG_ID,
+        # the pipeline from this interpreter, whatever environment Airflow has
+        "EMBEDDING_CLI": f"{shlex.quote(sys.executable)} -m pipeline",
         "PYTHONPATH": str(REPO),  # the checkout's pipeline, installed or not
     })
 
 
 def airflow(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "airflow", *args], env=env, cwd=REPO,
+    assert AIRFLOW_PYTHON is not None
+    return subprocess.run([AIRFLOW_PYTHON, "-m", "airflow", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=AIRFLOW_TIMEOUT_S)
 
 
@@ -96,7 +119,8 @@ print(json.dumps({
 
 def test_the_dag_parses_into_mapped_shards_and_a_completion_check(tmp_path: Path, migrated: Path) -> None:
     env = with_home(tmp_path, migrated, tmp_path / "jobs dir" / "job.yaml")  # a path that needs quoting
-    result = subprocess.run([sys.executable, "-c", PARSE], env=env, capture_output=True, text=True,
+    assert AIRFLOW_PYTHON is not None
+    result = subprocess.run([AIRFLOW_PYTHON, "-c", PARSE], env=env, capture_output=True, text=True,
                             timeout=AIRFLOW_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     parsed = json.loads(result.stdout.splitlines()[-1])
