@@ -172,9 +172,9 @@ class RateWindow:
                 wait = self._age_out_s(over, now, by_tokens=by_tokens)
         if share.live(now) and self._log:
             # The provider speaks for a key others may share: this process's
-            # share is spread evenly over the window rather than sent in a burst.
-            # Paced at what the window, whose requests stay until answered, sustains: smoothly,
-            # so a burst's pattern is not repeated window after window.
+            # share is spread evenly over the window (which holds a request
+            # until it is answered) rather than sent in bursts, whose pattern
+            # the window would repeat, and which others could not see coming.
             sent_at, _, _, last_tokens = self._log[-1]
             spacing = (WINDOW_S + SAFETY_S + self._latency_s) * (min(last_tokens, cap) if by_tokens else 1) / cap
             wait = max(wait, sent_at + spacing - now)
@@ -197,6 +197,7 @@ class RateWindow:
         self._in_flight_tokens -= tokens
         self._done.append((now, tokens))
         self._done_tokens += tokens
+        self._expire(now)  # here too: a provider without limits is never asked for a delay
         i = ticket - self._log_base
         if 0 <= i < len(self._log):
             self._latency_s += LATENCY_EWMA_ALPHA * (max(0.0, now - self._log[i][0]) - self._latency_s)

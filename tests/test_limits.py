@@ -279,6 +279,14 @@ def test_the_log_of_sends_stays_bounded_and_old_answers_teach_nothing() -> None:
     assert not window.requests.live(1000.0)
 
 
+def test_a_provider_without_limits_keeps_no_more_than_a_window_of_answers() -> None:
+    window = RateWindow(None, None)
+    for i in range(100_000):
+        window.answered(window.sent(10, i * 0.01), 10, i * 0.01)
+    assert len(window._done) <= (limits.WINDOW_S + limits.SAFETY_S) / 0.01 + 1
+    assert len(window._log) <= 2 * (2 * limits.WINDOW_S / 0.01) + limits.LOG_PRUNE_AT
+
+
 # ---------------------------------------------------------------- many processes, one simulated key
 Semantics = Literal["sliding", "bucket"]
 
@@ -624,3 +632,4 @@ def test_a_probe_answered_otherwise_frees_its_place_for_another() -> None:
 def test_a_circuit_that_can_never_open_or_close_is_refused(failures: int, opens: int) -> None:
     with pytest.raises(ValueError):
         Circuit(failures_to_open=failures, first_rest_s=1.0, max_rest_s=1.0, opens_to_give_up=opens)
+
