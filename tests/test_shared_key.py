@@ -106,8 +106,8 @@ def assert_complete(result: subprocess.CompletedProcess[str], out: Path, rows: i
 
 @pytest.mark.parametrize("headers", [True, False], ids=["with_headers", "without_headers"])
 def test_four_shards_each_naming_the_keys_whole_limit_stay_under_it_together(tmp_path: Path, headers: bool) -> None:
-    # without headers only refusals are counted: two windows' work holds every shard to its quarter
-    rows = rows_for(WARM_UP_WINDOWS + MEASURED_WINDOWS + 1.5 if headers else 2)
+    # without headers only refusals are counted: a window and a half of work holds every shard to its quarter
+    rows = rows_for(WARM_UP_WINDOWS + MEASURED_WINDOWS + 1 if headers else 1.5)
     with FakeProvider(dim=8, rpm=RPM, tpm=TPM, window_s=WINDOW_S, limit_headers=headers) as fp:
         job = make_job(tmp_path, fp, "shards", rows, seed=1)
         results = run_together([(job, ["--shard", f"{k}/4"]) for k in range(4)])
@@ -121,7 +121,7 @@ def test_four_shards_each_naming_the_keys_whole_limit_stay_under_it_together(tmp
 
 
 def test_two_jobs_on_one_key_share_it_by_its_headers(tmp_path: Path) -> None:
-    rows = rows_for((WARM_UP_WINDOWS + MEASURED_WINDOWS + 1.5) / 2)
+    rows = rows_for((WARM_UP_WINDOWS + MEASURED_WINDOWS + 1) / 2)
     with FakeProvider(dim=8, rpm=RPM, tpm=TPM, window_s=WINDOW_S) as fp:
         jobs = [make_job(tmp_path / name, fp, name, rows, seed=i) for i, name in enumerate(["docs", "tickets"])]
         results = run_together([(job, []) for job in jobs])
