@@ -164,3 +164,17 @@ def error_lines(stderr: str) -> list[str]:
 def rows_sent(fp: FakeProvider) -> Counter[str]:
     """Texts the server answered, without each run's start-up probe (the vector-space check)."""
     return Counter(t for t in fp.inputs_received if t not in PROBE_TEXTS)
+
+
+def read_checkpoint(out: Path) -> Any:
+    """The output's checkpoint as every reader takes it (snapshots and records), or None."""
+    from pipeline.manifest import Checkpoint
+    from pipeline.storage import LocalOutput
+
+    return Checkpoint.read(LocalOutput(str(out)))
+
+
+def committed_units(out: Path) -> set[int]:
+    """Units the output's checkpoint lists as committed."""
+    checkpoint = read_checkpoint(out)
+    return set(checkpoint.ledger.committed_seqs()) if checkpoint is not None else set()

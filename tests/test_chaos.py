@@ -24,6 +24,7 @@ import pytest
 
 from conftest import (
     assert_vectors_exact,
+    committed_units,
     docs_table,
     error_lines,
     part_files,
@@ -281,8 +282,7 @@ def test_all_providers_down_exits_1_naming_each_and_a_rerun_sends_only_uncommitt
     assert all(name in last for name in names), last
     assert not (out / "_SUCCESS").exists()
 
-    manifest = json.loads((out / "_manifest.json").read_text())  # intact: whole JSON
-    committed = {int(seq) for seq in manifest["units"]}
+    committed = committed_units(out)  # the checkpoint reads whole
     assert {p.name for p in part_files(out)} == {f"part-{seq:05d}.parquet" for seq in committed}
     for seq in committed:  # what is committed is whole and exact
         part = pq.read_table(out / f"part-{seq:05d}.parquet")
