@@ -138,15 +138,28 @@ class Checkpoint:
         return [(rel, record) for rel, record in zip(names, found) if record is not None]
 
     def _read_record(self, rel: str) -> UnitRecord | None:
-        try:
-            obj = json.loads(self.output.read_bytes(rel))
-            if obj.get("epoch") != self.epoch:
-                return None  # another job's: ignored, and removed by its owner at start
-            return UnitRecord.from_json(obj)
-        except FileNotFoundError:
-            return None  # compacted meanwhile: its snapshot has it
-        except (ValueError, TypeError, KeyError, AttributeError):
-            return None  # torn by a store that is not atomic: its part is an orphan, redone
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                obj = json.loads(self.output.read_bytes(rel))
+            except FileNotFoundError:
+                return None  # compacted meanwhile: its snapshot has it
+            except OSError:
+                # A store may fail a read of an object deleted under it (compacted by its writer).
+                if attempt + 1 < READ_ATTEMPTS and self.output.exists(rel):
+                    time.sleep(READ_RETRY_S)
+                    continue
+                if not self.output.exists(rel):
+                    return None
+                raise
+            except ValueError:
+                return None  # torn by a store that is not atomic: its part is an orphan, redone
+            try:
+                if obj.get("epoch") != self.epoch:
+                    return None  # another job's: ignored, and removed by its owner at start
+                return UnitRecord.from_json(obj)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                return None
+        return None
 
     @classmethod
     def open(cls, output: Output, job: JobConfig, fingerprint: dict[str, Any], *, restart: bool,
@@ -324,13 +337,12 @@ def _read_json(output: Output, rel: str) -> Any:
             return json.loads(output.read_bytes(rel))
         except FileNotFoundError:
             return None
-        except ValueError:
+        except (ValueError, OSError) as err:
+            # Caught mid-overwrite by a store that is not atomic, or a read failed under load.
             if attempt + 1 < READ_ATTEMPTS:
-                time.sleep(READ_RETRY_S)  # caught mid-overwrite by a store that is not atomic
+                time.sleep(READ_RETRY_S)
                 continue
-            why = "not JSON"
-        except OSError as err:
-            why = err.strerror or store_error(err)
+            why = "not JSON" if isinstance(err, ValueError) else (err.strerror or store_error(err))
         raise ConfigError(f"{output.display(rel)}: unreadable manifest ({why}); rerun with --restart to start over")
     return None
 
