@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
-from .schema import Invalid, Reader, check_fields, setting, spec_of
+from .schema import Invalid, Reader, check_fields, rules, setting, spec_of
 
 Format = Literal["auto", "parquet", "csv"]
 TooLongPolicy = Literal["truncate", "chunk_mean", "skip", "fail"]
@@ -54,7 +54,7 @@ STORAGE_SECRET_KEYS = tuple(f.name for f in fields(StorageConfig) if spec_of(f).
 @dataclass(frozen=True)
 class InputConfig:
     # `path:` in the file; made absolute, globs kept
-    paths: tuple[str, ...] = setting(key="path", path=True, expect="a path, a glob or a list of them")
+    paths: tuple[str, ...] = field(metadata=rules(key="path", path=True, expect="a path, a glob or a list of them"))
     text_column: str | None = None
     text_template: str | None = None
     id_column: str | None = None
@@ -88,7 +88,7 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    path: str = setting(path=True)
+    path: str = field(metadata=rules(path=True))
     vector_column: str = "embedding"
     rows_per_part: int = setting(DEFAULT_ROWS_PER_PART, low=1, high=10_000_000)
     id_column_name: str = "row_id"  # used when input.id_column is not set
@@ -173,7 +173,7 @@ class RetryConfig:
 class CacheConfig:
     """`cache:` written as a mapping; JobConfig keeps it as `cache` and `cache_storage`."""
 
-    path: str = setting(path=True, expect="a folder or a URI")
+    path: str = field(metadata=rules(path=True, expect="a folder or a URI"))
     storage: StorageConfig = StorageConfig()
 
     def __post_init__(self) -> None:
@@ -196,11 +196,11 @@ def _read_cache(value: Any, reader: Reader) -> dict[str, Any]:
 @dataclass(frozen=True)
 class JobConfig:
     name: str
-    job_path: Path = setting(in_file=False)
+    job_path: Path = field(metadata=rules(in_file=False))
     input: InputConfig
     output: OutputConfig
     embedding: EmbeddingConfig
-    providers: tuple[ProviderConfig, ...] = setting(expect="a list of one or more providers")
+    providers: tuple[ProviderConfig, ...] = field(metadata=rules(expect="a list of one or more providers"))
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     cache: str | None = setting(None, custom=_read_cache)  # a local folder, or a URI (s3://bucket/prefix): segments.py

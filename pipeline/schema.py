@@ -76,11 +76,17 @@ PLAIN = Spec()
 _SPEC = "job_file"  # the key of a Spec in a field's metadata
 
 
-def setting(default: Any = MISSING, *, secret: bool = False, **spec: Any) -> Any:
-    """A dataclass field with its job-file rules: `setting(8, low=1, high=1024)`.
-    `secret` keeps it out of repr and out of error messages."""
+def setting(default: Any, *, secret: bool = False, **spec: Any) -> Any:
+    """A field with a default and its job-file rules: `setting(8, low=1, high=1024)`.
+    `secret` keeps it out of repr and out of error messages. A required field
+    is `field(metadata=rules(...))`, so type checkers see it has no default."""
     env_only = spec.get("env_only", False)
-    return field(default=default, repr=not (secret or env_only), metadata={_SPEC: Spec(**spec)})
+    return field(default=default, repr=not (secret or env_only), metadata=rules(**spec))
+
+
+def rules(**spec: Any) -> dict[str, Spec]:
+    """A field's metadata holding its job-file rules (see Spec)."""
+    return {_SPEC: Spec(**spec)}
 
 
 def spec_of(f: dataclasses.Field[Any]) -> Spec:
@@ -96,13 +102,13 @@ def required(f: dataclasses.Field[Any]) -> bool:
 
 
 @functools.cache
-def hints(cls: type) -> dict[str, Any]:
+def hints(cls: Any) -> dict[str, Any]:
     """Each field's type, `X | None` split: name -> (optional, type)."""
     return {name: _unwrap(hint) for name, hint in get_type_hints(cls).items()}
 
 
 @functools.cache
-def file_fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
+def file_fields(cls: Any) -> dict[str, dataclasses.Field[Any]]:
     """The job file's keys for `cls`, in field order."""
     return {key_of(f): f for f in fields(cls) if spec_of(f).in_file}
 
@@ -141,7 +147,7 @@ def _is(hint: Any, value: Any) -> bool:
 
 def check_fields(obj: Any) -> None:
     """Raise Invalid for the first field whose value breaks its type hint or range."""
-    types_ = hints(type(obj))
+    types_ = hints(obj.__class__)
     for f in fields(obj):
         optional, hint = types_[f.name]
         problem = _problem(hint, getattr(obj, f.name), optional, f)
