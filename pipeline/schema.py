@@ -63,7 +63,7 @@ class Spec:
     """What the job file says about a field beyond its type hint."""
 
     key: str | None = None  # its name in the job file, when not the field's
-    low: float | None = None  # inclusive range, for numbers
+    low: float | None = None  # inclusive bounds, for numbers; either may be left open
     high: float | None = None
     expect: str | None = None  # what a wrong value "must be", instead of the generic words
     path: bool = False  # relative to the job file's folder; URIs kept as written
@@ -170,8 +170,10 @@ def _problem(hint: Any, value: Any, optional: bool, f: dataclasses.Field[Any]) -
         ok = _is(hint, value)
     if not ok:
         return f"must be {spec.expect}" if spec.expect else f"expected {_describe(hint)}, got {shown}"
-    if spec.low is not None and spec.high is not None and not spec.low <= value <= spec.high:
-        return f"{shown if f.repr else 'the value'} is out of range ({spec.low}..{spec.high})"
+    low, high = spec.low, spec.high
+    if (low is not None and not low <= value) or (high is not None and not value <= high):
+        bounds = f"{'' if low is None else low}..{'' if high is None else high}"
+        return f"{shown if f.repr else 'the value'} is out of range ({bounds})"
     return None
 
 

@@ -52,6 +52,7 @@ class Root:
     flag: bool = False
     where: str | None = setting(None, path=True)
     count: int | None = setting(None, low=0, high=2**63)
+    floor: float = setting(0.5, low=0.5)  # open above
     secret: str | None = setting(None, secret=True)
     files: tuple[str, ...] = setting((), key="file", path=True)
 
@@ -95,6 +96,8 @@ BAD_TABLE = [
     ("float as bool", {"items": [{"name": "a", "rate": True}]}, "items[0].rate: expected a number, got True"),
     ("float from a whole number too big for a float", {"items": [{"name": "a", "rate": 10**400}]},
      f"items[0].rate: {'1' + '0' * 46}...0000000000 is out of range (0..100)"),
+    ("one-sided range", {**ONE, "floor": 0.25}, "floor: 0.25 is out of range (0.5..)"),
+    ("one-sided range, nan", {**ONE, "floor": math.nan}, "floor: expected a number, got nan"),
     ("choice unknown", {**ONE, "mode": "medium"}, "mode: 'medium' is not one of fast, slow"),
     ("choice empty", {**ONE, "mode": ""}, "mode: '' is not one of fast, slow"),
     ("choice as a number", {**ONE, "mode": 1}, "mode: 1 is not one of fast, slow"),
@@ -125,9 +128,9 @@ BAD_TABLE = [
     ("unknown key, nested", {"items": [{"name": "a", "inner": {"limt": 2}}]},
      "items[0].inner.limt: unknown key; did you mean 'limit'?"),
     ("unknown key, far", {**ONE, "zzzz": 1},
-     "zzzz: unknown key; known keys: items, words, mode, flag, where, count, secret, file"),
+     "zzzz: unknown key; known keys: items, words, mode, flag, where, count, floor, secret, file"),
     ("unknown key, not text", {**ONE, 7: 1},
-     "7: unknown key; known keys: items, words, mode, flag, where, count, secret, file"),
+     "7: unknown key; known keys: items, words, mode, flag, where, count, floor, secret, file"),
     ("field name is not the key", {**ONE, "files": ["a"]}, "files: unknown key; did you mean 'file'?"),
     ("secret written in the file", {"items": [{"name": "a", "inner": {"token": "tok-in-file"}}]},
      "items[0].inner.token: write it as ${ENV_VAR}; secrets never go in the job file"),
@@ -164,6 +167,8 @@ GOOD_TABLE = [
     ("repeats kept once, in order", {**ONE, "words": ["b", "a", "b"]}, "words", ("b", "a")),
     ("optional null", {**ONE, "count": None}, "count", None),
     ("zero", {**ONE, "count": 0}, "count", 0),
+    ("open above", {**ONE, "floor": 1e308}, "floor", 1e308),
+    ("open above, inf", {**ONE, "floor": math.inf}, "floor", math.inf),
     ("the top of the range", {**ONE, "count": 2**63}, "count", 2**63),
     ("relative path", {**ONE, "where": "data/x.parquet"}, "where", "/jobs/here/data/x.parquet"),
     ("dotted path", {**ONE, "where": "../x"}, "where", "/jobs/x"),
