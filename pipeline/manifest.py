@@ -217,8 +217,14 @@ class Checkpoint:
         cut of the unit that its new files do not replace. Blocking (run it in a thread)."""
         for rel in stale:
             self.output.delete(rel)
-        for file in staged:
-            file.publish()
+        files = list(staged)
+        for i, file in enumerate(files):
+            try:
+                file.publish()
+            except BaseException:  # a full disk halfway: no staged file may outlive the attempt
+                for rest in files[i:]:
+                    rest.discard()
+                raise
         rel = layout.record_name(record.seq)
         self.output.write(rel, _dump({**record.to_json(), "epoch": self.epoch}))
         with self._lock:

@@ -122,7 +122,12 @@ class PartWriter:
         ids, why, error_codes = self._rejected
         if ids:
             rejects = self._output.stage(self._rejects_name)
-            rejects.path.write_bytes(table_bytes(rejects_table(ids, why, error_codes, self.name)))
+            try:
+                rejects.path.write_bytes(table_bytes(rejects_table(ids, why, error_codes, self.name)))
+            except BaseException:  # a full disk: neither file may outlive the attempt
+                rejects.discard()
+                self._staged.discard()
+                raise
             staged.append(rejects)
         else:
             self.stale.append(self._rejects_name)
