@@ -19,7 +19,7 @@ from . import sink
 from .config import JobConfig
 from .dispatch import Dispatcher
 from .errors import BadInputError
-from .journal import Journal, JournalContents
+from .journal import Journal, Known
 from .packing import pack
 from .reuse import ORIGIN_CODE, Claim, Origin, Refused, Reuse, origin_counts
 from .texts import PreparedTexts, combine
@@ -47,7 +47,7 @@ class Embedder:
         self.dim = dim
         self.on_progress = on_progress
 
-    async def embed(self, prepared: PreparedTexts, journal: Journal, known: JournalContents | None) -> Embedded:
+    async def embed(self, prepared: PreparedTexts, journal: Journal, known: Known | None) -> Embedded:
         keys = self.reuse.keys(prepared.pieces)
         claim = await self.reuse.claim(keys, known)
         vectors = np.zeros((len(prepared.pieces), self.dim), dtype=np.float32)

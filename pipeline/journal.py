@@ -14,7 +14,7 @@ import mmap
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -39,6 +39,18 @@ def _words_sum(floats: bytes | memoryview) -> int:
     return (total + int.from_bytes(view[whole:], "little")) % 2**64
 
 
+class Known(Protocol):
+    """Answers already paid for, looked up by key: a unit's journal, or (batches) many."""
+
+    refused: dict[bytes, str | None]
+
+    def __contains__(self, key: bytes) -> bool: ...
+    def vector(self, key: bytes) -> np.ndarray: ...
+    def tokens_for(self, seq: int) -> int:
+        """Tokens paid for unit `seq`'s own requests, to go into its record."""
+        ...
+
+
 @dataclass
 class JournalContents:
     """What a journal holds: vectors by key (read on demand), refusals, tokens paid."""
@@ -57,6 +69,9 @@ class JournalContents:
 
     def __len__(self) -> int:
         return len(self.offsets)
+
+    def tokens_for(self, seq: int) -> int:
+        return self.tokens  # a unit's own journal: all of it was paid for that unit
 
 
 def vectors_piece(keys: Sequence[bytes], vectors: np.ndarray, tokens: int) -> list[bytes | memoryview]:

@@ -20,7 +20,7 @@ from typing import Container, Literal, Sequence, Union, get_args
 import numpy as np
 
 from .cache import Cache, text_keys
-from .journal import JournalContents
+from .journal import Known
 
 log = logging.getLogger("pipeline")
 
@@ -149,7 +149,7 @@ class Reuse:
     def keys(self, pieces: Sequence[str]) -> list[bytes]:
         return text_keys(pieces, self.model, self.dimensions)
 
-    async def claim(self, keys: list[bytes], journal: JournalContents | None = None) -> Claim:
+    async def claim(self, keys: list[bytes], journal: Known | None = None) -> Claim:
         plan = plan_keys(keys, self._recent, self._pending)
         claim = Claim(keys=keys, first=plan.first, origin=np.full(len(keys), ORIGIN_CODE["deduped"], dtype=np.int8))
         loop = asyncio.get_running_loop()

@@ -1,8 +1,8 @@
 """Wires the stages together: sources -> texts -> packing -> dispatch -> sink -> manifest.
 
 Owns the event loop, the bounded window of work in flight (units by count
-and input bytes, slices of them by the bytes their vectors take), the
-start-up probe, and the closing summary.
+and input bytes; their slices by the bytes their vectors take, units.py),
+the start-up probe, and the closing summary.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import asyncio
 import logging
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,27 +18,25 @@ from .budget import MemoryBudget, Reservation
 from .cache import Cache, open_cache
 from .config import JobConfig
 from .dispatch import Dispatcher
-from .embedder import Embedded, Embedder
+from .embedder import Embedder
 from .errors import EXIT_OK, ConfigError, PipelineError, ProviderError, WorkLeftError
 from .fs import store_error
-from .journal import Journal
 from .manifest import Checkpoint, job_fingerprint
 from .prices import cost_usd, job_price
 from .progress import Progress, RunCounters, log_summary
 from .providers import Provider, build_provider
-from .records import REJECT_REASONS, UnitRecord
 from .reuse import Reuse
 from .sources import InputFile, Unit, check_columns, find_inputs, iter_units, max_units, parquet_rows
 from .stopper import Stopper
 from .storage import open_output
-from .texts import encoding, prepare, row_texts
+from .texts import encoding
+from .units import UnitWork
 
 log = logging.getLogger("pipeline")
 
 MAX_UNITS_IN_FLIGHT = 16  # units open at once (each holds its input rows and an open part file)
 INPUT_WINDOW_BYTES = 128 * 2**20  # ... and at most this much input among them (one unit always fits)
 VECTOR_WINDOW_BYTES = 128 * 2**20  # vectors of slices in flight: claimed, sent or waiting to be written
-SLICE_BYTES = 16 * 2**20  # a slice (a row group of its part) holds about this much of vectors
 GRACE_S = 20.0  # after SIGTERM/SIGINT, in-flight units get this long; inside Airflow's/k8s' 30 s
 
 
@@ -58,12 +55,6 @@ def run_job(job: JobConfig, options: RunOptions) -> int:
     return asyncio.run(_Run(job, options).main())
 
 
-def slice_rows(dim: int, max_inputs: int, rows_per_part: int) -> int:
-    """Rows a slice takes: about SLICE_BYTES of vectors, never fewer than a
-    full request, never more than a part."""
-    return max(1, min(rows_per_part, max(max_inputs, SLICE_BYTES // (4 * dim))))
-
-
 class _Run:
     def __init__(self, job: JobConfig, options: RunOptions) -> None:
         self.job = job
@@ -75,7 +66,7 @@ class _Run:
         self.checkpoint: Checkpoint
         self.dispatcher: Dispatcher
         self.cache: Cache | None = None
-        self.embedder: Embedder
+        self.units: UnitWork
         self.progress: Progress
         self.vectors: MemoryBudget
         self.dim = 0
@@ -115,7 +106,8 @@ class _Run:
             self.dim = await self.stop.abandonable(self._vector_space())
             self.dispatcher.dimensions = self.dim
             reuse = Reuse(self.job.embedding.model, self.job.embedding.dimensions, self.dim, self.cache)
-            self.embedder = Embedder(self.job, self.dispatcher, reuse, self.dim, self.progress.advance)
+            embedder = Embedder(self.job, self.dispatcher, reuse, self.dim, self.progress.advance)
+            self.units = UnitWork(self.job, self.output, self.checkpoint, embedder, self.stop, self.counters)
             self.vectors = MemoryBudget(VECTOR_WINDOW_BYTES)
             await self._process_units()
         except PipelineError as err:
@@ -189,7 +181,6 @@ class _Run:
         inputs = MemoryBudget(INPUT_WINDOW_BYTES)
         tasks: set[asyncio.Task[None]] = set()
         limit = self.opts.limit
-        rows_per_slice = slice_rows(self.dim, self.job.request_limits()[0], self.job.output.rows_per_part)
         try:
             while not self.stop.stopping:
                 await window.acquire()
@@ -206,9 +197,7 @@ class _Run:
                 held = inputs.reserve(unit.table.nbytes)
                 await held.wait()
                 end = unit.table.num_rows if limit is None else min(unit.table.num_rows, limit - unit.row_offset)
-                # Reserved now, in input order: slices are granted their bytes oldest first.
-                slices = [(a, min(a + rows_per_slice, end)) for a in range(0, end, rows_per_slice)]
-                reservations = [self.vectors.reserve((b - a) * self.dim * 4) for a, b in slices]
+                slices, reservations = self.units.reserve(end, self.vectors)  # now, in input order
                 task = asyncio.create_task(self._unit(unit, slices, reservations))
                 tasks.add(task)
                 self.stop.track(task)
@@ -225,7 +214,7 @@ class _Run:
 
     async def _unit(self, unit: Unit, slices: list[tuple[int, int]], reservations: list[Reservation]) -> None:
         try:
-            await self._embed_unit(unit, slices, reservations)
+            await self.units.run(unit, slices, reservations)
         except PipelineError as err:
             self.stop.fail(err)
         except OSError as err:  # a full disk or a lost permission: what is committed stays committed
@@ -239,60 +228,6 @@ class _Run:
         finally:
             for reservation in reservations:
                 reservation.release()
-
-    async def _embed_unit(self, unit: Unit, slices: list[tuple[int, int]], reservations: list[Reservation]) -> None:
-        end = slices[-1][1]
-        earlier = self.checkpoint.partial(unit.seq)
-        if earlier is not None and earlier.rows >= end:
-            return  # a --limit run already took these rows
-        journal = Journal(self.output, unit.seq, self.dim)
-        known = await asyncio.to_thread(journal.read)
-        table = unit.table.slice(0, end)
-        texts = row_texts(table, self.job.input)
-        ids = sink.id_array(table, self.job, unit.row_offset).to_pylist()
-        writer = sink.PartWriter(self.output, self.job, unit.seq, self.checkpoint.part_digits, self.dim)
-        tasks = [asyncio.ensure_future(self._slice(texts[a:b], ids[a:b], held, journal, known))
-                 for (a, b), held in zip(slices, reservations)]
-        try:
-            totals = _UnitTotals(tokens=known.tokens)
-            for (a, b), task, held in zip(slices, tasks, reservations):
-                embedded = await task
-                await asyncio.to_thread(writer.write, table.slice(a, b - a), unit.row_offset + a, embedded.vectors,
-                                        embedded.reasons, embedded.codes)
-                held.release()
-                totals.add(embedded)
-            self.stop.committing()  # the end of the grace period lets a commit finish
-            staged = await asyncio.to_thread(writer.finish)
-            record = totals.record(unit.seq, end, complete=end == unit.table.num_rows)
-            await asyncio.to_thread(self.checkpoint.commit, record, staged, writer.stale)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            writer.discard()
-            raise
-        if record.state == "committed":
-            await asyncio.to_thread(journal.delete)
-        self._count(record, earlier, totals)
-
-    async def _slice(self, texts: list[str | None], ids: list[object], held: Reservation, journal: Journal,
-                     known: Any) -> Embedded:
-        await held.wait()
-        prepared = await asyncio.to_thread(prepare, texts, self.job.embedding, ids)
-        return await self.embedder.embed(prepared, journal, known)
-
-    def _count(self, record: UnitRecord, earlier: UnitRecord | None, totals: _UnitTotals) -> None:
-        """This run's share of a unit: all of it, less what a --limit run recorded of it."""
-        before = earlier or UnitRecord(record.seq, "partial", 0, 0, 0)
-        c = self.counters
-        c.rows_done += record.rows - before.rows
-        c.rows_embedded += record.embedded - before.embedded
-        c.rows_rejected.update({r: n - before.rejected.get(r, 0) for r, n in record.rejected.items()
-                                if n > before.rejected.get(r, 0)})
-        c.tokens += totals.paid
-        paid_before = before.embedded - before.deduped - before.from_cache  # rows the journal gave back again
-        c.rows_from.update(deduped=record.deduped - before.deduped, from_cache=record.from_cache - before.from_cache,
-                           journal=max(0, totals.journal - paid_before))
 
     # -- the end --------------------------------------------------------------
 
@@ -365,33 +300,3 @@ class _Run:
             },
             "providers": providers,
         }
-
-
-class _UnitTotals:
-    """A unit's counters as its slices come in."""
-
-    def __init__(self, tokens: int) -> None:
-        self.tokens = tokens  # paid for this unit: by earlier runs (its journal) and this one
-        self.paid = 0  # by this run
-        self.embedded = 0
-        self.rejected: Counter[str] = Counter()
-        self.origins: Counter[str] = Counter()
-
-    @property
-    def journal(self) -> int:
-        return self.origins["journal"]
-
-    def add(self, embedded: Embedded) -> None:
-        self.tokens += embedded.tokens
-        self.paid += embedded.tokens
-        self.embedded += sum(r is None for r in embedded.reasons)
-        self.rejected.update(r for r in embedded.reasons if r is not None)
-        self.origins.update(embedded.origins)
-
-    def record(self, seq: int, rows: int, *, complete: bool) -> UnitRecord:
-        return UnitRecord(
-            seq, "committed" if complete else "partial", rows, self.embedded, self.tokens,
-            deduped=self.origins["deduped"], from_cache=self.origins["cache"],
-            **{f"rejected_{r}": self.rejected[r] for r in REJECT_REASONS},
-        )
-
