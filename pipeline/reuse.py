@@ -160,7 +160,7 @@ class Reuse:
             self._remember(keys[i], vector)  # a hit is recent again
         for i in plan.in_flight:
             claim.waits[i] = self._pending[keys[i]]
-        lookup = []
+        lookup, recovered = [], []
         for i in plan.unknown:
             key = keys[i]
             self._pending[key] = claim.owned[i] = loop.create_future()
@@ -168,12 +168,15 @@ class Reuse:
                 claim.found[i] = vector = journal.vector(key).astype(np.float32)  # a copy: the log may be unmapped
                 claim.origin[i] = ORIGIN_CODE["journal"]
                 self._settle(key, vector)
+                recovered.append(i)
             elif journal is not None and key in journal.refused:
                 claim.refused[i] = journal.refused[key]
                 claim.origin[i] = ORIGIN_CODE["provider"]
                 self.refused(key, journal.refused[key])
             else:
                 lookup.append(i)
+        if recovered:  # paid for by a run killed before it could cache them
+            await self._cache_put([keys[i] for i in recovered], np.stack([claim.found[i] for i in recovered]))
         hits = await self._cache_get([keys[i] for i in lookup]) if lookup else {}
         for i in lookup:
             vector = hits.get(keys[i])
@@ -195,6 +198,9 @@ class Reuse:
         """Vectors just paid for: remembered, handed to waiting slices, and cached."""
         for key, vector in zip(keys, vectors):
             self._settle(key, vector)
+        await self._cache_put(keys, vectors)
+
+    async def _cache_put(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
         if self.cache is not None and not self._cache_failed:
             try:
                 await asyncio.to_thread(self.cache.put, keys, vectors)
