@@ -76,12 +76,12 @@ def estimate_job(job_file: str) -> dict[str, Any]:
     rows = pieces = tokens = requests = cache_hits = 0
     distinct = 0  # texts the run looks up or sends: not repeats of a text it has in memory
     rejected: Counter[str] = Counter()
-    max_inputs, max_tokens = job.request_limits()
     policy = job.embedding
     if policy.empty == "fail" or policy.too_long == "fail":  # count, don't stop, when estimating
         policy = replace(policy, empty="skip" if policy.empty == "fail" else policy.empty,
                          too_long="skip" if policy.too_long == "fail" else policy.too_long)
     dim = expected_dimensions(job)
+    max_inputs, max_tokens = job.request_limits(dim)
     recent = RecentKeys(memory_entries(dim))  # the run's in-run dedupe memory, keys only
     cache = open_cache(job.cache, job.cache_storage, readonly=True)
     try:

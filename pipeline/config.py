@@ -26,6 +26,10 @@ ProviderType = Literal["openai", "local"]
 
 MAX_INPUTS_PER_REQUEST = 2048  # the OpenAI API's own limit
 MAX_TOKENS_PER_INPUT = 8192  # the OpenAI API's own limit
+# An answer is read and decoded whole: beyond this much of vectors a request is
+# made smaller, so requests in flight fit the run's memory at any dimensions
+# (tokens are what is paid, so smaller requests cost nothing more).
+MAX_ANSWER_BYTES = 8 * 2**20
 DEFAULT_ROWS_PER_PART = 10_000  # one unit of work = one part file; also the resume granularity
 TEMPLATE_FIELD = re.compile(r"(?<!\{)\{([^{}!:]+)(?:![rsa])?(?::[^{}]*)?\}")  # {name}, {name:spec}; {{ is literal
 
@@ -226,11 +230,14 @@ class JobConfig:
         """The output's id column: the input's id column, else the row number's."""
         return self.input.id_column or self.output.id_column_name
 
-    def request_limits(self) -> tuple[int, int]:
+    def request_limits(self, dim: int | None = None) -> tuple[int, int]:
         """(inputs, tokens) per request: the job's budgets, lowered to the
-        strictest provider's own, never below one input's worth of tokens."""
+        strictest provider's own, never below one input's worth of tokens.
+        With the vectors' length `dim`, an answer is also kept to about
+        MAX_ANSWER_BYTES of vectors (682 inputs at 3,072 dimensions)."""
         max_inputs = min([self.batching.max_inputs_per_request]
-                         + [p.max_inputs_per_request for p in self.providers if p.max_inputs_per_request])
+                         + [p.max_inputs_per_request for p in self.providers if p.max_inputs_per_request]
+                         + ([max(1, MAX_ANSWER_BYTES // (4 * dim))] if dim else []))
         max_tokens = min([self.batching.max_tokens_per_request]
                          + [p.max_tokens_per_request for p in self.providers if p.max_tokens_per_request])
         return max_inputs, max(max_tokens, self.embedding.max_input_tokens)

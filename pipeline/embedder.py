@@ -50,24 +50,31 @@ class Embedder:
     async def embed(self, prepared: PreparedTexts, journal: Journal, known: Known | None) -> Embedded:
         keys = self.reuse.keys(prepared.pieces)
         claim = await self.reuse.claim(keys, known)
-        vectors = np.zeros((len(prepared.pieces), self.dim), dtype=np.float32)
+        # Where each piece's vector goes. A slice whose rows are one piece each
+        # (or none) keeps them at their rows: no combining, no copy of the slice.
+        rows = prepared.piece_row
+        by_row = len(rows) == 0 or bool(np.all(rows[1:] != rows[:-1]))
+        slots = rows if by_row else np.arange(len(keys))
+        vectors = np.zeros((prepared.n_rows if by_row else len(keys), self.dim), dtype=np.float32)
         refused: dict[int, str | None] = dict(claim.refused)  # first piece of a key -> provider error code
         try:
             for piece, vector in claim.found.items():
-                vectors[piece] = vector
-            paid, reported = await self._send(prepared, claim, claim.send, vectors, refused, journal)
-            orphaned = await self._await_others(claim, vectors, refused)
+                vectors[slots[piece]] = vector
+            paid, reported = await self._send(prepared, claim, claim.send, vectors, slots, refused, journal)
+            orphaned = await self._await_others(claim, vectors, slots, refused)
             if orphaned:  # the slice sending them stopped: send them here
                 claim.origin[orphaned] = ORIGIN_CODE["provider"]
-                more_paid, more_reported = await self._send(prepared, claim, orphaned, vectors, refused, journal)
+                more_paid, more_reported = await self._send(prepared, claim, orphaned, vectors, slots, refused, journal)
                 paid, reported = paid + more_paid, reported + more_reported
         finally:
             self.reuse.release(claim)
-        await self._journal_reused(claim, vectors, refused, journal)
+        repeats = np.flatnonzero(claim.first != np.arange(len(keys)))
+        vectors[slots[repeats]] = vectors[slots[claim.first[repeats]]]  # a repeat takes its first piece's vector
+        await self._journal_reused(claim, vectors, slots, refused, journal)
         self.on_progress(prepared.n_rows - reported, 0)  # rows not sent: reused, rejected, or cut short
-        return self._rows(prepared, claim, vectors[claim.first], refused, paid)
+        return self._rows(prepared, claim, vectors, by_row, refused, paid)
 
-    def _rows(self, prepared: PreparedTexts, claim: Claim, vectors: np.ndarray,
+    def _rows(self, prepared: PreparedTexts, claim: Claim, vectors: np.ndarray, by_row: bool,
               refused: dict[int, str | None], paid: int) -> Embedded:
         """Row vectors from piece vectors, each row's reason when it gets none."""
         ok = ~np.isin(claim.first, list(refused))
@@ -77,7 +84,11 @@ class Embedder:
             row = int(prepared.piece_row[piece])
             reasons[row] = "provider_rejected"
             codes[row] = refused[int(claim.first[piece])]
-        row_vectors, has = combine(vectors, prepared)
+        if by_row:
+            row_vectors, has = vectors, np.zeros(prepared.n_rows, dtype=bool)
+            has[prepared.piece_row] = True
+        else:
+            row_vectors, has = combine(vectors, prepared)
         for row in range(prepared.n_rows):
             if reasons[row] is None and not has[row]:
                 reasons[row] = "empty"  # every chunk of it was blank
@@ -88,7 +99,7 @@ class Embedder:
                         origin_counts(has, row_origin))
 
     async def _send(self, prepared: PreparedTexts, claim: Claim, order: list[int], vectors: np.ndarray,
-                    refused: dict[int, str | None], journal: Journal) -> tuple[int, int]:
+                    slots: np.ndarray, refused: dict[int, str | None], journal: Journal) -> tuple[int, int]:
         """Send the pieces `order` in packed requests, narrowing a 400 down to
         the pieces it is about. Fills `vectors` and `refused`; returns the
         tokens paid for and the rows reported to the progress."""
@@ -115,20 +126,21 @@ class Embedder:
                 return
             keys = [claim.keys[i] for i in pieces]
             await asyncio.to_thread(journal.answered, keys, result.vectors, tokens)  # paid: kept before anything else
-            vectors[pieces] = result.vectors
+            vectors[slots[pieces]] = result.vectors
             paid += tokens
             rows_finished = int(np.count_nonzero(is_last_piece[pieces]))
             reported += rows_finished
             self.on_progress(rows_finished, tokens)
             await self.reuse.answered(keys, result.vectors)
 
-        max_inputs, max_tokens = self.job.request_limits()
+        max_inputs, max_tokens = self.job.request_limits(self.dim)
         slices = pack(prepared.piece_tokens[picked], prepared.piece_bytes[picked], max_inputs=max_inputs, max_tokens=max_tokens)
         await asyncio.gather(*(send(a, b) for a, b in slices))
         return paid, reported
 
     @staticmethod
-    async def _await_others(claim: Claim, vectors: np.ndarray, refused: dict[int, str | None]) -> list[int]:
+    async def _await_others(claim: Claim, vectors: np.ndarray, slots: np.ndarray,
+                            refused: dict[int, str | None]) -> list[int]:
         """Take the answers of keys other slices were sending; returns the
         pieces whose sender stopped without an answer."""
         if claim.waits:
@@ -141,14 +153,14 @@ class Embedder:
             elif answer is None:
                 orphaned.append(piece)
             else:
-                vectors[piece] = answer
+                vectors[slots[piece]] = answer
         return orphaned
 
     @staticmethod
-    async def _journal_reused(claim: Claim, vectors: np.ndarray, refused: dict[int, str | None],
+    async def _journal_reused(claim: Claim, vectors: np.ndarray, slots: np.ndarray, refused: dict[int, str | None],
                               journal: Journal) -> None:
         """Vectors this slice took from other slices (in-run dedupe) go to its
         journal too: a kill before its part commits must not make them cost again."""
         reused = [i for i in [*claim.waits, *claim.found] if claim.origin[i] == ORIGIN_CODE["deduped"] and i not in refused]
         if reused:
-            await asyncio.to_thread(journal.answered, [claim.keys[i] for i in reused], vectors[reused], 0)
+            await asyncio.to_thread(journal.answered, [claim.keys[i] for i in reused], vectors[slots[reused]], 0)

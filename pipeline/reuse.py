@@ -24,7 +24,7 @@ from .journal import Known
 
 log = logging.getLogger("pipeline")
 
-DEDUPE_MEMORY_BYTES = 64 * 2**20  # recent vectors kept for in-run dedupe; a named cache covers the rest
+DEDUPE_MEMORY_BYTES = 32 * 2**20  # recent vectors kept for in-run dedupe; a named cache covers the rest
 MAX_DEDUPE_ENTRIES = 50_000  # binds below ~150 dims only, where the keys' own overhead would dominate
 ENTRY_OVERHEAD_BYTES = 300  # per remembered vector besides its floats: dict entry, key bytes, slot int (measured: bench memory)
 
@@ -46,6 +46,7 @@ class Refused:
 # A claimed key's outcome: its vector, a refusal, or None when the slice that
 # claimed it stopped without an answer (the waiter then sends it itself).
 Answer = Union[np.ndarray, Refused, None]
+NOT_AWAITED = np.zeros(0, dtype=np.float32)  # the outcome of a key nobody waited for: read by no one
 
 
 def memory_entries(dim: int) -> int:
@@ -144,6 +145,7 @@ class Reuse:
         self._recent = RecentKeys(memory_entries(dim))
         self._ring = np.empty((self._recent.capacity, dim), dtype=np.float32)  # pages are touched as slots fill
         self._pending: dict[bytes, asyncio.Future[Answer]] = {}
+        self._waited: set[bytes] = set()  # pending keys another slice awaits
         self._cache_failed = False
 
     def keys(self, pieces: Sequence[str]) -> list[bytes]:
@@ -153,13 +155,14 @@ class Reuse:
         plan = plan_keys(keys, self._recent, self._pending)
         claim = Claim(keys=keys, first=plan.first, origin=np.full(len(keys), ORIGIN_CODE["deduped"], dtype=np.int8))
         loop = asyncio.get_running_loop()
-        for i in plan.recent:
-            slot = self._recent.slot(keys[i])
-            assert slot is not None
-            claim.found[i] = vector = self._ring[slot].copy()  # a later vector may take the slot
+        # Copied out before any is remembered again: remembering takes a slot, maybe one of these.
+        recent = [(i, self._ring[self._recent.slot(keys[i])].copy()) for i in plan.recent]  # type: ignore[index]
+        for i, vector in recent:
+            claim.found[i] = vector
             self._remember(keys[i], vector)  # a hit is recent again
         for i in plan.in_flight:
             claim.waits[i] = self._pending[keys[i]]
+            self._waited.add(keys[i])
         lookup, recovered = [], []
         for i in plan.unknown:
             key = keys[i]
@@ -209,6 +212,7 @@ class Reuse:
                 log.warning("cache: cannot write to %s (%s); going on without storing vectors", self.cache.folder, err)
 
     def refused(self, key: bytes, code: str | None) -> None:
+        self._waited.discard(key)
         future = self._pending.pop(key, None)
         if future is not None and not future.done():
             future.set_result(Refused(code))
@@ -220,6 +224,7 @@ class Reuse:
             if not future.done():
                 if self._pending.get(claim.keys[i]) is future:
                     del self._pending[claim.keys[i]]
+                    self._waited.discard(claim.keys[i])
                 future.set_result(None)
 
     def _remember(self, key: bytes, vector: np.ndarray) -> None:
@@ -229,7 +234,9 @@ class Reuse:
         self._remember(key, vector)
         future = self._pending.pop(key, None)
         if future is not None and not future.done():
-            future.set_result(vector)
+            # A copy, and only for a waiter: a view would keep the whole answer it came in alive.
+            future.set_result(vector.copy() if key in self._waited else NOT_AWAITED)
+        self._waited.discard(key)
 
     async def _cache_get(self, keys: list[bytes]) -> dict[bytes, np.ndarray]:
         if self.cache is None or self._cache_failed:

@@ -36,7 +36,7 @@ log = logging.getLogger("pipeline")
 
 MAX_UNITS_IN_FLIGHT = 16  # units open at once (each holds its input rows and an open part file)
 INPUT_WINDOW_BYTES = 128 * 2**20  # ... and at most this much input among them (one unit always fits)
-VECTOR_WINDOW_BYTES = 128 * 2**20  # vectors of slices in flight: claimed, sent or waiting to be written
+VECTOR_WINDOW_BYTES = 64 * 2**20  # vectors of slices in flight: claimed, sent or waiting to be written
 GRACE_S = 20.0  # after SIGTERM/SIGINT, in-flight units get this long; inside Airflow's/k8s' 30 s
 
 

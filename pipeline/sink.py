@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from typing import Any, Iterable
 
 import numpy as np
@@ -21,6 +22,11 @@ from .storage import Output, Staged
 
 REJECT_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("error_code", pa.string()), ("part", pa.string())])
 COMPRESSION = "zstd"
+WRITE_LOCK = threading.Lock()  # parts are written from worker threads
+# Row groups of about this much of vectors: writing one holds a few times its
+# size (levels, the split streams, the compressed pages), and readers handle
+# them well (a 1,536-float row group is 1,365 rows).
+ROW_GROUP_BYTES = 8 * 2**20
 
 
 def write_json(output: Output, rel: str, obj: Any) -> None:
@@ -103,9 +109,10 @@ class PartWriter:
               reasons: list[str | None], codes: list[str | None]) -> None:
         """The next rows of the part: their input columns, vectors, and why a row has none."""
         part = part_table(self._job, table, row_offset, vectors, self._dim)
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self._staged.path, part.schema, **parquet_options(part.schema))
-        self._writer.write_table(part, row_group_size=max(1, part.num_rows))
+        with WRITE_LOCK:  # encoding a row group holds buffers the size of its vectors: one at a time
+            if self._writer is None:
+                self._writer = pq.ParquetWriter(self._staged.path, part.schema, **parquet_options(part.schema))
+            self._writer.write_table(part, row_group_size=max(1, ROW_GROUP_BYTES // (4 * self._dim)))
         rejected = [i for i, reason in enumerate(reasons) if reason is not None]
         if rejected:
             ids, why, error_codes = self._rejected

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import pyarrow as pa
+
 from . import sink
 from .budget import MemoryBudget, Reservation
 from .config import JobConfig
@@ -23,14 +25,14 @@ from .records import REJECT_REASONS, UnitRecord
 from .sources import Unit
 from .stopper import Stopper
 from .storage import Output
-from .texts import prepare, row_texts
+from .texts import PreparedTexts, prepare, row_texts
 
 SLICE_BYTES = 16 * 2**20  # a slice (a row group of its part) holds about this much of vectors
 
 
 def slice_rows(dim: int, max_inputs: int, rows_per_part: int) -> int:
-    """Rows a slice takes: about SLICE_BYTES of vectors, never fewer than a
-    full request, never more than a part."""
+    """Rows a slice takes: about SLICE_BYTES of vectors (two full-size answers,
+    config.MAX_ANSWER_BYTES each), never fewer than a request, never more than a part."""
     return max(1, min(rows_per_part, max(max_inputs, SLICE_BYTES // (4 * dim))))
 
 
@@ -44,7 +46,7 @@ class UnitWork:
         self.dim = embedder.dim
         self.stop = stop
         self.counters = counters  # this run's share of each unit it commits
-        self._rows_per_slice = slice_rows(self.dim, job.request_limits()[0], job.output.rows_per_part)
+        self._rows_per_slice = slice_rows(self.dim, job.request_limits(self.dim)[0], job.output.rows_per_part)
 
     def reserve(self, end: int, budget: MemoryBudget) -> tuple[list[tuple[int, int]], list[Reservation]]:
         """A unit's first `end` rows as slices, each with its place in the budget's queue."""
@@ -64,10 +66,9 @@ class UnitWork:
         if known is None:
             known = await asyncio.to_thread(journal.read)
         table = unit.table.slice(0, end)
-        texts = row_texts(table, self.job.input)
-        ids = sink.id_array(table, self.job, unit.row_offset).to_pylist()
+        ids = sink.id_array(table, self.job, unit.row_offset)
         writer = sink.PartWriter(self.output, self.job, unit.seq, self.checkpoint.part_digits, self.dim)
-        tasks = [asyncio.ensure_future(self._slice(texts[a:b], ids[a:b], held, journal, known))
+        tasks = [asyncio.ensure_future(self._slice(table.slice(a, b - a), ids[a:b], held, journal, known))
                  for (a, b), held in zip(slices, reservations)]
         try:
             totals = UnitTotals(tokens=known.tokens_for(unit.seq))
@@ -91,11 +92,15 @@ class UnitWork:
             await asyncio.to_thread(journal.delete)
         self._count(record, earlier, totals)
 
-    async def _slice(self, texts: list[str | None], ids: list[object], held: Reservation, journal: Journal,
+    async def _slice(self, table: pa.Table, ids: pa.Array, held: Reservation, journal: Journal,
                      known: Known) -> Embedded:
         await held.wait()
-        prepared = await asyncio.to_thread(prepare, texts, self.job.embedding, ids)
+        # Texts become Python strings only now, a slice at a time.
+        prepared = await asyncio.to_thread(self._prepare, table, ids)
         return await self.embedder.embed(prepared, journal, known)
+
+    def _prepare(self, table: pa.Table, ids: pa.Array) -> PreparedTexts:
+        return prepare(row_texts(table, self.job.input), self.job.embedding, ids.to_pylist())
 
     def _count(self, record: UnitRecord, earlier: UnitRecord | None, totals: UnitTotals) -> None:
         """This run's share of a unit: all of it, less what a --limit run recorded of it."""
