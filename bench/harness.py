@@ -88,26 +88,32 @@ class Server:
         self.close()
 
 
-def job_file(work: Path, name: str, inputs: Path, server: Server, *, dim: int, concurrency: int,
-             rows_per_request: int, rows_per_part: int, rpm: int | None = None, tpm: int | None = None,
-             provider: dict[str, Any] | None = None) -> Path:
-    entry: dict[str, Any] = {
-        "name": "bench", "base_url": server.base_url, "api_key": "${" + KEY_VAR + "}",
-        "max_concurrency": concurrency, "timeout_s": 60,
-    }
+def job_file(work: Path, name: str, inputs: Path, server: Server, *, dim: int, concurrency: int | None,
+             rows_per_request: int | None, rows_per_part: int | None, rpm: int | None = None,
+             tpm: int | None = None, provider: dict[str, Any] | None = None) -> Path:
+    """A job on `server`; None for concurrency, rows_per_request or rows_per_part
+    leaves the key out (the job's default, as a new user's job has it)."""
+    entry: dict[str, Any] = {"name": "bench", "base_url": server.base_url, "api_key": "${" + KEY_VAR + "}",
+                             "timeout_s": 60}
+    if concurrency is not None:
+        entry["max_concurrency"] = concurrency
     if rpm:
         entry["requests_per_minute"] = rpm
     if tpm:
         entry["tokens_per_minute"] = tpm
-    job = {
+    output: dict[str, Any] = {"path": str(work / "out" / name)}
+    if rows_per_part is not None:
+        output["rows_per_part"] = rows_per_part
+    job: dict[str, Any] = {
         "name": name,
         "input": {"path": str(inputs), "text_column": "body"},
-        "output": {"path": str(work / "out" / name), "rows_per_part": rows_per_part},
+        "output": output,
         "embedding": {"model": "text-embedding-3-small", "dimensions": dim},
-        "batching": {"max_inputs_per_request": rows_per_request, "max_tokens_per_request": 300_000},
         "providers": [provider or entry],
         "retry": {"max_attempts": 8, "initial_backoff_s": 0.2, "max_backoff_s": 5},
     }
+    if rows_per_request is not None:
+        job["batching"] = {"max_inputs_per_request": rows_per_request, "max_tokens_per_request": 300_000}
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
