@@ -20,7 +20,7 @@ from .errors import BadInputError
 from .packing import pack
 from .progress import Progress
 from .reuse import FROM_CACHE, FROM_DEDUPE, FROM_PROVIDER, Claim, Refused, Reuse
-from .texts import PreparedTexts, combine
+from .texts import PreparedTexts, combine, count_tokens, request_tokens
 
 
 @dataclass(frozen=True)
@@ -96,13 +96,20 @@ class Embedder:
         picked = np.asarray(order, dtype=np.int64)
         is_last_piece = np.r_[prepared.piece_row[1:] != prepared.piece_row[:-1], True]
         paid = reported = 0
+        max_inputs, max_tokens = self.job.request_limits()
+        # Byte bounds where they pack as exact counts would, exact counts elsewhere (texts.py).
+        counts, exact = prepared.piece_tokens[picked], prepared.exact[picked]
+        if not exact.all() and int(counts.sum()) > max_tokens:
+            counts, exact = await asyncio.to_thread(request_tokens, prepared, picked, max_inputs=max_inputs,
+                                                    max_tokens=max_tokens)
 
         async def send(a: int, b: int) -> None:
             nonlocal paid, reported
             pieces = picked[a:b]
-            tokens = int(prepared.piece_tokens[pieces].sum())
+            tokens = int(counts[a:b].sum())
+            texts = [prepared.pieces[i] for i in pieces]
             try:
-                result = await self.dispatcher.embed([prepared.pieces[i] for i in pieces], tokens)
+                result = await self.dispatcher.embed(texts, tokens)
             except BadInputError as err:
                 if b - a == 1:
                     code = err.code or (str(err.status) if err.status else None)
@@ -113,14 +120,20 @@ class Embedder:
                     await asyncio.gather(send(a, mid), send(mid, b))
                 return
             vectors[pieces] = result.vectors
-            paid += tokens
+            # What the provider says it billed; else our count, exact.
+            if result.usage_tokens is not None:
+                billed = result.usage_tokens
+            elif exact[a:b].all():
+                billed = tokens
+            else:
+                billed = int((await asyncio.to_thread(count_tokens, texts)).sum())
+            paid += billed
             rows_finished = int(np.count_nonzero(is_last_piece[pieces]))
             reported += rows_finished
-            self.progress.advance(rows_finished, tokens)
+            self.progress.advance(rows_finished, billed)
             await self.reuse.answered([claim.keys[i] for i in pieces], result.vectors)
 
-        max_inputs, max_tokens = self.job.request_limits()
-        slices = pack(prepared.piece_tokens[picked], prepared.piece_bytes[picked], max_inputs=max_inputs, max_tokens=max_tokens)
+        slices = pack(counts, prepared.piece_bytes[picked], max_inputs=max_inputs, max_tokens=max_tokens)
         await asyncio.gather(*(send(a, b) for a, b in slices))
         return paid, reported
 

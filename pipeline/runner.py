@@ -30,7 +30,7 @@ from .providers import Provider, build_provider
 from .reuse import Reuse
 from .segments import open_cache
 from .sources import InputFile, Unit, check_columns, find_inputs, iter_units, parquet_rows
-from .texts import encoding, prepare, row_texts
+from .texts import encoding, needs_exact_tokens, prepare, row_texts
 
 log = logging.getLogger("pipeline")
 T = TypeVar("T")
@@ -288,7 +288,7 @@ class _Run:
         table = unit.table.slice(begin, end - begin)
         ids = sink.id_array(table, self.job, unit.row_offset + begin).to_pylist()
         texts = row_texts(table, self.job.input)
-        prepared = await asyncio.to_thread(prepare, texts, self.job.embedding, ids)
+        prepared = await asyncio.to_thread(prepare, texts, self.job.embedding, ids, exact=needs_exact_tokens(self.job))
 
         embedded = await self.embedder.embed(prepared)
         task = asyncio.current_task()
