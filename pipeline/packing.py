@@ -41,6 +41,10 @@ def pack(
     _check_budgets(max_inputs, max_tokens)
     if len(tokens) != len(nbytes):
         raise ValueError("tokens and nbytes differ in length")
+    if isinstance(tokens, np.ndarray):  # Python ints: arithmetic on numpy scalars is 10x slower
+        tokens = tokens.tolist()
+    if isinstance(nbytes, np.ndarray):
+        nbytes = nbytes.tolist()
     slices: list[tuple[int, int]] = []
     start = 0
     sum_tokens = 0
@@ -86,10 +90,10 @@ def tighten(
     _check_budgets(max_inputs, max_tokens)
     if not len(tokens) == len(exact) == len(nbytes):
         raise ValueError("tokens, exact and nbytes differ in length")
-    counts = np.array(tokens, dtype=np.int64)
-    known = np.array(exact, dtype=bool)
-    sizes = np.asarray(nbytes, dtype=np.int64)
-    if (counts < 0).any() or (sizes < 0).any():
+    counts = np.asarray(tokens, dtype=np.int64).tolist()  # Python ints: numpy scalars are slow one at a time
+    known = np.asarray(exact, dtype=bool).tolist()
+    sizes = np.asarray(nbytes, dtype=np.int64).tolist()
+    if min(counts, default=0) < 0 or min(sizes, default=0) < 0:
         raise ValueError("an input has a negative size")
     byte_budget = math.floor(max_tokens / TOKENS_PER_BYTE_ESTIMATE)
     start = sum_tokens = sum_bytes = 0
@@ -99,22 +103,22 @@ def tighten(
             start, sum_tokens, sum_bytes, uncounted = i, 0, 0, []  # ends whatever the tokens
         elif i > start and sum_tokens + counts[i] > max_tokens:
             if not known[i]:
-                heapq.heappush(uncounted, (-int(counts[i]), i))
+                heapq.heappush(uncounted, (-counts[i], i))
             while uncounted and sum_tokens + counts[i] > max_tokens:
                 _, j = heapq.heappop(uncounted)  # the largest bound: the most a count can take off
                 exact_count = int(count([j])[0])
                 if not 0 <= exact_count <= counts[j]:
                     raise ValueError(f"input {j}: exact count {exact_count} is not within its bound {counts[j]}")
                 if j != i:  # i is not in the sum yet
-                    sum_tokens -= int(counts[j]) - exact_count
+                    sum_tokens -= counts[j] - exact_count
                 counts[j], known[j] = exact_count, True
             if sum_tokens + counts[i] > max_tokens:  # every count in it exact: the slice ends here
                 start, sum_tokens, sum_bytes, uncounted = i, 0, 0, []
-            sum_tokens += int(counts[i])
-            sum_bytes += int(sizes[i])
+            sum_tokens += counts[i]
+            sum_bytes += sizes[i]
             continue
-        sum_tokens += int(counts[i])
-        sum_bytes += int(sizes[i])
+        sum_tokens += counts[i]
+        sum_bytes += sizes[i]
         if not known[i]:
-            heapq.heappush(uncounted, (-int(counts[i]), i))
-    return counts, known
+            heapq.heappush(uncounted, (-counts[i], i))
+    return np.asarray(counts, dtype=np.int64), np.asarray(known, dtype=bool)
