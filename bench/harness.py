@@ -125,6 +125,7 @@ class Measured:
     started: float  # time.time() just before the process started
     wall_s: float
     cpu_s: float  # user + system of that process (its threads included)
+    sys_s: float  # of which system: page faults, syscalls, the kernel's copies
     peak_rss_mb: float
     stderr: str
 
@@ -152,7 +153,7 @@ def run(args: list[str], *, env: dict[str, str] | None = None, stop_when: Any = 
     proc.returncode = os.waitstatus_to_exitcode(status)
     stderr = err_path.read_text()
     err_path.unlink(missing_ok=True)
-    return Measured(proc.returncode, started, wall, usage.ru_utime + usage.ru_stime,
+    return Measured(proc.returncode, started, wall, usage.ru_utime + usage.ru_stime, usage.ru_stime,
                     usage.ru_maxrss / 1024.0, stderr)
 
 
