@@ -60,3 +60,12 @@ def table(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(c[i].ljust(widths[i]) for i in range(len(head))) + " |" for c in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def at_floor(m: Measured) -> bool:
+    """The peak RSS read is the bench's own (harness.Measured.floor_mb), not the process's."""
+    return m.peak_rss_mb <= m.floor_mb * 1.05
+
+
+def peak_text(m: Measured) -> str:
+    return f"<= {m.floor_mb:,.0f} MB (bench floor)" if at_floor(m) else f"{m.peak_rss_mb:,.0f} MB"

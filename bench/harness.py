@@ -30,10 +30,16 @@ WORDS = (
 
 
 def make_input(path: Path, rows: int, *, words_per_row: int = 12, files: int = 1, seed: int = 0) -> Path:
-    """`rows` short English-like texts in `files` Parquet files under `path` (made once, reused)."""
+    """`rows` short English-like texts in `files` Parquet files under `path` (made once, reused).
+    Made in a child process: see `Measured.floor_mb`."""
     done = path / "_READY"
-    if done.exists() and done.read_text() == f"{rows} {words_per_row} {files} {seed}":
-        return path
+    if not (done.exists() and done.read_text() == f"{rows} {words_per_row} {files} {seed}"):
+        subprocess.run([PYTHON, __file__, "make-input", str(path), str(rows), str(words_per_row), str(files), str(seed)],
+                       check=True)
+    return path
+
+
+def _write_input(path: Path, rows: int, words_per_row: int, files: int, seed: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
     for old in path.glob("*.parquet"):
         old.unlink()
@@ -47,8 +53,7 @@ def make_input(path: Path, rows: int, *, words_per_row: int = 12, files: int = 1
         picks = vocab[rng.integers(0, len(vocab), size=(end - start, words_per_row))]
         texts = [f"doc {start + i}: " + " ".join(row) for i, row in enumerate(picks)]
         pq.write_table(pa.table({"body": pa.array(texts, pa.string())}), path / f"in-{f:03d}.parquet")
-    done.write_text(f"{rows} {words_per_row} {files} {seed}")
-    return path
+    (path / "_READY").write_text(f"{rows} {words_per_row} {files} {seed}")
 
 
 class Server:
@@ -127,6 +132,11 @@ class Measured:
     cpu_s: float  # user + system of that process (its threads included)
     sys_s: float  # of which system: page faults, syscalls, the kernel's copies
     peak_rss_mb: float
+    # The bench's own peak RSS when it started the process: Linux carries a
+    # parent's high-water mark into a child across fork and exec, so the
+    # child's peak reads as at least this. The bench keeps it low (inputs are
+    # made in child processes); a peak at the floor is not a measurement.
+    floor_mb: float
     stderr: str
 
 
@@ -136,6 +146,7 @@ def run(args: list[str], *, env: dict[str, str] | None = None, stop_when: Any = 
     full_env = {**os.environ, KEY_VAR: "sk-bench", "PYTHONUNBUFFERED": "1", **(env or {})}
     err_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-stderr-{os.getpid()}.txt"
     with open(err_path, "w") as err:
+        floor_mb = self_rss_mb()
         started = time.time()
         proc = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=err)
         deadline = started + timeout_s
@@ -154,7 +165,7 @@ def run(args: list[str], *, env: dict[str, str] | None = None, stop_when: Any = 
     stderr = err_path.read_text()
     err_path.unlink(missing_ok=True)
     return Measured(proc.returncode, started, wall, usage.ru_utime + usage.ru_stime, usage.ru_stime,
-                    usage.ru_maxrss / 1024.0, stderr)
+                    usage.ru_maxrss / 1024.0, floor_mb, stderr)
 
 
 def pipeline_args(job: Path, *extra: str) -> list[str]:
@@ -167,3 +178,10 @@ def output_rows(out: Path) -> int:
 
 def self_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["make-input"]:
+        _write_input(Path(sys.argv[2]), *(int(a) for a in sys.argv[3:7]))
+    else:
+        raise SystemExit("usage: harness.py make-input PATH ROWS WORDS_PER_ROW FILES SEED")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from figures import FULL, QUICK, Row, Sizes, check, fresh, table  # noqa: E402
+from figures import FULL, QUICK, Row, Sizes, at_floor, check, fresh, table  # noqa: E402
 from harness import PYTHON, Server, job_file, make_input, output_rows, pipeline_args, run  # noqa: E402
 from realistic import cpu_real, latency_real, memory_real  # noqa: E402
 from scale import commit_scale, many_parts  # noqa: E402
@@ -137,6 +137,7 @@ def resume(work: Path, sizes: Sizes) -> list[Row]:
             m = run(pipeline_args(job, *(["--limit", str(limit)] if limit else [])))
             check(m, f"memory run of {n:,} rows")
             peaks[n] = m.peak_rss_mb
+            assert not at_floor(m), f"peak RSS {m.peak_rss_mb:,.0f} MB is the bench's own (harness.Measured.floor_mb)"
         server.reset()
         resumed = run(pipeline_args(job))
         check(resumed, "resumed run")

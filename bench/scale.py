@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from figures import Row, Sizes, check, fresh
 from harness import Server, job_file, make_input, output_rows, pipeline_args, run
 

@@ -15,8 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 from aiohttp import web
-from conftest import (docs_table, provider_entry, read_parts, read_summary, run_job, write_job,
-                      write_parquet)
+from conftest import (
+    docs_table,
+    provider_entry,
+    read_parts,
+    read_summary,
+    run_job,
+    write_job,
+    write_parquet,
+)
 from fakeprovider import FakeProvider
 
 from pipeline.config import EmbeddingConfig
