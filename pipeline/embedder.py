@@ -22,7 +22,7 @@ from .errors import BadInputError
 from .journal import Journal, Known
 from .packing import pack
 from .reuse import ORIGIN_CODE, Claim, Origin, Refused, Reuse, origin_counts
-from .texts import PreparedTexts, combine
+from .texts import PreparedTexts, combine, count_tokens, request_tokens
 
 ProgressCallback = Callable[[int, int], None]  # (rows finished, tokens paid)
 
@@ -106,13 +106,20 @@ class Embedder:
         picked = np.asarray(order, dtype=np.int64)
         is_last_piece = np.r_[prepared.piece_row[1:] != prepared.piece_row[:-1], True]
         paid = reported = 0
+        max_inputs, max_tokens = self.job.request_limits(self.dim)
+        # Byte bounds where they pack as exact counts would, exact counts elsewhere (texts.py).
+        counts, exact = prepared.piece_tokens[picked], prepared.exact[picked]
+        if not exact.all() and int(counts.sum()) > max_tokens:
+            counts, exact = await asyncio.to_thread(request_tokens, prepared, picked, max_inputs=max_inputs,
+                                                    max_tokens=max_tokens)
 
         async def send(a: int, b: int) -> None:
             nonlocal paid, reported
             pieces = picked[a:b]
-            tokens = int(prepared.piece_tokens[pieces].sum())
+            tokens = int(counts[a:b].sum())
+            texts = [prepared.pieces[i] for i in pieces]
             try:
-                result = await self.dispatcher.embed([prepared.pieces[i] for i in pieces], tokens)
+                result = await self.dispatcher.embed(texts, tokens)
             except BadInputError as err:
                 if b - a == 1:
                     code = err.code or (str(err.status) if err.status else None)
@@ -124,18 +131,24 @@ class Embedder:
                     mid = (a + b) // 2
                     await asyncio.gather(send(a, mid), send(mid, b))
                 return
+            # What the provider says it billed; else our count, exact.
+            if result.usage_tokens is not None:
+                billed = result.usage_tokens
+            elif exact[a:b].all():
+                billed = tokens
+            else:
+                billed = int((await asyncio.to_thread(count_tokens, texts)).sum())
             keys = [claim.keys[i] for i in pieces]
-            await asyncio.to_thread(journal.answered, keys, result.vectors, tokens)  # paid: kept before anything else
+            await asyncio.to_thread(journal.answered, keys, result.vectors, billed)  # paid: kept before anything else
             vectors[slots[pieces]] = result.vectors
-            paid += tokens
+            paid += billed
             rows_finished = int(np.count_nonzero(is_last_piece[pieces]))
             reported += rows_finished
-            self.on_progress(rows_finished, tokens)
+            self.on_progress(rows_finished, billed)
             await self.reuse.answered(keys, result.vectors)
 
-        max_inputs, max_tokens = self.job.request_limits(self.dim)
-        slices = pack(prepared.piece_tokens[picked], prepared.piece_bytes[picked], max_inputs=max_inputs, max_tokens=max_tokens)
-        await asyncio.gather(*(send(a, b) for a, b in slices))
+        requests = pack(counts, prepared.piece_bytes[picked], max_inputs=max_inputs, max_tokens=max_tokens)
+        await asyncio.gather(*(send(a, b) for a, b in requests))
         return paid, reported
 
     @staticmethod
