@@ -35,6 +35,9 @@ class Embedded:
     reasons: list[str | None]
     codes: list[str | None]
     tokens: int  # paid for now: sent and answered
+    # Of `tokens`, those the providers' usage reported; the rest counted with
+    # cl100k (some relays report characters there: the summary says which is which).
+    tokens_reported: int
     origins: dict[Origin, int]  # rows with a vector, by where it came from
 
 
@@ -60,22 +63,22 @@ class Embedder:
         try:
             for piece, vector in claim.found.items():
                 vectors[slots[piece]] = vector
-            paid, reported = await self._send(prepared, claim, claim.send, vectors, slots, refused, journal)
+            paid, from_usage, reported = await self._send(prepared, claim, claim.send, vectors, slots, refused, journal)
             orphaned = await self._await_others(claim, vectors, slots, refused)
             if orphaned:  # the slice sending them stopped: send them here
                 claim.origin[orphaned] = ORIGIN_CODE["provider"]
-                more_paid, more_reported = await self._send(prepared, claim, orphaned, vectors, slots, refused, journal)
-                paid, reported = paid + more_paid, reported + more_reported
+                more = await self._send(prepared, claim, orphaned, vectors, slots, refused, journal)
+                paid, from_usage, reported = paid + more[0], from_usage + more[1], reported + more[2]
         finally:
             self.reuse.release(claim)
         repeats = np.flatnonzero(claim.first != np.arange(len(keys)))
         vectors[slots[repeats]] = vectors[slots[claim.first[repeats]]]  # a repeat takes its first piece's vector
         await self._journal_reused(claim, vectors, slots, refused, journal)
         self.on_progress(prepared.n_rows - reported, 0)  # rows not sent: reused, rejected, or cut short
-        return self._rows(prepared, claim, vectors, by_row, refused, paid)
+        return self._rows(prepared, claim, vectors, by_row, refused, paid, from_usage)
 
     def _rows(self, prepared: PreparedTexts, claim: Claim, vectors: np.ndarray, by_row: bool,
-              refused: dict[int, str | None], paid: int) -> Embedded:
+              refused: dict[int, str | None], paid: int, from_usage: int) -> Embedded:
         """Row vectors from piece vectors, each row's reason when it gets none."""
         ok = ~np.isin(claim.first, list(refused))
         codes: list[str | None] = [None] * prepared.n_rows
@@ -95,17 +98,18 @@ class Embedder:
         has &= np.array([r is None for r in reasons], dtype=bool)
         row_origin = np.full(prepared.n_rows, len(ORIGIN_CODE) - 1, dtype=np.int8)
         np.minimum.at(row_origin, prepared.piece_row, claim.origin)
-        return Embedded(sink.vector_array(row_vectors, has, self.dim), reasons, codes, paid,
+        return Embedded(sink.vector_array(row_vectors, has, self.dim), reasons, codes, paid, from_usage,
                         origin_counts(has, row_origin))
 
     async def _send(self, prepared: PreparedTexts, claim: Claim, order: list[int], vectors: np.ndarray,
-                    slots: np.ndarray, refused: dict[int, str | None], journal: Journal) -> tuple[int, int]:
+                    slots: np.ndarray, refused: dict[int, str | None], journal: Journal) -> tuple[int, int, int]:
         """Send the pieces `order` in packed requests, narrowing a 400 down to
         the pieces it is about. Fills `vectors` and `refused`; returns the
-        tokens paid for and the rows reported to the progress."""
+        tokens paid for, those of them the provider reported, and the rows
+        reported to the progress."""
         picked = np.asarray(order, dtype=np.int64)
         is_last_piece = np.r_[prepared.piece_row[1:] != prepared.piece_row[:-1], True]
-        paid = reported = 0
+        paid = from_usage = reported = 0
         max_inputs, max_tokens = self.job.request_limits(self.dim)
         # Byte bounds where they pack as exact counts would, exact counts elsewhere (texts.py).
         counts, exact = prepared.piece_tokens[picked], prepared.exact[picked]
@@ -114,7 +118,7 @@ class Embedder:
                                                     max_tokens=max_tokens)
 
         async def send(a: int, b: int) -> None:
-            nonlocal paid, reported
+            nonlocal paid, from_usage, reported
             pieces = picked[a:b]
             tokens = int(counts[a:b].sum())
             texts = [prepared.pieces[i] for i in pieces]
@@ -134,6 +138,7 @@ class Embedder:
             # What the provider says it billed; else our count, exact.
             if result.usage_tokens is not None:
                 billed = result.usage_tokens
+                from_usage += billed
             elif exact[a:b].all():
                 billed = tokens
             else:
@@ -149,7 +154,7 @@ class Embedder:
 
         requests = pack(counts, prepared.piece_bytes[picked], max_inputs=max_inputs, max_tokens=max_tokens)
         await asyncio.gather(*(send(a, b) for a, b in requests))
-        return paid, reported
+        return paid, from_usage, reported
 
     @staticmethod
     async def _await_others(claim: Claim, vectors: np.ndarray, slots: np.ndarray,

@@ -29,6 +29,7 @@ class RunCounters:
     rows_done: int = 0
     rows_from: Counter[str] = field(default_factory=Counter)  # embedded without a request now: deduped, from_cache, journal
     tokens: int = 0  # paid for: sent to a provider and answered
+    tokens_reported: int = 0  # of them, as the providers' usage reported (else counted with cl100k)
 
 
 class Progress:

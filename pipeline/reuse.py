@@ -46,7 +46,14 @@ class Refused:
 # A claimed key's outcome: its vector, a refusal, or None when the slice that
 # claimed it stopped without an answer (the waiter then sends it itself).
 Answer = Union[np.ndarray, Refused, None]
-NOT_AWAITED = np.zeros(0, dtype=np.float32)  # the outcome of a key nobody waited for: read by no one
+
+
+@dataclass
+class _InFlight:
+    """A key some slice is sending: who, and (made only once another slice asks) its answer."""
+
+    owner: Claim
+    answer: asyncio.Future[Answer] | None = None
 
 
 def memory_entries(dim: int) -> int:
@@ -130,7 +137,7 @@ class Claim:
     found: dict[int, np.ndarray] = field(default_factory=dict)  # first piece -> vector known now
     refused: dict[int, str | None] = field(default_factory=dict)  # first piece -> code, refused in an earlier run
     waits: dict[int, asyncio.Future[Answer]] = field(default_factory=dict)  # first piece -> another slice's answer
-    owned: dict[int, asyncio.Future[Answer]] = field(default_factory=dict)  # first piece -> what others await of us
+    owned: list[int] = field(default_factory=list)  # first pieces this slice answers for (sends, or found)
     origin: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # per piece: ORIGIN_CODE
 
 
@@ -144,8 +151,7 @@ class Reuse:
         # flat, where a dict of arrays fragmented the heap as it churned).
         self._recent = RecentKeys(memory_entries(dim))
         self._ring = np.empty((self._recent.capacity, dim), dtype=np.float32)  # pages are touched as slots fill
-        self._pending: dict[bytes, asyncio.Future[Answer]] = {}
-        self._waited: set[bytes] = set()  # pending keys another slice awaits
+        self._pending: dict[bytes, _InFlight] = {}
         self._cache_failed = False
 
     def keys(self, pieces: Sequence[str]) -> list[bytes]:
@@ -161,12 +167,15 @@ class Reuse:
             claim.found[i] = vector
             self._remember(keys[i], vector)  # a hit is recent again
         for i in plan.in_flight:
-            claim.waits[i] = self._pending[keys[i]]
-            self._waited.add(keys[i])
+            pending = self._pending[keys[i]]
+            if pending.answer is None:  # the first slice to wait: most keys never get a future
+                pending.answer = loop.create_future()
+            claim.waits[i] = pending.answer
         lookup, recovered = [], []
         for i in plan.unknown:
             key = keys[i]
-            self._pending[key] = claim.owned[i] = loop.create_future()
+            self._pending[key] = _InFlight(claim)
+            claim.owned.append(i)
             if journal is not None and key in journal:
                 claim.found[i] = vector = journal.vector(key).astype(np.float32)  # a copy: the log may be unmapped
                 claim.origin[i] = ORIGIN_CODE["journal"]
@@ -212,31 +221,30 @@ class Reuse:
                 log.warning("cache: cannot write to %s (%s); going on without storing vectors", self.cache.folder, err)
 
     def refused(self, key: bytes, code: str | None) -> None:
-        self._waited.discard(key)
-        future = self._pending.pop(key, None)
-        if future is not None and not future.done():
-            future.set_result(Refused(code))
+        self._answer(key, Refused(code))
 
     def release(self, claim: Claim) -> None:
         """A slice is done or stopped: what it claimed and never answered is
         released, so a waiting slice sends it itself."""
-        for i, future in claim.owned.items():
-            if not future.done():
-                if self._pending.get(claim.keys[i]) is future:
-                    del self._pending[claim.keys[i]]
-                    self._waited.discard(claim.keys[i])
-                future.set_result(None)
+        for i in claim.owned:
+            pending = self._pending.get(claim.keys[i])
+            if pending is not None and pending.owner is claim:
+                self._answer(claim.keys[i], None)
 
     def _remember(self, key: bytes, vector: np.ndarray) -> None:
         self._ring[self._recent.add(key)] = vector
 
     def _settle(self, key: bytes, vector: np.ndarray) -> None:
         self._remember(key, vector)
-        future = self._pending.pop(key, None)
-        if future is not None and not future.done():
-            # A copy, and only for a waiter: a view would keep the whole answer it came in alive.
-            future.set_result(vector.copy() if key in self._waited else NOT_AWAITED)
-        self._waited.discard(key)
+        pending = self._pending.get(key)
+        if pending is not None:  # a copy for waiters: a view would keep the whole answer it came in alive
+            self._answer(key, vector.copy() if pending.answer is not None else None)
+
+    def _answer(self, key: bytes, answer: Answer) -> None:
+        """The slice sending `key` is done with it: hand waiters the outcome."""
+        pending = self._pending.pop(key, None)
+        if pending is not None and pending.answer is not None and not pending.answer.done():
+            pending.answer.set_result(answer)
 
     async def _cache_get(self, keys: list[bytes]) -> dict[bytes, np.ndarray]:
         if self.cache is None or self._cache_failed:

@@ -285,6 +285,7 @@ class _Run:
                 "rows_from_cache": c.rows_from["from_cache"],
                 "rows_from_journal": c.rows_from["journal"],
                 "tokens": c.tokens,
+                "tokens_reported_by_providers": c.tokens_reported,
                 "cost_usd": cost_usd(c.tokens, price),
                 "requests": sum(p["requests"] for p in providers.values()),
                 "retries": sum(p["retries"] for p in providers.values()),

@@ -112,6 +112,7 @@ class UnitWork:
         c.rows_rejected.update({r: n - before.rejected.get(r, 0) for r, n in record.rejected.items()
                                 if n > before.rejected.get(r, 0)})
         c.tokens += totals.paid
+        c.tokens_reported += totals.reported
         paid_before = before.embedded - before.deduped - before.from_cache  # rows the journal gave back again
         c.rows_from.update(deduped=record.deduped - before.deduped, from_cache=record.from_cache - before.from_cache,
                            journal=max(0, totals.journal - paid_before))
@@ -123,6 +124,7 @@ class UnitTotals:
     def __init__(self, tokens: int) -> None:
         self.tokens = tokens  # paid for this unit: by earlier runs (its journal) and this one
         self.paid = 0  # by this run
+        self.reported = 0  # of them, as the providers' usage said
         self.embedded = 0
         self.rejected: Counter[str] = Counter()
         self.origins: Counter[str] = Counter()
@@ -134,6 +136,7 @@ class UnitTotals:
     def add(self, embedded: Embedded) -> None:
         self.tokens += embedded.tokens
         self.paid += embedded.tokens
+        self.reported += embedded.tokens_reported
         self.embedded += sum(r is None for r in embedded.reasons)
         self.rejected.update(r for r in embedded.reasons if r is not None)
         self.origins.update(embedded.origins)
