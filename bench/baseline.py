@@ -1,11 +1,13 @@
 """The plain baseline: what one writes by hand with the official `openai` SDK.
 
-Reads the same Parquet text column, sends the same batches with the same
-concurrency (an asyncio semaphore) to the same server, keeps the vectors the
-SDK hands back, and writes them to Parquet at the end: the same work as the
-pipeline, without its tokenizing, checkpoints or parts.
+Reads the same Parquet text column, leaves out the blank rows (the API
+refuses an empty input), sends the rest in batches of the same size with the
+same concurrency (an asyncio semaphore) to the same server, keeps the vectors
+the SDK hands back, and writes them to Parquet at the end (null for a blank
+row): the same work as the pipeline, without its tokenizing (so no
+truncation: the bench server takes inputs of any length), checkpoints or parts.
 
-    python bench/baseline.py INPUT_DIR OUT.parquet --base-url URL --dim 1536 --batch 256 --concurrency 16
+    python bench/baseline.py INPUT_DIR OUT.parquet --base-url URL --dim 1536 --batch 100 --concurrency 16
 """
 from __future__ import annotations
 
@@ -19,19 +21,21 @@ import pyarrow.parquet as pq
 from openai import AsyncOpenAI
 
 
-async def embed_all(texts: list[str], args: argparse.Namespace) -> list[list[float]]:
+async def embed_all(texts: list[str | None], args: argparse.Namespace) -> list[list[float] | None]:
     client = AsyncOpenAI(base_url=args.base_url, api_key=os.environ.get("BENCH_API_KEY", "sk-bench"), max_retries=5)
     gate = asyncio.Semaphore(args.concurrency)
-    out: list[list[float]] = [[] for _ in texts]
+    out: list[list[float] | None] = [None] * len(texts)
+    rows = [i for i, t in enumerate(texts) if t and t.strip()]
 
     async def one(start: int) -> None:
-        batch = texts[start : start + args.batch]
+        batch = rows[start : start + args.batch]
         async with gate:
-            resp = await client.embeddings.create(model="text-embedding-3-small", input=batch, dimensions=args.dim)
+            resp = await client.embeddings.create(model="text-embedding-3-small", input=[texts[i] for i in batch],
+                                                  dimensions=args.dim)
         for item in resp.data:
-            out[start + item.index] = item.embedding
+            out[batch[item.index]] = item.embedding
 
-    await asyncio.gather(*(one(s) for s in range(0, len(texts), args.batch)))
+    await asyncio.gather(*(one(s) for s in range(0, len(rows), args.batch)))
     await client.close()
     return out
 
@@ -45,7 +49,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--concurrency", type=int, required=True)
     args = parser.parse_args()
-    texts: list[str] = []
+    texts: list[str | None] = []
     for path in sorted(args.inputs.glob("*.parquet")):
         texts += pq.read_table(path, columns=["body"]).column("body").to_pylist()
     vectors = asyncio.run(embed_all(texts, args))

@@ -30,10 +30,16 @@ WORDS = (
 
 
 def make_input(path: Path, rows: int, *, words_per_row: int = 12, files: int = 1, seed: int = 0) -> Path:
-    """`rows` short English-like texts in `files` Parquet files under `path` (made once, reused)."""
+    """`rows` short English-like texts in `files` Parquet files under `path` (made once, reused).
+    Made in a child process: see `Measured.floor_mb`."""
     done = path / "_READY"
-    if done.exists() and done.read_text() == f"{rows} {words_per_row} {files} {seed}":
-        return path
+    if not (done.exists() and done.read_text() == f"{rows} {words_per_row} {files} {seed}"):
+        subprocess.run([PYTHON, __file__, "make-input", str(path), str(rows), str(words_per_row), str(files), str(seed)],
+                       check=True)
+    return path
+
+
+def _write_input(path: Path, rows: int, words_per_row: int, files: int, seed: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
     for old in path.glob("*.parquet"):
         old.unlink()
@@ -47,8 +53,7 @@ def make_input(path: Path, rows: int, *, words_per_row: int = 12, files: int = 1
         picks = vocab[rng.integers(0, len(vocab), size=(end - start, words_per_row))]
         texts = [f"doc {start + i}: " + " ".join(row) for i, row in enumerate(picks)]
         pq.write_table(pa.table({"body": pa.array(texts, pa.string())}), path / f"in-{f:03d}.parquet")
-    done.write_text(f"{rows} {words_per_row} {files} {seed}")
-    return path
+    (path / "_READY").write_text(f"{rows} {words_per_row} {files} {seed}")
 
 
 class Server:
@@ -88,26 +93,32 @@ class Server:
         self.close()
 
 
-def job_file(work: Path, name: str, inputs: Path, server: Server, *, dim: int, concurrency: int,
-             rows_per_request: int, rows_per_part: int, rpm: int | None = None, tpm: int | None = None,
-             provider: dict[str, Any] | None = None) -> Path:
-    entry: dict[str, Any] = {
-        "name": "bench", "base_url": server.base_url, "api_key": "${" + KEY_VAR + "}",
-        "max_concurrency": concurrency, "timeout_s": 60,
-    }
+def job_file(work: Path, name: str, inputs: Path, server: Server, *, dim: int, concurrency: int | None,
+             rows_per_request: int | None, rows_per_part: int | None, rpm: int | None = None,
+             tpm: int | None = None, provider: dict[str, Any] | None = None) -> Path:
+    """A job on `server`; None for concurrency, rows_per_request or rows_per_part
+    leaves the key out (the job's default, as a new user's job has it)."""
+    entry: dict[str, Any] = {"name": "bench", "base_url": server.base_url, "api_key": "${" + KEY_VAR + "}",
+                             "timeout_s": 60}
+    if concurrency is not None:
+        entry["max_concurrency"] = concurrency
     if rpm:
         entry["requests_per_minute"] = rpm
     if tpm:
         entry["tokens_per_minute"] = tpm
-    job = {
+    output: dict[str, Any] = {"path": str(work / "out" / name)}
+    if rows_per_part is not None:
+        output["rows_per_part"] = rows_per_part
+    job: dict[str, Any] = {
         "name": name,
         "input": {"path": str(inputs), "text_column": "body"},
-        "output": {"path": str(work / "out" / name), "rows_per_part": rows_per_part},
+        "output": output,
         "embedding": {"model": "text-embedding-3-small", "dimensions": dim},
-        "batching": {"max_inputs_per_request": rows_per_request, "max_tokens_per_request": 300_000},
         "providers": [provider or entry],
         "retry": {"max_attempts": 8, "initial_backoff_s": 0.2, "max_backoff_s": 5},
     }
+    if rows_per_request is not None:
+        job["batching"] = {"max_inputs_per_request": rows_per_request, "max_tokens_per_request": 300_000}
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
@@ -119,7 +130,13 @@ class Measured:
     started: float  # time.time() just before the process started
     wall_s: float
     cpu_s: float  # user + system of that process (its threads included)
+    sys_s: float  # of which system: page faults, syscalls, the kernel's copies
     peak_rss_mb: float
+    # The bench's own peak RSS when it started the process: Linux carries a
+    # parent's high-water mark into a child across fork and exec, so the
+    # child's peak reads as at least this. The bench keeps it low (inputs are
+    # made in child processes); a peak at the floor is not a measurement.
+    floor_mb: float
     stderr: str
 
 
@@ -129,6 +146,7 @@ def run(args: list[str], *, env: dict[str, str] | None = None, stop_when: Any = 
     full_env = {**os.environ, KEY_VAR: "sk-bench", "PYTHONUNBUFFERED": "1", **(env or {})}
     err_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-stderr-{os.getpid()}.txt"
     with open(err_path, "w") as err:
+        floor_mb = self_rss_mb()
         started = time.time()
         proc = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=err)
         deadline = started + timeout_s
@@ -146,8 +164,8 @@ def run(args: list[str], *, env: dict[str, str] | None = None, stop_when: Any = 
     proc.returncode = os.waitstatus_to_exitcode(status)
     stderr = err_path.read_text()
     err_path.unlink(missing_ok=True)
-    return Measured(proc.returncode, started, wall, usage.ru_utime + usage.ru_stime,
-                    usage.ru_maxrss / 1024.0, stderr)
+    return Measured(proc.returncode, started, wall, usage.ru_utime + usage.ru_stime, usage.ru_stime,
+                    usage.ru_maxrss / 1024.0, floor_mb, stderr)
 
 
 def pipeline_args(job: Path, *extra: str) -> list[str]:
@@ -160,3 +178,10 @@ def output_rows(out: Path) -> int:
 
 def self_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["make-input"]:
+        _write_input(Path(sys.argv[2]), *(int(a) for a in sys.argv[3:7]))
+    else:
+        raise SystemExit("usage: harness.py make-input PATH ROWS WORDS_PER_ROW FILES SEED")

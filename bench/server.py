@@ -1,25 +1,35 @@
 """A loopback OpenAI-compatible `/v1/embeddings` server for the benchmarks.
 
-Runs in its own process (so its CPU is not the client's) and is cheap per
-request: answers are the same unit vector for every input, built once per
-(inputs, dimensions, format) and reused. It can add latency, enforce RPM and
-TPM over a sliding 60-second window of arrivals (429 with Retry-After), fail a
-share of requests with 500, and it records every request it saw so the suite
+Runs in its own process (so its CPU is not the client's) and answers as a
+real server does, at a real server's cost per answer: every input gets its
+own vector, computed per request from a hash of its text (random-looking,
+unit length, the same for the same text in every run, so parts compress like
+real vectors and a resumed job sees the same vector space), encoded per
+request as base64 (or floats, when asked) in a JSON body built per request.
+No answer is prebuilt or reused.
+
+It can add latency (fixed, plus an amount per 1,000 tokens of the request:
+a real provider's time follows the request's size), enforce RPM and TPM over
+a sliding 60-second window of arrivals (429 with Retry-After), fail a share
+of requests with 500, and it records every request it saw so the suite
 computes its ratios from what the server measured:
 
-    python bench/server.py --latency-ms 300 --rpm 600 --tpm 100000 --error-rate 0.01
+    python bench/server.py --latency-ms 300 --latency-ms-per-1k-tokens 50 --rpm 600 --tpm 100000
 
-prints `PORT <n>` once listening. `GET /stats` returns the arrivals as
-columns (arrival and answer times in `time.time()` seconds, inputs, tokens,
-HTTP status, whether it was the pipeline's start-up probe); `POST /reset`
-clears them.
+prints `PORT <n>` once listening. Tokens are counted with cl100k (the
+client's own tokenizer) when a limit or the latency depends on them, else
+estimated as UTF-8 bytes / 4 (the server's CPU is the client's neighbour on a
+small machine); `usage` reports that figure. `GET /stats` returns the
+arrivals as columns (arrival and answer times in `time.time()` seconds,
+inputs, tokens, HTTP status, whether it was the pipeline's start-up probe);
+`POST /reset` clears them.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import base64
-import functools
+import hashlib
 import json
 import math
 import random
@@ -36,53 +46,62 @@ from pipeline.probe import PROBE_TEXTS  # noqa: E402
 
 WINDOW_S = 60.0  # what "per minute" means to the server: any 60 s of arrivals
 DEFAULT_DIM = 1536
-POOL_VECTORS = 2048  # distinct vectors per answer: as many as a request may hold
+BYTES_PER_TOKEN_ESTIMATE = 4  # when tokens are not counted: English prose averages about 4.3
+# A 32-bit integer hash (lowbias32) of (text hash, position): each input's
+# vector is computed from its text, vectorized over the request.
+_GOLDEN = np.uint32(0x9E3779B9)
+_MIX1, _MIX2 = np.uint32(0x7FEB352D), np.uint32(0x846CA68B)
+
+
+def vectors_for(texts: list[str], dim: int) -> np.ndarray:
+    """One unit vector per text, from a hash of the text: float32 [n, dim]."""
+    seeds = np.frombuffer(b"".join(hashlib.blake2b(t.encode("utf-8"), digest_size=4).digest() for t in texts),
+                          dtype="<u4")
+    x = seeds[:, None] ^ (np.arange(dim, dtype=np.uint32) * _GOLDEN)[None, :]
+    x ^= x >> np.uint32(16)
+    x *= _MIX1
+    x ^= x >> np.uint32(15)
+    x *= _MIX2
+    x ^= x >> np.uint32(16)
+    v = (x >> np.uint32(8)).astype(np.float32)
+    v -= np.float32(2**23)  # centred: uniform in [-2^23, 2^23)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return v
+
+
+def answer_body(texts: list[str], dim: int, fmt: str, tokens: int) -> bytes:
+    vecs = vectors_for(texts, dim)
+    if fmt == "base64":
+        values = ['"' + base64.b64encode(row.tobytes()).decode("ascii") + '"' for row in vecs.astype("<f4")]
+    else:
+        values = [json.dumps(row.tolist()) for row in vecs]
+    items = ",".join(f'{{"object":"embedding","index":{i},"embedding":{v}}}' for i, v in enumerate(values))
+    usage = f'{{"prompt_tokens":{tokens},"total_tokens":{tokens}}}'
+    return f'{{"object":"list","data":[{items}],"model":"bench","usage":{usage}}}'.encode("ascii")
 
 
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.latency_s = args.latency_ms / 1000.0
+        self.latency_s_per_token = args.latency_ms_per_1k_tokens / 1000.0 / 1000.0
         self.rpm: int | None = args.rpm
         self.tpm: int | None = args.tpm
         self.error_rate = args.error_rate
         self.rand = random.Random(args.seed)
         self.window: deque[tuple[float, int]] = deque()  # accepted (arrival, tokens)
         self.window_tokens = 0
-        self.bodies: dict[tuple[int, int, str], bytes] = {}
         self.arrivals: list[tuple[float, float, int, int, int, bool]] = []
         self._enc = None
-        if self.tpm is not None:
+        if self.tpm is not None or self.latency_s_per_token:
             from pipeline.texts import encoding
 
             self._enc = encoding()  # the client's own count: TPM means the same to both
 
     def tokens(self, texts: list[str]) -> int:
         if self._enc is None:
-            return 0
-        return sum(len(t) for t in self._enc.encode_ordinary_batch(texts))
-
-    def body(self, n: int, dim: int, fmt: str) -> bytes:
-        key = (n, dim, fmt)
-        if key not in self.bodies:
-            values = [self.value(i % POOL_VECTORS, dim, fmt) for i in range(n)]
-            items = ",".join(f'{{"object":"embedding","index":{i},"embedding":{v}}}' for i, v in enumerate(values))
-            usage = f'{{"prompt_tokens":{n},"total_tokens":{n}}}'
-            text = f'{{"object":"list","data":[{items}],"model":"bench","usage":{usage}}}'
-            if len(self.bodies) > 64:  # bounded: a run uses a handful of request sizes
-                self.bodies.clear()
-            self.bodies[key] = text.encode("ascii")
-        return self.bodies[key]
-
-    @staticmethod
-    @functools.lru_cache(maxsize=2 * POOL_VECTORS)
-    def value(i: int, dim: int, fmt: str) -> str:
-        """The JSON of vector i: random, unit length, the same in every run (so
-        parts compress like real vectors and a resumed job sees the same space)."""
-        vec = np.random.default_rng(i).standard_normal(dim).astype("<f4")
-        vec /= np.linalg.norm(vec)
-        if fmt == "base64":
-            return json.dumps(base64.b64encode(vec.tobytes()).decode("ascii"))
-        return json.dumps(vec.tolist())
+            return sum(len(t.encode("utf-8")) for t in texts) // BYTES_PER_TOKEN_ESTIMATE
+        encode = self._enc.encode_ordinary
+        return sum(len(encode(t)) for t in texts)
 
     def room(self, now: float, tokens: int) -> float:
         """0 when a request of `tokens` fits the window now, else seconds until it would."""
@@ -117,18 +136,21 @@ class Bench:
                 self.window_tokens += tokens
         if status == 200 and self.error_rate and self.rand.random() < self.error_rate:
             status = 500
-        if self.latency_s:
-            await asyncio.sleep(self.latency_s)
-        self.arrivals.append((arrived, time.time(), len(texts), tokens, status, probe))
+        latency = self.latency_s + self.latency_s_per_token * tokens
+        if latency > 0:
+            await asyncio.sleep(max(0.0, arrived + latency - time.time()))  # the time taken counting is part of it
         if status == 429:
+            self.arrivals.append((arrived, time.time(), len(texts), tokens, status, probe))
             err = {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}
             return web.json_response(err, status=429, headers={"Retry-After": str(max(1, math.ceil(wait)))})
         if status == 500:
+            self.arrivals.append((arrived, time.time(), len(texts), tokens, status, probe))
             err = {"error": {"message": "The server had an error", "type": "server_error", "code": "internal_error"}}
             return web.json_response(err, status=500)
         dim = int(payload.get("dimensions") or DEFAULT_DIM)
-        fmt = payload.get("encoding_format") or "float"
-        return web.Response(body=self.body(len(texts), dim, fmt), content_type="application/json")
+        body = answer_body(texts, dim, payload.get("encoding_format") or "float", tokens)
+        self.arrivals.append((arrived, time.time(), len(texts), tokens, status, probe))
+        return web.Response(body=body, content_type="application/json")
 
     async def stats(self, request: web.Request) -> web.Response:
         cols = list(zip(*self.arrivals)) if self.arrivals else [[]] * 6
@@ -159,6 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--latency-ms-per-1k-tokens", type=float, default=0.0)
     parser.add_argument("--rpm", type=int, default=None)
     parser.add_argument("--tpm", type=int, default=None)
     parser.add_argument("--error-rate", type=float, default=0.0)

@@ -8,8 +8,12 @@ import re
 import sys
 from typing import Sequence
 
-from .errors import EXIT_OK, EXIT_WORK_LEFT, PipelineError
-from .logfmt import LOG_FORMATS, configure, error_line
+from .allocators import settle_allocators
+
+settle_allocators()  # before pyarrow loads, which everything below brings in
+
+from .errors import EXIT_OK, EXIT_WORK_LEFT, PipelineError  # noqa: E402
+from .logfmt import LOG_FORMATS, configure, error_line  # noqa: E402
 
 EPILOG = "exit status: 0 every row accounted for (_SUCCESS written), 1 work left (rerun continues), 2 fix the job or inputs"
 

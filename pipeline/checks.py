@@ -10,20 +10,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import storage
-from .cache import text_keys
+from . import layout
+from .cache import open_cache, text_keys
 from .config import load_job
 from .errors import ConfigError, JobChangedError
-from .locks import run_lock_held, shard_locks_held
-from .manifest import Manifest, describe_change, job_fingerprint
+from .fs import is_remote, store_error
+from .manifest import Checkpoint, describe_change, job_fingerprint
 from .packing import pack
 from .prices import cost_usd, expected_dimensions, job_price
 from .progress import rejects_text
-from .reuse import RecentKeys, first_pieces, memory_entries
-from .segments import open_cache
+from .reuse import RecentKeys, memory_entries, plan_keys
 from .sources import check_columns, find_inputs, iter_units
+from .storage import LocalOutput, open_output
 from .texts import prepare, row_texts
-
 
 
 def validate_job(job_file: str) -> list[str]:
@@ -38,25 +37,24 @@ def validate_job(job_file: str) -> list[str]:
             if missing:
                 raise ConfigError(f"providers[{p.name}]: type local needs {missing[0]}; pip install -e '.[local]'")
         lines.append(f"ok: provider {p.name} ({p.type}{', ' + p.base_url if p.base_url else ''})")
-    output = storage.open_output(job.output.path, job.output.storage)
-    if isinstance(output, storage.LocalOutput):
+    output = open_output(job.output.path, job.output.storage)
+    if isinstance(output, LocalOutput):  # validate creates nothing: the nearest folder that exists must be writable
         out = output.dir
         existing = out if out.exists() else next((a for a in out.parents if a.exists()), None)
         if existing is None or not os.access(existing, os.W_OK):
             raise ConfigError(f"output.path: {out} cannot be written")
-        manifest = Manifest.read(output) if out.is_dir() else None
     else:
         output.prepare()  # reaches the store and writes (then deletes) one object
-        manifest = Manifest.read(output)
+    checkpoint = Checkpoint.read(output)
     out = output
-    if manifest is not None:
-        change = describe_change(manifest.data["fingerprint"], job_fingerprint(job, files))
+    if checkpoint is not None:
+        change = describe_change(checkpoint.meta["fingerprint"], job_fingerprint(job, files))
         if change:
             raise JobChangedError(f"{out} holds progress of a different job: {change}; a run needs --restart")
         lines.append(f"ok: output {out} holds progress of this job; a run continues it")
     else:
         lines.append(f"ok: output {out} is writable")
-    if job.cache and not storage.is_remote(job.cache):
+    if job.cache and not is_remote(job.cache):
         cache = open_cache(job.cache, job.cache_storage, readonly=True)  # checks its format; creates nothing
         if cache is None:
             lines.append(f"ok: cache {job.cache} will be created by the first run")
@@ -78,12 +76,12 @@ def estimate_job(job_file: str) -> dict[str, Any]:
     rows = pieces = tokens = requests = cache_hits = 0
     distinct = 0  # texts the run looks up or sends: not repeats of a text it has in memory
     rejected: Counter[str] = Counter()
-    max_inputs, max_tokens = job.request_limits()
     policy = job.embedding
     if policy.empty == "fail" or policy.too_long == "fail":  # count, don't stop, when estimating
         policy = replace(policy, empty="skip" if policy.empty == "fail" else policy.empty,
                          too_long="skip" if policy.too_long == "fail" else policy.too_long)
     dim = expected_dimensions(job)
+    max_inputs, max_tokens = job.request_limits(dim)
     recent = RecentKeys(memory_entries(dim))  # the run's in-run dedupe memory, keys only
     cache = open_cache(job.cache, job.cache_storage, readonly=True)
     try:
@@ -92,14 +90,15 @@ def estimate_job(job_file: str) -> dict[str, Any]:
             rows += prepared.n_rows
             pieces += len(prepared.pieces)
             rejected.update(r for r in prepared.reasons if r)
-            first_of, _ = first_pieces(text_keys(prepared.pieces, job.embedding.model, job.embedding.dimensions))
-            new = [key for key in first_of if recent.slot(key) is None]
-            for key in first_of:  # seen or not, a key is the most recent now
+            keys = text_keys(prepared.pieces, job.embedding.model, job.embedding.dimensions)
+            plan = plan_keys(keys, recent)  # as the run plans them
+            for key in plan.first_of:  # seen or not, a key is the most recent now
                 recent.add(key)
+            new = [keys[i] for i in plan.unknown]
             hits = cache.contains(new) if cache is not None else set()
             distinct += len(new)
             cache_hits += len(hits)
-            send = np.asarray([first_of[k] for k in new if k not in hits], dtype=np.int64)
+            send = np.asarray([i for i in plan.unknown if keys[i] not in hits], dtype=np.int64)
             tokens += int(prepared.piece_tokens[send].sum())
             requests += len(pack(prepared.piece_tokens[send], prepared.piece_bytes[send],
                                  max_inputs=max_inputs, max_tokens=max_tokens))
@@ -145,50 +144,49 @@ def estimate_lines(r: dict[str, Any]) -> list[str]:
 
 def job_status(job_file: str) -> dict[str, Any]:
     job = load_job(job_file, require_env=False)
-    output = storage.open_output(job.output.path, job.output.storage)
-    present = output.dir.is_dir() if isinstance(output, storage.LocalOutput) else True
+    output = open_output(job.output.path, job.output.storage)
     try:
-        manifest = Manifest.read(output) if present else None
-        running = run_lock_held(output) if present else False  # None: an object store cannot tell
-        complete = manifest is not None and output.exists("_SUCCESS")
+        checkpoint = Checkpoint.read(output)
+        running, running_shards = output.running_shards() if checkpoint is not None else (False, [])
+        complete = checkpoint is not None and output.exists(layout.SUCCESS)
     except (OSError, pa.ArrowException) as err:
-        raise ConfigError(f"output.path: {output}: {storage.error_line(err)}") from None
+        raise ConfigError(f"output.path: {output}: {store_error(err)}") from None
     report: dict[str, Any] = {"job": job.name, "output": str(output), "running": running}
-    if manifest is None:
+    if checkpoint is None:
         return {**report, "state": "not started"}
-    counters = manifest.counters()
-    last_run = manifest.data["runs"][-1] if manifest.data.get("runs") else None
+    meta = checkpoint.meta
+    last_run = meta["runs"][-1] if meta.get("runs") else None
     return {
         **report,
-        "state": "complete" if complete else ("running" if report["running"] else "incomplete"),
-        **counters,
-        "total_units": manifest.data.get("total_units"),
-        "total_rows": manifest.data.get("total_rows"),
-        "partial_units": len(manifest.partial),
-        "updated_at": manifest.data.get("updated_at"),
+        "state": "complete" if complete else ("running" if running else "incomplete"),
+        **checkpoint.counters(),
+        "total_units": meta.get("total_units"),
+        "total_rows": meta.get("total_rows"),
+        "partial_units": len(checkpoint.ledger.partial),
+        "updated_at": meta.get("updated_at"),
         "last_run": last_run,
-        "shards": _shards(manifest, shard_locks_held(output)),
+        "shards": _shards(checkpoint, running_shards),
     }
 
 
-def _shards(manifest: Manifest, running: list[tuple[int, int]]) -> list[dict[str, Any]]:
+def _shards(checkpoint: Checkpoint, running: list[layout.Shard]) -> list[dict[str, Any]]:
     """Every shard of every split seen (in the run history or holding a lock):
     its parts done, its last recorded run, whether it runs now."""
-    last: dict[tuple[int, int], dict[str, Any]] = {}
-    for run in manifest.data.get("runs", []):
+    last: dict[layout.Shard, dict[str, Any]] = {}
+    for run in checkpoint.meta.get("runs", []):
         if run.get("shard"):
             last[(run["shard"][0], run["shard"][1])] = run
     splits = sorted({n for _, n in [*last, *running]})
-    total = manifest.data.get("total_units")
-    done = [int(seq) for seq in manifest.units]
+    total = checkpoint.meta.get("total_units")
+    done = np.fromiter(checkpoint.ledger.committed_seqs(), dtype=np.int64)
     shards = []
     for n in splits:
         for k in range(n):
             run = last.get((k, n))
             shards.append({
                 "shard": [k, n],
-                "units_done": sum(seq % n == k for seq in done),
-                "total_units": len(range(k, total, n)) if total is not None else None,
+                "units_done": int(np.count_nonzero(done % n == k)),
+                "total_units": layout.units_of((k, n), total) if total is not None else None,
                 "last_run": {"status": run["status"], "finished_at": run["finished_at"]} if run else None,
                 "running": (k, n) in running,
             })

@@ -1,58 +1,48 @@
 """The checkpoint: the single source of truth for what is done.
 
-Commit order is: part file complete on disk -> manifest lists its unit. A part
-the manifest does not list is an orphan. Every change is a read-merge-write
-under an exclusive file lock, so shards sharing an output never lose each
-other's progress.
+Commit order: a unit's part is published, then its record is written (one
+small file, temp + fsync + rename locally, one PUT on an object store). A
+part without a record is an orphan, removed at the next start. A commit
+writes nothing else and reads nothing, so it costs the same at the last part
+as at the first, and shards never touch each other's files: each writer owns
+the records of its units and its own snapshot (records.py has the schema).
 
-An object store has no lock. There each writer (the unsharded run, or shard
-K/N) rewrites only its own object, `_manifest.json` or
-`_manifest.d/shard-K-of-N.json`, and readers merge them all: units only ever
-get added, so a merge (a union) loses no shard's commit. The shard that finds
-the job complete writes the merged whole into `_manifest.json`.
+From time to time (and at start and end) a writer compacts its records into
+its snapshot, then deletes them. Readers (`run`, `status`, `validate`, the
+`_SUCCESS` check) take `_manifest.json`, every shard's snapshot and every
+record; a unit seen twice is the same unit.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
+import hashlib
 import json
-import re
+import threading
 import time
-from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable
 
+from . import layout
 from .config import JobConfig
 from .errors import ConfigError, JobChangedError
-from .sink import PARTIAL_DIR, REJECTS_DIR, part_name, write_json
+from .fs import store_error
+from .layout import Shard
+from .records import FORMAT_VERSION, MAX_RUNS_KEPT, Ledger, UnitRecord, merge_meta, new_meta, parse_snapshot, snapshot_json
 from .sources import InputFile
-from .storage import Output, error_line
+from .storage import Output, Staged
 
-MANIFEST_NAME = "_manifest.json"
-SHARD_MANIFESTS = "_manifest.d"  # object stores: one manifest object per shard, merged by readers
-FORMAT_VERSION = 1
-MAX_RUNS_KEPT = 50  # run history in the manifest stays small
+COMPACT_EVERY_RECORDS = 1000  # a restart reads at most this many records per writer
+COMPACT_EVERY_S = 300.0  # ... or what a writer committed in the last five minutes
+READ_THREADS = 16  # records are small: on an object store reading them is all round trips
 # S3 itself swaps objects atomically; some S3-compatible stores (moto among
-# them) can serve an object half-overwritten, so a torn manifest is read again.
-REMOTE_READ_ATTEMPTS = 5
-REMOTE_READ_RETRY_S = 0.2
-# `_SUCCESS` and the manifest first: --restart removes them before the parts.
-OUTPUT_FILES = ("_SUCCESS", MANIFEST_NAME, "_summary.json", "_rejects.parquet")
+# them) can serve an object half-overwritten, so a torn snapshot is read again.
+READ_ATTEMPTS = 5
+READ_RETRY_S = 0.2
 
 # What makes the vectors (or the output layout) what they are: changing any
 # of these on an output with progress is refused unless --restart.
 VECTOR_KEYS = (
-    "inputs",
-    "text",
-    "model",
-    "dimensions",
-    "too_long",
-    "max_input_tokens",
-    "empty",
-    "id_column",
-    "keep_columns",
-    "vector_column",
-    "rows_per_part",
+    "inputs", "text", "model", "dimensions", "too_long", "max_input_tokens", "empty", "id_column",
+    "keep_columns", "vector_column", "rows_per_part",
 )
 
 
@@ -70,6 +60,12 @@ def job_fingerprint(job: JobConfig, files: list[InputFile]) -> dict[str, Any]:
         "vector_column": job.output.vector_column,
         "rows_per_part": job.output.rows_per_part,
     }
+
+
+def epoch_of(fingerprint: dict[str, Any]) -> str:
+    """Records carry it: a record left by another job (a --restart cut short) is never read as ours."""
+    canonical = json.dumps({k: fingerprint.get(k) for k in VECTOR_KEYS}, sort_keys=True, default=str)
+    return hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest()
 
 
 def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
@@ -94,215 +90,275 @@ def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     return None
 
 
-def merge_manifests(main: dict[str, Any], others: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pure: `main` with every unit, partial, run and learned value of the
-    shards' objects (those of the same job; a stale one of another is ignored)."""
-    data = copy.deepcopy(main)
-    runs = {json.dumps(r, sort_keys=True): r for r in data.get("runs", [])}
-    for other in others:
-        if other.get("format_version") != FORMAT_VERSION or other.get("fingerprint") != data.get("fingerprint"):
-            continue
-        data["units"].update(other.get("units", {}))
-        data["partial"].update(other.get("partial", {}))
-        for key in ("dimensions", "probes", "total_units", "total_rows"):
-            if data.get(key) is None and other.get(key) is not None:
-                data[key] = other[key]
-        runs.update((json.dumps(r, sort_keys=True), r) for r in other.get("runs", []))
-        data["updated_at"] = max(data.get("updated_at") or "", other.get("updated_at") or "")
-    for seq in data["units"]:
-        data["partial"].pop(seq, None)
-    data["runs"] = sorted(runs.values(), key=lambda r: r.get("finished_at") or "")[-MAX_RUNS_KEPT:]
-    return data
+class Checkpoint:
+    def __init__(self, output: Output, meta: dict[str, Any], ledger: Ledger, shard: Shard | None) -> None:
+        self.output = output
+        self.meta = meta
+        self.ledger = ledger
+        self.shard = shard
+        self.epoch = epoch_of(meta["fingerprint"])
+        self._lock = threading.Lock()  # commits run in threads
+        self._compact_lock = threading.Lock()  # one snapshot write at a time, in order
+        self._records: list[str] = []  # this writer's records not yet in its snapshot
+        self._last_compact = time.monotonic()
 
+    # -- reading -------------------------------------------------------------------------
 
-def manifest_object(shard: tuple[int, int] | None) -> str:
-    """The manifest object a writer rewrites on an object store."""
-    return MANIFEST_NAME if shard is None else f"{SHARD_MANIFESTS}/shard-{shard[0]}-of-{shard[1]}.json"
+    @classmethod
+    def read(cls, output: Output, shard: Shard | None = None) -> Checkpoint | None:
+        """The whole checkpoint (every writer's), or None when the output has none."""
+        main = _read_json(output, layout.MANIFEST)
+        if main is None:
+            return None
+        meta, records = _parse(output, layout.MANIFEST, main)
+        ledger = Ledger()
+        for record in records:
+            ledger.add(record)
+        checkpoint = cls(output, meta, ledger, shard)
+        for rel in output.list(layout.MANIFEST_DIR, layout.SNAPSHOT_PATTERN):
+            other = _read_json(output, rel)
+            if other is None:
+                continue
+            other_meta, other_records = _parse(output, rel, other)
+            if epoch_of(other_meta["fingerprint"]) != checkpoint.epoch:
+                continue  # a stale snapshot of another job
+            merge_meta(meta, other_meta)
+            for record in other_records:
+                ledger.add(record)
+        for rel, record in checkpoint._read_records():
+            ledger.add(record)
+            if layout.owns(shard, record.seq):
+                checkpoint._records.append(rel)
+        return checkpoint
 
+    def _read_records(self) -> list[tuple[str, UnitRecord]]:
+        names = self.output.list(layout.RECORDS_DIR, layout.RECORD_PATTERN)
+        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+            found = list(pool.map(self._read_record, names))
+        return [(rel, record) for rel, record in zip(names, found) if record is not None]
 
-@dataclass
-class Manifest:
-    output: Output
-    data: dict[str, Any]
-    shard: tuple[int, int] | None = None  # whose object `save` writes on an object store
+    def _read_record(self, rel: str) -> UnitRecord | None:
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                obj = json.loads(self.output.read_bytes(rel))
+            except FileNotFoundError:
+                return None  # compacted meanwhile: its snapshot has it
+            except OSError:
+                # A store may fail a read of an object deleted under it (compacted by its writer).
+                if attempt + 1 < READ_ATTEMPTS and self.output.exists(rel):
+                    time.sleep(READ_RETRY_S)
+                    continue
+                if not self.output.exists(rel):
+                    return None
+                raise
+            except ValueError:
+                return None  # torn by a store that is not atomic: its part is an orphan, redone
+            try:
+                if obj.get("epoch") != self.epoch:
+                    return None  # another job's: ignored, and removed by its owner at start
+                return UnitRecord.from_json(obj)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                return None
+        return None
+
+    @classmethod
+    def open(cls, output: Output, job: JobConfig, fingerprint: dict[str, Any], *, restart: bool,
+             shard: Shard | None, max_units: int) -> Checkpoint:
+        """The output's checkpoint, created if new; refuses progress made by a different job.
+        Writes this writer's snapshot at once: a restart reads few records."""
+        existing = cls.read(output, shard)
+        if existing is not None and restart:
+            discard_outputs(output)
+            existing = None
+        if existing is not None:
+            change = describe_change(existing.meta["fingerprint"], fingerprint)
+            if change:
+                raise JobChangedError(
+                    f"{output} holds progress of a different job: {change}. "
+                    f"Rerun with --restart to discard it, or undo the change"
+                )
+            existing.compact()
+            if shard is None:  # the unsharded writer's snapshot now holds every shard's
+                for rel in output.list(layout.MANIFEST_DIR, layout.SNAPSHOT_PATTERN):
+                    output.delete(rel)
+            return existing
+        checkpoint = cls(output, new_meta(job.name, fingerprint, layout.part_digits(max_units), _now()), Ledger(), shard)
+        checkpoint.compact()
+        if shard is not None and not output.exists(layout.MANIFEST):
+            output.write(layout.MANIFEST, _dump(snapshot_json(checkpoint.meta, Ledger(), lambda _: False)))
+        return checkpoint
+
+    # -- what is done ------------------------------------------------------------------
 
     @property
-    def own(self) -> str:
-        return manifest_object(self.shard) if self.output.remote else MANIFEST_NAME
+    def part_digits(self) -> int:
+        return int(self.meta.get("part_digits") or layout.MIN_PART_DIGITS)
 
-    @property
-    def units(self) -> dict[str, dict[str, Any]]:
-        return self.data["units"]
-
-    @property
-    def partial(self) -> dict[str, dict[str, Any]]:
-        return self.data["partial"]
+    def part_name(self, seq: int) -> str:
+        return layout.part_name(seq, self.part_digits)
 
     def is_done(self, seq: int) -> bool:
-        return str(seq) in self.units
+        return self.ledger.is_done(seq)
 
-    @classmethod
-    def read(cls, output: Output, shard: tuple[int, int] | None = None) -> Manifest | None:
-        """The manifest, or None when the output has none; on an object store,
-        `_manifest.json` merged with the shards' objects."""
-        data = _read_object(output, MANIFEST_NAME)
-        if data is None:
-            return None
-        if output.remote:
-            others = [_read_object(output, rel) for rel in output.list(SHARD_MANIFESTS, "*.json")]
-            data = merge_manifests(data, [o for o in others if o is not None])
-        return cls(output, data, shard)
-
-    @classmethod
-    def open(
-        cls, output: Output, job: JobConfig, fingerprint: dict[str, Any], *, restart: bool,
-        shard: tuple[int, int] | None = None,
-    ) -> Manifest:
-        """The output's manifest, created if new; refuses progress made by a different job."""
-        with manifest_lock(output):
-            existing = cls.read(output, shard)
-            if existing is not None and restart:
-                discard_outputs(output)
-                existing = None
-            if existing is not None:
-                change = describe_change(existing.data["fingerprint"], fingerprint)
-                if change:
-                    raise JobChangedError(
-                        f"{output} holds progress of a different job: {change}. "
-                        f"Rerun with --restart to discard it, or undo the change"
-                    )
-                return existing
-            manifest = cls(
-                output,
-                {
-                    "format_version": FORMAT_VERSION,
-                    "job": job.name,
-                    "created_at": _now(),
-                    "updated_at": _now(),
-                    "fingerprint": fingerprint,
-                    "dimensions": None,  # learned from the first answer
-                    "total_units": None,  # known once a run has read every input
-                    "total_rows": None,
-                    "units": {},
-                    "partial": {},
-                    "runs": [],
-                },
-                shard,
-            )
-            write_json(output, MANIFEST_NAME, manifest.data)
-            return manifest
-
-    def refresh(self) -> None:
-        """Take what the disk says (hold `manifest_lock`: other shards write it)."""
-        latest = Manifest.read(self.output)
-        if latest is not None:
-            self.data = latest.data
-
-    def save(self, data: dict[str, Any], *, whole: bool = False) -> None:
-        """Write `data` (hold `manifest_lock`); it becomes ours only once on disk,
-        so a failed write (a full disk) leaves `data` as the disk says. On an
-        object store `whole` also writes it (merged: the job is done) into
-        `_manifest.json`."""
-        data["updated_at"] = _now()
-        write_json(self.output, self.own, data)
-        if whole and self.own != MANIFEST_NAME:
-            write_json(self.output, MANIFEST_NAME, data)
-        self.data = data
-
-    def update(self, change: Callable[[dict[str, Any]], None]) -> None:
-        """Read the latest manifest, apply `change`, write it back, all under the lock."""
-        with manifest_lock(self.output):
-            latest = Manifest.read(self.output)
-            data = latest.data if latest is not None else copy.deepcopy(self.data)
-            change(data)
-            self.save(data)
+    def partial(self, seq: int) -> UnitRecord | None:
+        return self.ledger.partial.get(seq)
 
     def counters(self) -> dict[str, Any]:
-        rows = embedded = tokens = 0
-        rejected: Counter[str] = Counter()
-        reused: Counter[str] = Counter()
-        for record in [*self.units.values(), *self.partial.values()]:
-            rows += record["rows"]
-            embedded += record["embedded"]
-            tokens += record["tokens"]
-            rejected.update(record["rejected"])
-            reused.update({k: record.get(k, 0) for k in ("deduped", "from_cache")})
-        return {"units_done": len(self.units), "rows_done": rows, "rows_embedded": embedded,
-                "rows_rejected": dict(rejected), "tokens": tokens,
-                "rows_deduped": reused["deduped"], "rows_from_cache": reused["from_cache"]}
+        return self.ledger.counters()
 
     def complete(self) -> bool:
-        total = self.data.get("total_units")
-        return total is not None and len(self.units) >= total
+        total = self.meta.get("total_units")
+        return total is not None and self.ledger.committed >= total
 
+    # -- writing ---------------------------------------------------------------------
 
-def _read_object(output: Output, rel: str) -> dict[str, Any] | None:
-    where = output.display(rel)
-    attempts = REMOTE_READ_ATTEMPTS if output.remote else 1
-    for attempt in range(attempts):
-        try:
-            data = json.loads(output.read_bytes(rel))
-            break
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as err:
-            if isinstance(err, ValueError) and attempt + 1 < attempts:
-                time.sleep(REMOTE_READ_RETRY_S)  # caught mid-overwrite by a store that is not atomic
-                continue
-            why = err.strerror if isinstance(err, OSError) and err.strerror else error_line(err)
-            raise ConfigError(f"{where}: unreadable manifest ({why}); rerun with --restart to start over") from None
-    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
-        version = data.get("format_version") if isinstance(data, dict) else None
-        raise ConfigError(f"{where}: manifest format {version!r} is not {FORMAT_VERSION}")
-    return data
+    def commit(self, record: UnitRecord, staged: Iterable[Staged], stale: Iterable[str] = ()) -> None:
+        """Publish a unit's files, then record it. `stale`: files of an earlier
+        cut of the unit that its new files do not replace. Blocking (run it in a thread)."""
+        for rel in stale:
+            self.output.delete(rel)
+        files = list(staged)
+        for i, file in enumerate(files):
+            try:
+                file.publish()
+            except BaseException:  # a full disk halfway: no staged file may outlive the attempt
+                for rest in files[i:]:
+                    rest.discard()
+                raise
+        rel = layout.record_name(record.seq)
+        self.output.write(rel, _dump({**record.to_json(), "epoch": self.epoch}))
+        with self._lock:
+            self.ledger.add(record)
+            self._records.append(rel)
+            due = len(self._records) >= COMPACT_EVERY_RECORDS or (
+                time.monotonic() - self._last_compact >= COMPACT_EVERY_S)
+        if due:
+            self.compact()
+
+    def learn(self, **values: Any) -> None:
+        """Record what the job learned (vector length, probes, totals) in this writer's snapshot."""
+        with self._lock:
+            self.meta.update(values)
+        self.compact()
+
+    def compact(self) -> None:
+        """Write this writer's snapshot, then delete the records it now holds."""
+        with self._compact_lock:
+            with self._lock:
+                self.meta["updated_at"] = _now()
+                data = snapshot_json(self.meta, self.ledger, lambda seq: layout.owns(self.shard, seq))
+                folded, self._records = self._records, []
+                self._last_compact = time.monotonic()
+            try:
+                self.output.write(layout.snapshot_name(self.shard), _dump(data))
+            except BaseException:
+                with self._lock:
+                    self._records[:0] = folded
+                raise
+            for rel in folded:
+                self.output.delete(rel)
+
+    def refresh(self) -> None:
+        """Take in what other writers (shards) have done since this one opened."""
+        latest = Checkpoint.read(self.output, self.shard)
+        if latest is None:
+            return
+        with self._lock:
+            for record in latest.ledger.records():
+                self.ledger.add(record)
+            merge_meta(self.meta, latest.meta)
+
+    def record_run(self, run: dict[str, Any], *, whole: bool) -> None:
+        """Add a run to the history and compact; `whole` (the job is complete):
+        a shard also writes the whole checkpoint into `_manifest.json`."""
+        with self._lock:
+            self.meta["runs"] = [*self.meta.get("runs", []), run][-MAX_RUNS_KEPT:]
+        self.compact()
+        if whole and self.shard is not None:
+            with self._lock:
+                data = snapshot_json(self.meta, self.ledger, lambda _: True)
+            self.output.write(layout.MANIFEST, _dump(data))
+
+    # -- housekeeping ------------------------------------------------------------------
+
+    def clean(self) -> None:
+        """Remove what a killed run left of this writer's units: temp files,
+        parts and reject files without a record, journals of committed units,
+        another job's records, format 1's partial copies."""
+        output, shard = self.output, self.shard
+        output.clean_temp_files(layout.FOLDERS)
+
+        def mine(rel: str) -> bool:
+            seq = layout.seq_of(rel)
+            return seq is not None and layout.owns(shard, seq)
+
+        listed = {seq for seq in [*self.ledger.committed_seqs(), *self.ledger.partial]}
+        for rel in [*output.list("", layout.PART_PATTERN), *output.list(layout.REJECTS_DIR, layout.PART_PATTERN)]:
+            if mine(rel) and layout.seq_of(rel) not in listed:
+                output.delete(rel)
+        for rel in output.list_logs(layout.JOURNAL_DIR):
+            if mine(rel) and self.is_done(layout.seq_of(rel)):  # type: ignore[arg-type]
+                output.delete_log(rel)
+        ours = set(self._records)
+        for rel in output.list(layout.RECORDS_DIR, layout.RECORD_PATTERN):
+            if mine(rel) and rel not in ours:
+                output.delete(rel)  # not read as ours: another job's (a --restart cut short), or torn
+        for rel in output.list(layout.LEGACY_PARTIAL_DIR, "*"):
+            if mine(rel):
+                output.delete(rel)
 
 
 def discard_outputs(output: Output) -> None:
     """--restart: remove what earlier runs wrote (only files this tool names).
-    `_SUCCESS` and the manifests go first: a kill halfway leaves orphans,
-    never a manifest listing parts that are gone."""
-    output.delete(OUTPUT_FILES[0])
-    for rel in output.list(SHARD_MANIFESTS, "*.json"):
+    `_SUCCESS` and the snapshots go first, then the records, then the parts:
+    a kill halfway leaves orphans, never a record of a part that is gone."""
+    output.delete(layout.SUCCESS)
+    output.delete(layout.MANIFEST)
+    for rel in output.list(layout.MANIFEST_DIR, "*.json"):
         output.delete(rel)
-    for name in OUTPUT_FILES[1:]:
+    for rel in output.list(layout.RECORDS_DIR, "*"):
+        output.delete(rel)
+    for name in (layout.SUMMARY, layout.REJECTS):
         output.delete(name)
-    for rel in output.list("", "part-*.parquet"):
+    for rel in output.list("", layout.PART_PATTERN):
         output.delete(rel)
-    for folder in (REJECTS_DIR, PARTIAL_DIR):
+    for folder in (layout.REJECTS_DIR, layout.LEGACY_PARTIAL_DIR):
         for rel in output.list(folder, "*"):
             output.delete(rel)
+    for rel in output.list_logs(layout.JOURNAL_DIR):
+        output.delete_log(rel)
 
 
-def orphan_parts(output: Output, manifest: Manifest, shard: tuple[int, int] | None = None) -> list[str]:
-    """Part files the manifest does not list: written by a run that died before committing.
-
-    On an object store a shard considers only its own parts: another shard's
-    part may be uploaded and not yet listed (locally that window is inside
-    the manifest lock)."""
-    listed = {part_name(int(seq)) for seq in [*manifest.units, *manifest.partial]}
-    cut_short = {part_name(int(seq)) for seq in manifest.partial}
-    orphans = [p for p in output.list("", "part-*.parquet") if _name(p) not in listed]
-    orphans += [p for p in output.list(REJECTS_DIR, "part-*.parquet") if _name(p) not in listed]
-    orphans += [p for p in output.list(PARTIAL_DIR, "*.parquet") if _name(p) not in cut_short]
-    if output.remote and shard is not None:
-        k, n = shard
-        orphans = [p for p in orphans if _seq(p) is not None and _seq(p) % n == k]
-    return orphans
+def _parse(output: Output, rel: str, obj: Any) -> tuple[dict[str, Any], list[UnitRecord]]:
+    try:
+        return parse_snapshot(obj)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"{output.display(rel)}: {err}; rerun with --restart to start over") from None
 
 
-def _name(rel: str) -> str:
-    return rel.rsplit("/", 1)[-1]
+def _read_json(output: Output, rel: str) -> Any:
+    """A snapshot, or None when absent; a ConfigError when unreadable."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return json.loads(output.read_bytes(rel))
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError) as err:
+            # Caught mid-overwrite by a store that is not atomic, or a read failed under load.
+            if attempt + 1 < READ_ATTEMPTS:
+                time.sleep(READ_RETRY_S)
+                continue
+            why = "not JSON" if isinstance(err, ValueError) else (err.strerror or store_error(err))
+        raise ConfigError(f"{output.display(rel)}: unreadable manifest ({why}); rerun with --restart to start over")
+    return None
 
 
-def _seq(rel: str) -> int | None:
-    match = re.fullmatch(r"part-(\d+)\.parquet", _name(rel))
-    return int(match.group(1)) if match else None
-
-
-def manifest_lock(output: Output) -> contextlib.AbstractContextManager[None]:
-    """Serialises manifest updates locally; a no-op on an object store (a writer rewrites only its own object there)."""
-    return output.manifest_lock()
+def _dump(obj: Any) -> bytes:
+    return (json.dumps(obj, separators=(",", ":"), default=str) + "\n").encode("utf-8")
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+__all__ = ["Checkpoint", "FORMAT_VERSION", "describe_change", "discard_outputs", "job_fingerprint"]

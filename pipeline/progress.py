@@ -27,8 +27,9 @@ class RunCounters:
     rows_embedded: int = 0
     rows_rejected: Counter[str] = field(default_factory=Counter)
     rows_done: int = 0
-    rows_from: Counter[str] = field(default_factory=Counter)  # embedded without a request: deduped, from_cache
+    rows_from: Counter[str] = field(default_factory=Counter)  # embedded without a request now: deduped, from_cache, journal
     tokens: int = 0  # paid for: sent to a provider and answered
+    tokens_reported: int = 0  # of them, as the providers' usage reported (else counted with cl100k)
 
 
 class Progress:
@@ -95,9 +96,10 @@ def summary_records(summary: dict[str, Any]) -> list[tuple[str, str, dict[str, A
         (f"{summary['status']}: {run['rows_embedded']:,} rows embedded, rejected: {rejected}; "
          f"{run['tokens']:,} tokens, {run['requests']:,} requests, {run['retries']:,} retries "
          f"in {_duration(run['elapsed_s'])} ({run['rows_per_s']:,.0f} rows/s)", "summary", run_counters),
-        (f"vectors: {run['rows_from_providers']:,} rows from providers, {run['rows_deduped']:,} from in-run dedupe, "
-         f"{run['rows_from_cache']:,} from the cache", "summary.sources",
-         {k: run[k] for k in ("rows_from_providers", "rows_deduped", "rows_from_cache")}),
+        (f"vectors: {run['rows_from_providers']:,} rows from providers"
+         + (f" ({run['rows_from_journal']:,} paid for by an earlier run, kept in its journal)" if run.get("rows_from_journal") else "")
+         + f", {run['rows_deduped']:,} from in-run dedupe, {run['rows_from_cache']:,} from the cache", "summary.sources",
+         {k: run.get(k, 0) for k in ("rows_from_providers", "rows_from_journal", "rows_deduped", "rows_from_cache")}),
         (f"job {summary['name']}: {total['rows_done']:,}"
          + (f"/{total['total_rows']:,}" if total.get("total_rows") is not None else "")
          + f" rows done in {total['units_done']:,} parts -> {summary['output']}", "summary.job",

@@ -1,10 +1,13 @@
-"""Never pay twice for a text: in-run dedupe and the vector cache, in front of the providers.
+"""Never pay twice for a text: in-run dedupe, the unit's journal and the
+vector cache, in front of the providers.
 
 Every piece (a row's final text, after template, truncation or chunking) has
-a key by (model, dimensions, text). A unit claims its pieces before sending:
-a key found among recent vectors or in the cache costs nothing, a key another
-unit is sending right now is awaited, and only the rest is sent. Claims are
-taken on the event loop without awaiting, so two units never both send a key.
+a key by (model, dimensions, text). A slice claims its pieces before sending:
+a key found among recent vectors, in its unit's journal (answers an earlier,
+killed run paid for) or in the cache costs nothing, a key another slice is
+sending right now is awaited, and only the rest is sent. Claims are taken on
+the event loop without awaiting, so two slices never both send a key.
+`plan_keys` sorts keys the same way for the run and for `estimate`.
 """
 from __future__ import annotations
 
@@ -12,20 +15,25 @@ import asyncio
 import logging
 import sqlite3
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Container, Literal, Sequence, Union, get_args
 
 import numpy as np
 
 from .cache import Cache, text_keys
+from .journal import Known
 
 log = logging.getLogger("pipeline")
 
-DEDUPE_MEMORY_BYTES = 64 * 2**20  # recent vectors kept for in-run dedupe; a named cache covers the rest
+DEDUPE_MEMORY_BYTES = 32 * 2**20  # recent vectors kept for in-run dedupe; a named cache covers the rest
 MAX_DEDUPE_ENTRIES = 50_000  # binds below ~150 dims only, where the keys' own overhead would dominate
 ENTRY_OVERHEAD_BYTES = 300  # per remembered vector besides its floats: dict entry, key bytes, slot int (measured: bench memory)
 
-# Where a piece's vector came from, per piece (int8).
-FROM_PROVIDER, FROM_DEDUPE, FROM_CACHE = 0, 1, 2
+# Where a piece's vector came from. A row takes the first origin in this
+# order that any of its pieces has: a row is "from a provider" if any piece
+# was paid for (now, or by the run whose journal holds it).
+Origin = Literal["provider", "journal", "deduped", "cache"]
+ORIGINS: tuple[Origin, ...] = get_args(Origin)
+ORIGIN_CODE = {origin: np.int8(i) for i, origin in enumerate(ORIGINS)}
 
 
 @dataclass(frozen=True)
@@ -35,9 +43,17 @@ class Refused:
     code: str | None
 
 
-# A claimed key's outcome: its vector, a refusal, or None when the unit that
+# A claimed key's outcome: its vector, a refusal, or None when the slice that
 # claimed it stopped without an answer (the waiter then sends it itself).
 Answer = Union[np.ndarray, Refused, None]
+
+
+@dataclass
+class _InFlight:
+    """A key some slice is sending: who, and (made only once another slice asks) its answer."""
+
+    owner: Claim
+    answer: asyncio.Future[Answer] | None = None
 
 
 def memory_entries(dim: int) -> int:
@@ -81,17 +97,48 @@ class RecentKeys:
         return slot
 
 
+@dataclass(frozen=True)
+class KeyPlan:
+    """Pure: what a list of piece keys needs before any store is asked."""
+
+    first_of: dict[bytes, int]  # distinct key -> its first piece
+    first: np.ndarray  # per piece: the first piece with its key
+    recent: list[int]  # first pieces whose key is among the recent vectors
+    in_flight: list[int]  # ... whose key another slice is sending now
+    unknown: list[int]  # ... to look up (journal, cache), else to send
+
+
+def plan_keys(keys: Sequence[bytes], recent: RecentKeys, in_flight: Container[bytes] = ()) -> KeyPlan:
+    first_of, first = first_pieces(keys)
+    known, waiting, unknown = [], [], []
+    for key, i in first_of.items():
+        if recent.slot(key) is not None:
+            known.append(i)
+        elif key in in_flight:
+            waiting.append(i)
+        else:
+            unknown.append(i)
+    return KeyPlan(first_of, first, known, waiting, unknown)
+
+
+def origin_counts(has_vector: np.ndarray, row_origin: np.ndarray) -> dict[Origin, int]:
+    """Rows with a vector, by origin (codes as ORIGIN_CODE)."""
+    codes = np.bincount(row_origin[has_vector].astype(np.int64), minlength=len(ORIGINS))
+    return {origin: int(codes[i]) for i, origin in enumerate(ORIGINS)}
+
+
 @dataclass
 class Claim:
-    """One unit's pieces, sorted into what it must send and what it need not."""
+    """One slice's pieces, sorted into what it must send and what it need not."""
 
     keys: list[bytes]  # per piece
-    first: np.ndarray  # per piece: the unit's first piece with the same key
-    send: list[int] = field(default_factory=list)  # first pieces this unit sends
+    first: np.ndarray  # per piece: the slice's first piece with the same key
+    send: list[int] = field(default_factory=list)  # first pieces this slice sends
     found: dict[int, np.ndarray] = field(default_factory=dict)  # first piece -> vector known now
-    waits: dict[int, asyncio.Future[Answer]] = field(default_factory=dict)  # first piece -> another unit's answer
-    owned: dict[int, asyncio.Future[Answer]] = field(default_factory=dict)  # first piece -> what others await of us
-    source: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # per first piece: FROM_*
+    refused: dict[int, str | None] = field(default_factory=dict)  # first piece -> code, refused in an earlier run
+    waits: dict[int, asyncio.Future[Answer]] = field(default_factory=dict)  # first piece -> another slice's answer
+    owned: list[int] = field(default_factory=list)  # first pieces this slice answers for (sends, or found)
+    origin: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # per piece: ORIGIN_CODE
 
 
 class Reuse:
@@ -104,45 +151,68 @@ class Reuse:
         # flat, where a dict of arrays fragmented the heap as it churned).
         self._recent = RecentKeys(memory_entries(dim))
         self._ring = np.empty((self._recent.capacity, dim), dtype=np.float32)  # pages are touched as slots fill
-        self._pending: dict[bytes, asyncio.Future[Answer]] = {}
+        self._pending: dict[bytes, _InFlight] = {}
         self._cache_failed = False
 
-    async def claim(self, pieces: Sequence[str]) -> Claim:
-        keys = text_keys(pieces, self.model, self.dimensions)
-        first_of, first = first_pieces(keys)
-        claim = Claim(keys=keys, first=first, source=np.full(len(keys), FROM_DEDUPE, dtype=np.int8))
+    def keys(self, pieces: Sequence[str]) -> list[bytes]:
+        return text_keys(pieces, self.model, self.dimensions)
+
+    async def claim(self, keys: list[bytes], journal: Known | None = None) -> Claim:
+        plan = plan_keys(keys, self._recent, self._pending)
+        claim = Claim(keys=keys, first=plan.first, origin=np.full(len(keys), ORIGIN_CODE["deduped"], dtype=np.int8))
         loop = asyncio.get_running_loop()
-        mine: list[int] = []
-        for key, i in first_of.items():
-            slot = self._recent.slot(key)
-            if slot is not None:
-                claim.found[i] = vector = self._ring[slot].copy()  # a later vector may take the slot
-                self._remember(key, vector)  # a hit is recent again
-            elif key in self._pending:
-                claim.waits[i] = self._pending[key]
+        # Copied out before any is remembered again: remembering takes a slot, maybe one of these.
+        recent = [(i, self._ring[self._recent.slot(keys[i])].copy()) for i in plan.recent]  # type: ignore[index]
+        for i, vector in recent:
+            claim.found[i] = vector
+            self._remember(keys[i], vector)  # a hit is recent again
+        for i in plan.in_flight:
+            pending = self._pending[keys[i]]
+            if pending.answer is None:  # the first slice to wait: most keys never get a future
+                pending.answer = loop.create_future()
+            claim.waits[i] = pending.answer
+        lookup, recovered = [], []
+        for i in plan.unknown:
+            key = keys[i]
+            self._pending[key] = _InFlight(claim)
+            claim.owned.append(i)
+            if journal is not None and key in journal:
+                claim.found[i] = vector = journal.vector(key).astype(np.float32)  # a copy: the log may be unmapped
+                claim.origin[i] = ORIGIN_CODE["journal"]
+                self._settle(key, vector)
+                recovered.append(i)
+            elif journal is not None and key in journal.refused:
+                claim.refused[i] = journal.refused[key]
+                claim.origin[i] = ORIGIN_CODE["provider"]
+                self.refused(key, journal.refused[key])
             else:
-                self._pending[key] = claim.owned[i] = loop.create_future()
-                mine.append(i)
-        hits = await self._cache_get([keys[i] for i in mine]) if mine else {}
-        for i in mine:
+                lookup.append(i)
+        if recovered:  # paid for by a run killed before it could cache them
+            await self._cache_put([keys[i] for i in recovered], np.stack([claim.found[i] for i in recovered]))
+        hits = await self._cache_get([keys[i] for i in lookup]) if lookup else {}
+        for i in lookup:
             vector = hits.get(keys[i])
             if vector is None:
                 claim.send.append(i)
-                claim.source[i] = FROM_PROVIDER
+                claim.origin[i] = ORIGIN_CODE["provider"]
             else:
                 claim.found[i] = vector
-                claim.source[i] = FROM_CACHE
+                claim.origin[i] = ORIGIN_CODE["cache"]
                 self._settle(keys[i], vector)
         # A repeat of a key takes its first piece's vector: from the cache if
         # that came from the cache, else it is a dedupe.
-        repeats = first != np.arange(len(keys))
-        claim.source[repeats] = np.where(claim.source[first[repeats]] == FROM_CACHE, FROM_CACHE, FROM_DEDUPE)
+        repeats = plan.first != np.arange(len(keys))
+        claim.origin[repeats] = np.where(claim.origin[plan.first[repeats]] == ORIGIN_CODE["cache"],
+                                         ORIGIN_CODE["cache"], ORIGIN_CODE["deduped"])
         return claim
 
     async def answered(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
-        """Vectors just paid for: remembered, handed to waiting units, and cached."""
+        """Vectors just paid for: remembered, handed to waiting slices, and cached."""
         for key, vector in zip(keys, vectors):
             self._settle(key, vector)
+        await self._cache_put(keys, vectors)
+
+    async def _cache_put(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
         if self.cache is not None and not self._cache_failed:
             try:
                 await asyncio.to_thread(self.cache.put, keys, vectors)
@@ -151,27 +221,30 @@ class Reuse:
                 log.warning("cache: cannot write to %s (%s); going on without storing vectors", self.cache.folder, err)
 
     def refused(self, key: bytes, code: str | None) -> None:
-        future = self._pending.pop(key, None)
-        if future is not None and not future.done():
-            future.set_result(Refused(code))
+        self._answer(key, Refused(code))
 
     def release(self, claim: Claim) -> None:
-        """A unit is done or stopped: what it claimed and never answered is
-        released, so a waiting unit sends it itself."""
-        for i, future in claim.owned.items():
-            if not future.done():
-                if self._pending.get(claim.keys[i]) is future:
-                    del self._pending[claim.keys[i]]
-                future.set_result(None)
+        """A slice is done or stopped: what it claimed and never answered is
+        released, so a waiting slice sends it itself."""
+        for i in claim.owned:
+            pending = self._pending.get(claim.keys[i])
+            if pending is not None and pending.owner is claim:
+                self._answer(claim.keys[i], None)
 
     def _remember(self, key: bytes, vector: np.ndarray) -> None:
         self._ring[self._recent.add(key)] = vector
 
     def _settle(self, key: bytes, vector: np.ndarray) -> None:
         self._remember(key, vector)
-        future = self._pending.pop(key, None)
-        if future is not None and not future.done():
-            future.set_result(vector)
+        pending = self._pending.get(key)
+        if pending is not None:  # a copy for waiters: a view would keep the whole answer it came in alive
+            self._answer(key, vector.copy() if pending.answer is not None else None)
+
+    def _answer(self, key: bytes, answer: Answer) -> None:
+        """The slice sending `key` is done with it: hand waiters the outcome."""
+        pending = self._pending.pop(key, None)
+        if pending is not None and pending.answer is not None and not pending.answer.done():
+            pending.answer.set_result(answer)
 
     async def _cache_get(self, keys: list[bytes]) -> dict[bytes, np.ndarray]:
         if self.cache is None or self._cache_failed:

@@ -23,19 +23,19 @@ import re
 import secrets
 import shutil
 import sqlite3
-import tempfile
 import threading
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from .cache import Cache, VectorCache
+from .cache import VectorCache
 from .config import StorageConfig
 from .errors import ConfigError
-from .storage import HOST, S3_SCHEMES, WRITE_CHECK, process_alive, error_line, filesystem, is_remote
+from .fs import HOST, S3_SCHEMES, store_error
+from .objectstore import ObjectOutput
+from .storage import private_temp_dir
 
 log = logging.getLogger("pipeline")
 
@@ -45,30 +45,9 @@ UPLOAD_EVERY_VECTORS = 20_000
 MAX_SEGMENTS = 16  # every lookup queries each segment: more than this at open are merged into one
 SEGMENTS_DIR = "segments"
 SEGMENT_SUFFIX = ".sqlite3"
-COPY_CHUNK_BYTES = 8 * 2**20  # uploads and downloads stream through this much memory
-TEMP_PREFIX = "pipeline-cache-"  # then the pid: a killed run's folder is removed by the next run on the host
 WRITER_FILE = "new.sqlite3.tmp"  # the local segment being written, renamed when sealed
 # host-pid-random-counter-sizeB.sqlite3: the size tells a whole segment from a cut-short one.
 SEGMENT_NAME = re.compile(r"[A-Za-z0-9-]+-(\d+)B\.sqlite3\Z")
-
-
-def open_cache(path: str | None, options: StorageConfig, *, readonly: bool = False) -> Cache | None:
-    """The job's cache: a local folder or segments on an object store.
-    `readonly` (for `estimate`): nothing is created, and None when a local cache does not exist yet."""
-    if not path:
-        return None
-    if is_remote(path):
-        return SegmentedCache(path, options, readonly=readonly)
-    folder = Path(path.removeprefix("file://"))
-    return VectorCache.open_if_present(folder) if readonly else VectorCache(folder)
-
-
-def _remove_dead_temps() -> None:
-    """Temp folders of killed runs on this host (each holds a whole cache's download)."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
-        pid = folder.name[len(TEMP_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 class SegmentedCache:
@@ -84,24 +63,20 @@ class SegmentedCache:
         self._written = 0  # vectors put into the writer
         self._pending: list[str] = []  # sealed locally, not yet uploaded
         self._names = (f"{HOST}-{os.getpid()}-{secrets.token_hex(4)}-{n:05d}" for n in itertools.count())
-        _remove_dead_temps()
-        self._tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-"))
+        self._tmp = private_temp_dir("cache")  # a killed run's (a whole cache's download) is removed by the next
         try:
-            self.fs, base = filesystem(self.folder, options)
-            self._prefix = f"{base}/{SEGMENTS_DIR}"
+            self._store = ObjectOutput(self.folder, options, label="cache")
             if readonly and self.folder.partition("://")[0].lower() in S3_SCHEMES:
                 # Listing a missing bucket finds nothing: say so rather than count no hits.
-                bucket = base.split("/", 1)[0]
-                if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                bucket = self._store.base.split("/", 1)[0]
+                if self._store.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
                     raise ConfigError(f"cache: {self.folder}: bucket {bucket} does not exist")
             self._load()
             if not readonly:  # a read-only bucket or refused credentials fail now, not at the first upload
-                check = f"{base}/{WRITE_CHECK}-{HOST}-{os.getpid()}"
-                self.fs.open_output_stream(check).close()
-                self.fs.delete_file(check)
+                self._store.prepare()
         except (OSError, pa.ArrowException) as err:
             self._discard()
-            raise ConfigError(f"cache: {self.folder}: {error_line(err)}") from None
+            raise ConfigError(f"cache: {self.folder}: {store_error(err)}") from None
         except BaseException:
             self._discard()
             raise
@@ -176,9 +151,8 @@ class SegmentedCache:
         return ([self._writer] if self._writer is not None else []) + list(self._segments.values())
 
     def _list(self) -> list[str]:
-        selector = pafs.FileSelector(self._prefix, recursive=False, allow_not_found=True)
-        return sorted(info.base_name for info in self.fs.get_file_info(selector)
-                      if info.type == pafs.FileType.File and SEGMENT_NAME.match(info.base_name))
+        names = [rel.rsplit("/", 1)[-1] for rel in self._store.list(SEGMENTS_DIR, f"*{SEGMENT_SUFFIX}")]
+        return [name for name in names if SEGMENT_NAME.match(name)]
 
     def _load(self) -> None:
         """Download every segment; one that vanished meanwhile was merged by
@@ -194,15 +168,12 @@ class SegmentedCache:
     def _download(self, name: str) -> bool:
         local = self._tmp / name
         try:
-            with self.fs.open_input_stream(f"{self._prefix}/{name}") as src, open(local, "wb") as dst:
-                while chunk := src.read(COPY_CHUNK_BYTES):
-                    dst.write(chunk)
+            self._store.get_file(f"{SEGMENTS_DIR}/{name}", local)
         except FileNotFoundError:
-            local.unlink(missing_ok=True)
             return False
         size = int(SEGMENT_NAME.match(name).group(1))  # type: ignore[union-attr]
         if local.stat().st_size != size:  # an upload that completed cut short: never read it
-            log.warning("cache: segment %s/%s is cut short; ignoring it", self._prefix, name)
+            log.warning("cache: segment %s is cut short; ignoring it", self._store.display(f"{SEGMENTS_DIR}/{name}"))
             local.unlink()
             return True
         self._segments[name] = VectorCache(self._tmp, file_name=name, immutable=True)
@@ -223,9 +194,7 @@ class SegmentedCache:
 
     def _upload(self, name: str) -> None:
         # The object completes at close(), so a kill mid-upload leaves nothing.
-        with open(self._tmp / name, "rb") as src, self.fs.open_output_stream(f"{self._prefix}/{name}") as dst:
-            while chunk := src.read(COPY_CHUNK_BYTES):
-                dst.write(chunk)
+        self._store.put_file(self._tmp / name, f"{SEGMENTS_DIR}/{name}")
 
     def _upload_pending(self) -> int:
         """Upload sealed segments; the vectors in those that failed (kept for close to retry)."""
@@ -238,7 +207,7 @@ class SegmentedCache:
                     self._upload(name)
                 except (OSError, pa.ArrowException) as err:
                     log.warning("cache: cannot upload a segment to %s (%s); retrying at the end of the run",
-                                self.folder, error_line(err))
+                                self.folder, store_error(err))
                     failed = todo[i:]
                     break
             with self._lock:
@@ -257,7 +226,7 @@ class SegmentedCache:
             self._upload(name)
         except (OSError, sqlite3.Error, pa.ArrowException, ConfigError) as err:
             log.warning("cache: cannot merge the %d segments of %s (%s); going on with them", len(merged),
-                        self.folder, error_line(err))
+                        self.folder, store_error(err))
             with self._lock:
                 if self._writer is not None:
                     self._writer.close()
@@ -268,11 +237,9 @@ class SegmentedCache:
             return
         for old in merged:
             try:
-                self.fs.delete_file(f"{self._prefix}/{old}")
-            except FileNotFoundError:
-                pass  # another opener merged it first
+                self._store.delete(f"{SEGMENTS_DIR}/{old}")  # absent: another opener merged it first
             except (OSError, pa.ArrowException) as err:
-                log.warning("cache: cannot delete merged segment %s (%s)", old, error_line(err))
+                log.warning("cache: cannot delete merged segment %s (%s)", old, store_error(err))
             self._segments.pop(old).close()
             (self._tmp / old).unlink(missing_ok=True)
         log.info("cache: merged %d segments of %s into one", len(merged), self.folder)

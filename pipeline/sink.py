@@ -1,50 +1,55 @@
-"""Parquet parts and the job's other files, in the output layout. Writing
-them so a crash never leaves a half-written file under a final name is
-storage.py's part (temp + fsync + rename locally, whole-object PUTs on an
-object store).
+"""Parquet parts and the job's other files, in the output layout.
+
+A part is written as its rows come, in input order: one row group per slice
+of the unit, streamed to a staged file (storage.py) that appears under its
+final name only when the checkpoint commits it. Memory holds one slice's
+vectors, never a whole part.
 """
 from __future__ import annotations
 
 import io
 import json
+import threading
 from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import layout
 from .config import JobConfig
-from .storage import TEMP_MARK, Output  # noqa: F401  (TEMP_MARK: the tests look for leftovers by it)
+from .storage import Output, Staged
 
-PART_DIGITS = 5
-MAX_PARTS = 10**PART_DIGITS  # keeps name order equal to input order
-REJECTS_DIR = "_rejects.d"  # one small file per unit that has rejects; merged into _rejects.parquet
-PARTIAL_DIR = "_partial.d"  # rows of a unit cut short by --limit, finished by a later run
-REASON_COLUMN = "_reason"
-CODE_COLUMN = "_code"
 REJECT_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("error_code", pa.string()), ("part", pa.string())])
-
-
-def part_name(seq: int) -> str:
-    return f"part-{seq:0{PART_DIGITS}d}.parquet"
+COMPRESSION = "zstd"
+WRITE_LOCK = threading.Lock()  # parts are written from worker threads
+# Row groups of about this much of vectors: writing one holds a few times its
+# size (levels, the split streams, the compressed pages), and readers handle
+# them well (a 1,536-float row group is 1,365 rows).
+ROW_GROUP_BYTES = 8 * 2**20
 
 
 def write_json(output: Output, rel: str, obj: Any) -> None:
     output.write(rel, (json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n").encode("utf-8"))
 
 
+def parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """Vector values never repeat and no reader filters on their min/max: a
+    dictionary and statistics are work for nothing. Split into byte streams
+    they compress better and faster (bench/README.md)."""
+    vectors = [f.name for f in schema if pa.types.is_fixed_size_list(f.type) and pa.types.is_floating(f.type.value_type)]
+    others = [n for n in schema.names if n not in vectors]
+    return {
+        "compression": COMPRESSION,
+        "use_dictionary": others,
+        "write_statistics": others,
+        "column_encoding": {f"{n}.list.element": "BYTE_STREAM_SPLIT" for n in vectors} or None,
+    }
+
+
 def table_bytes(table: pa.Table) -> bytes:
-    # Vector values never repeat and no reader filters on their min/max: a
-    # dictionary and statistics are work for nothing. Split into byte streams
-    # they compress better and faster (bench/README.md).
-    vectors = [f.name for f in table.schema
-               if pa.types.is_fixed_size_list(f.type) and pa.types.is_floating(f.type.value_type)]
-    others = [n for n in table.column_names if n not in vectors]
     buf = io.BytesIO()
-    pq.write_table(
-        table, buf, compression="zstd", use_dictionary=others, write_statistics=others,
-        column_encoding={f"{n}.list.element": "BYTE_STREAM_SPLIT" for n in vectors} or None,
-    )
+    pq.write_table(table, buf, **parquet_options(table.schema))
     return buf.getvalue()
 
 
@@ -85,14 +90,73 @@ def rejects_table(ids: Iterable[object], reasons: Iterable[str], codes: Iterable
     )
 
 
-def merge_rejects(output: Output, seqs: Iterable[int]) -> int:
+class PartWriter:
+    """One unit's part, a row group at a time in input order, and its rejected rows."""
+
+    def __init__(self, output: Output, job: JobConfig, seq: int, digits: int, dim: int) -> None:
+        self._output = output
+        self._job = job
+        self._dim = dim
+        self.name = layout.part_name(seq, digits)
+        self._rejects_name = layout.rejects_name(seq, digits)
+        self._staged = output.stage(self.name)
+        self._writer: pq.ParquetWriter | None = None
+        self._rejected: tuple[list[object], list[str], list[str | None]] = ([], [], [])
+        self.rows = 0
+        self.stale: list[str] = []  # files of an earlier --limit cut of this unit, removed once it commits
+
+    def write(self, table: pa.Table, row_offset: int, vectors: pa.Array,
+              reasons: list[str | None], codes: list[str | None]) -> None:
+        """The next rows of the part: their input columns, vectors, and why a row has none."""
+        part = part_table(self._job, table, row_offset, vectors, self._dim)
+        with WRITE_LOCK:  # encoding a row group holds buffers the size of its vectors: one at a time
+            if self._writer is None:
+                self._writer = pq.ParquetWriter(self._staged.path, part.schema, **parquet_options(part.schema))
+            self._writer.write_table(part, row_group_size=max(1, ROW_GROUP_BYTES // (4 * self._dim)))
+        rejected = [i for i, reason in enumerate(reasons) if reason is not None]
+        if rejected:
+            ids, why, error_codes = self._rejected
+            ids.extend(part.column(0).take(rejected).to_pylist())
+            why.extend(reasons[i] for i in rejected)  # type: ignore[misc]
+            error_codes.extend(codes[i] for i in rejected)
+        self.rows += part.num_rows
+
+    def finish(self) -> list[Staged]:
+        """Close the part (fsynced at publish); stage its reject file. What the checkpoint commits."""
+        assert self._writer is not None, "a part holds at least one row"
+        self._writer.close()
+        staged = [self._staged]
+        ids, why, error_codes = self._rejected
+        if ids:
+            rejects = self._output.stage(self._rejects_name)
+            try:
+                rejects.path.write_bytes(table_bytes(rejects_table(ids, why, error_codes, self.name)))
+            except BaseException:  # a full disk: neither file may outlive the attempt
+                rejects.discard()
+                self._staged.discard()
+                raise
+            staged.append(rejects)
+        else:
+            self.stale.append(self._rejects_name)
+        return staged
+
+    def discard(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001 - the file goes anyway
+                pass
+        self._staged.discard()
+
+
+def merge_rejects(output: Output, seqs: Iterable[int], digits: int) -> int:
     """Rewrite `_rejects.parquet` from the per-unit reject files, in input order."""
-    present = set(output.list(REJECTS_DIR, "part-*.parquet"))
+    present = set(output.list(layout.REJECTS_DIR, layout.PART_PATTERN))
     tables = []
     for seq in sorted(seqs):
-        rel = f"{REJECTS_DIR}/{part_name(seq)}"
+        rel = layout.rejects_name(seq, digits)
         if rel in present:
             tables.append(output.read_table(rel, schema=REJECT_SCHEMA))
     merged = pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()
-    output.write("_rejects.parquet", table_bytes(merged))
+    output.write(layout.REJECTS, table_bytes(merged))
     return merged.num_rows

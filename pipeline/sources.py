@@ -18,7 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from . import storage
+from . import fs
 from .config import InputConfig, StorageConfig
 from .errors import ConfigError, WorkLeftError
 
@@ -27,6 +27,8 @@ PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".tsv")
 READ_BATCH_ROWS = 8192  # Arrow batch size while streaming; memory is bounded by a unit anyway
 CSV_BLOCK_BYTES = 4 << 20
+COMPRESSED_SUFFIXES = (".gz", ".bz2")
+MAX_COMPRESSION_RATIO = 1100  # deflate's ceiling is ~1032:1; bzip2 can beat it, and a run then says so
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def find_inputs(cfg: InputConfig) -> list[InputFile]:
     found: list[str] = []
     remote: dict[str, pafs.FileInfo] = {}
     for pattern in cfg.paths:
-        if storage.is_remote(pattern):
+        if fs.is_remote(pattern):
             matches = _find_remote(pattern, cfg, remote)
         elif os.path.isdir(pattern):
             matches = sorted(
@@ -99,25 +101,25 @@ def _find_remote(pattern: str, cfg: InputConfig, infos: dict[str, pafs.FileInfo]
         if glob.has_magic(pattern):
             scheme, _, rest = pattern.partition("://")
             fixed = rest[: min(rest.index(c) for c in "*?[" if c in rest)].rsplit("/", 1)[0]
-            regex = storage.glob_regex(rest)
-            listed = storage.list_files(f"{scheme}://{fixed}", cfg.storage)
+            regex = fs.glob_regex(rest)
+            listed = fs.list_files(f"{scheme}://{fixed}", cfg.storage)
             matches = [(uri, info) for uri, info in listed if regex.match(uri.partition("://")[2])]
             if not matches:
                 raise ConfigError(f"input.path: {pattern}: matches no object")
         else:
-            info = storage.file_info(pattern, cfg.storage)
+            info = fs.file_info(pattern, cfg.storage)
             if info.type == pafs.FileType.File:
                 matches = [(pattern, info)]
             else:
                 prefix = pattern.rstrip("/")
                 matches = [
-                    (uri, i) for uri, i in storage.list_files(prefix, cfg.storage)
+                    (uri, i) for uri, i in fs.list_files(prefix, cfg.storage)
                     if not _hidden(Path(uri[len(prefix) + 1:])) and _format_of(uri, "auto")
                 ]
                 if not matches:
                     raise ConfigError(f"input.path: {pattern}: no such object, nor a prefix holding .parquet or .csv objects")
     except (OSError, pa.ArrowException) as err:
-        raise ConfigError(f"input.path: {pattern}: {storage.error_line(err)}") from None
+        raise ConfigError(f"input.path: {pattern}: {fs.store_error(err)}") from None
     matches.sort(key=lambda m: m[0])
     infos.update(matches)
     return [uri for uri, _ in matches]
@@ -128,8 +130,24 @@ def parquet_rows(f: InputFile) -> int:
         return parquet.metadata.num_rows
 
 
+def max_units(files: list[InputFile], rows_per_part: int) -> int:
+    """At most how many units the inputs make (part names are sized by it):
+    exact for Parquet, from its metadata; for CSV, from its size, as every
+    row takes a byte at least (a compressed one, MAX_COMPRESSION_RATIO bytes
+    a byte of file)."""
+    units = 0
+    for f in files:
+        if f.format == "parquet":
+            rows = parquet_rows(f)
+        else:
+            compressed = f.path.lower().endswith(COMPRESSED_SUFFIXES)
+            rows = f.size * (MAX_COMPRESSION_RATIO if compressed else 1)
+        units += -(-rows // rows_per_part)
+    return units
+
+
 def _parquet(f: InputFile) -> pq.ParquetFile:
-    return pq.ParquetFile(storage.open_input(f.path, f.storage))
+    return pq.ParquetFile(fs.open_input(f.path, f.storage))
 
 
 def check_columns(files: list[InputFile], cfg: InputConfig) -> None:
@@ -152,7 +170,7 @@ def read_schema(f: InputFile) -> pa.Schema:
         if f.format == "parquet":
             with _parquet(f) as parquet:
                 return parquet.schema_arrow
-        source = storage.open_stream(f.path, f.storage)
+        source = fs.open_stream(f.path, f.storage)
         with pacsv.open_csv(source, read_options=pacsv.ReadOptions(block_size=1 << 16)) as reader:
             return reader.schema
     except (pa.ArrowException, OSError) as err:
@@ -187,7 +205,7 @@ def iter_units(
                     continue
                 batches = _closing(parquet, parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns))
             else:
-                batches = _csv_batches(storage.open_stream(f.path, f.storage), f.path, columns)
+                batches = _csv_batches(fs.open_stream(f.path, f.storage), f.path, columns)
             for start, table in _slices(batches, rows_per_part):
                 if wanted(seq):
                     yield Unit(seq, index, start, row_offset, table)
@@ -196,9 +214,9 @@ def iter_units(
         except pa.ArrowException as err:
             raise ConfigError(f"input.path: {f.path}: cannot read ({_first_line(err)})") from None
         except OSError as err:  # an object store that stops answering mid-run: a rerun continues
-            if not storage.is_remote(f.path):
+            if not fs.is_remote(f.path):
                 raise
-            raise WorkLeftError(f"input.path: {f.path}: cannot read ({storage.error_line(err)}); rerun to continue") from None
+            raise WorkLeftError(f"input.path: {f.path}: cannot read ({fs.store_error(err)}); rerun to continue") from None
     if totals is not None:
         totals.update(units=seq, rows=row_offset)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.config import load_job
+from pipeline.config import STORAGE_SECRET_KEYS, load_job
 from pipeline.errors import ConfigError
 
 KEY_VAR = "CFG_TEST_RELAY_KEY"
@@ -229,6 +230,9 @@ UNKNOWN_KEY_TABLE = [
     ("retry", {"retry": {"max_attempt": 3}}, "retry.max_attempt", "max_attempts"),
     ("second provider", {"providers__1__api_kye": "x"}, "providers[1].api_kye", "api_key"),
     ("second provider concurrency", {"providers__1__max_concurency": 2}, "providers[1].max_concurency", "max_concurrency"),
+    ("storage", {"output__storage": {"endpoint": "http://127.0.0.1:9000"}}, "output.storage.endpoint", "endpoint_url"),
+    ("cache mapping", {"cache": {"path": "s3://b/c", "stor": {}}}, "cache.stor", "storage"),
+    ("cache storage", {"cache": {"path": "s3://b/c", "storage": {"regoin": "x"}}}, "cache.storage.regoin", "region"),
 ]
 
 
@@ -302,6 +306,39 @@ BAD_VALUE_TABLE = [
     ("providers not a list", {"providers": {"name": "a"}}, "providers"),
     ("section not a mapping", {"embedding": "text-embedding-3-small"}, "embedding"),
     ("cache not a path", {"cache": 5}, "cache"),
+    ("timeout a 400-digit number", {"providers__0__timeout_s": 10**400}, "providers[0].timeout_s"),
+    ("timeout -inf", {"providers__1__timeout_s": -math.inf}, "providers[1].timeout_s"),
+    ("price nan", {"providers__1__price_per_million_tokens": math.nan}, "providers[1].price_per_million_tokens"),
+    ("price negative", {"providers__0__price_per_million_tokens": -0.01}, "providers[0].price_per_million_tokens"),
+    ("priority as a bool", {"providers__1__priority": False}, "providers[1].priority"),
+    ("batch_size 0", {"providers__1__batch_size": 0}, "providers[1].batch_size"),
+    ("rows_per_part huge", {"output__rows_per_part": 10**30}, "output.rows_per_part"),
+    ("rows_per_part as a float", {"output__rows_per_part": 1.0}, "output.rows_per_part"),
+    ("tokens a request as a float", {"batching": {"max_tokens_per_request": 9000.5}}, "batching.max_tokens_per_request"),
+    ("dimensions negative", {"embedding__dimensions": -512}, "embedding.dimensions"),
+    ("format empty", {"input__format": ""}, "input.format"),
+    ("format null", {"input__format": None}, "input.format"),
+    ("name as a list", {"name": ["docs"]}, "name"),
+    ("name null", {"name": None}, "name"),
+    ("input as a list", {"input": ["data.parquet"]}, "input"),
+    ("input as text", {"input": "data.parquet"}, "input"),
+    ("batching as a number", {"batching": 0}, "batching"),
+    ("providers as text", {"providers": "relay-a"}, "providers"),
+    ("a provider as text", {"providers__1": "relay-b"}, "providers[1]"),
+    ("a provider null", {"providers__1": None}, "providers[1]"),
+    ("second provider name null", {"providers__1__name": None}, "providers[1].name"),
+    ("second provider type null", {"providers__1__type": None}, "providers[1].type"),
+    ("storage as a list", {"output__storage": ["http://127.0.0.1:9000"]}, "output.storage"),
+    ("storage anonymous as text", {"input__storage": {"anonymous": "yes"}}, "input.storage.anonymous"),
+    ("cache storage region as a number", {"cache": {"path": "s3://b/c", "storage": {"region": 5}}}, "cache.storage.region"),
+    ("cache mapping without path", {"cache": {"storage": {}}}, "cache.path"),
+    ("cache path empty", {"cache": {"path": ""}}, "cache.path"),
+    ("keep_columns with an empty name", {"input__keep_columns": ["title", ""]}, "input.keep_columns"),
+    ("keep_columns a mapping", {"input__keep_columns": {"title": 1}}, "input.keep_columns"),
+    ("input path a list in a list", {"input__path": [["a.parquet"]]}, "input.path"),
+    ("input path null", {"input__path": None}, "input.path"),
+    ("output path a number", {"output__path": 5}, "output.path"),
+    ("output path empty", {"output__path": ""}, "output.path"),
 ]
 
 
@@ -311,6 +348,64 @@ BAD_VALUE_TABLE = [
 def test_a_wrong_value_is_an_error_naming_its_key_path(tmp_path, changes, key_path):
     message = load_error(tmp_path, job_with(TWO_PROVIDERS, **changes))
     assert re.search(rf"(^|[\s:]){re.escape(key_path)}:", message), message
+
+
+EXACT_MESSAGE_TABLE = [
+    # id, changes, the message after the job file's path
+    ("range, second provider", {"providers__1__max_concurrency": 0}, "providers[1].max_concurrency: 0 is out of range (1..1024)"),
+    ("float range", {"retry": {"max_backoff_s": math.inf}}, "retry.max_backoff_s: inf is out of range (0..86400)"),
+    ("whole number", {"embedding__dimensions": "512"}, "embedding.dimensions: expected a whole number, got '512'"),
+    ("number", {"providers__0__timeout_s": "60s"}, "providers[0].timeout_s: expected a number, got '60s'"),
+    ("choice", {"embedding__too_long": "average"},
+     "embedding.too_long: 'average' is not one of truncate, chunk_mean, skip, fail"),
+    ("key not echoed", {"providers__0__api_key": 12345}, "providers[0].api_key: expected text, got int"),
+    ("providers not a list", {"providers": {"name": "a"}}, "providers: must be a list of one or more providers"),
+    ("providers empty", {"providers": []}, "providers: must be a list of one or more providers"),
+    ("input path empty", {"input__path": []}, "input.path: must be a path, a glob or a list of them"),
+    ("keep_columns", {"input__keep_columns": [1, 2]}, "input.keep_columns: must be a list of column names"),
+    ("section", {"embedding": "text-embedding-3-small"},
+     "embedding: must be a mapping (model, dimensions, max_input_tokens, ...)"),
+    ("storage", {"output__storage": "s3"}, "output.storage: must be a mapping (endpoint_url, region, anonymous, ...)"),
+    ("anonymous", {"input__storage": {"anonymous": "yes"}}, "input.storage.anonymous: expected true or false, got 'yes'"),
+    ("storage pair", {"output__storage": {"access_key_id": "${" + KEY_VAR + "}"}},
+     "output.storage: give both access_key_id and secret_access_key, or neither"),
+    ("cache", {"cache": 5}, "cache: must be a path, a URI (s3://bucket/prefix) or a mapping with path and storage"),
+    ("cache path", {"cache": {"path": ""}}, "cache.path: required (a folder or a URI)"),
+    ("cache path missing", {"cache": {"storage": {}}}, "cache.path: required (a folder or a URI)"),
+    ("provider name", {"providers__0__name": ""}, "providers[0]: every provider needs a 'name'"),
+    ("api key", {"providers__1__api_key": DELETE},
+     "providers[1].api_key: required for an openai provider (write api_key: ${ENV_VAR})"),
+    ("base url missing", {"providers__0__base_url": DELETE}, "providers[0].base_url: required for an openai provider"),
+    ("base url", {"providers__0__base_url": "relay-a.example/v1"},
+     "providers[0].base_url: 'relay-a.example/v1' is not an http(s) URL"),
+    ("token budget", {"batching": {"max_tokens_per_request": 1000}},
+     "batching.max_tokens_per_request: must be at least embedding.max_input_tokens"),
+    ("text neither", {"input__text_column": DELETE}, "input: give exactly one of 'text_column' or 'text_template'"),
+    ("template", {"input__text_column": DELETE, "input__text_template": "none"},
+     "input.text_template: names no column; write columns as {name}"),
+    ("name", {"name": "my docs"}, "name: 'my docs' must be a non-empty word (letters, digits, . _ -)"),
+    ("name missing", {"name": DELETE}, "name: required"),
+    ("duplicate", {"providers__1__name": "relay-a"}, "providers: duplicate name 'relay-a'"),
+    ("vector clash", {"input__id_column": "embedding"},
+     "output.vector_column: 'embedding' clashes with an input column kept in the output"),
+    ("output path", {"output__path": DELETE}, "output.path: required"),
+    ("model", {"embedding__model": ""}, "embedding.model: required"),
+    ("null", {"retry": {"max_attempts": None}}, "retry.max_attempts: must not be empty"),
+    ("unknown, far", {"retry": {"zzz": 1}}, "retry.zzz: unknown key; known keys: max_attempts, initial_backoff_s, max_backoff_s"),
+    ("unset variable", {"providers__1__api_key": "${CFG_TEST_UNSET}"},
+     "providers[1].api_key: environment variable ${CFG_TEST_UNSET} is not set"),
+    ("unset variable in a list", {"input__path": ["a.parquet", "${CFG_TEST_UNSET}/b.parquet"]},
+     "input.path[1]: environment variable ${CFG_TEST_UNSET} is not set"),
+]
+
+
+@pytest.mark.parametrize(
+    "changes, expected", [row[1:] for row in EXACT_MESSAGE_TABLE], ids=[row[0] for row in EXACT_MESSAGE_TABLE]
+)
+def test_the_error_a_user_reads_is_the_job_file_then_the_key_path_then_the_problem(tmp_path, monkeypatch, changes, expected):
+    monkeypatch.delenv("CFG_TEST_UNSET", raising=False)
+    message = load_error(tmp_path, job_with(TWO_PROVIDERS, **changes))
+    assert message == f"{tmp_path / 'job.yaml'}: {expected}"
 
 
 def test_a_wrong_type_says_what_was_expected_and_what_was_found(tmp_path):
@@ -461,3 +556,70 @@ def test_template_fields_with_format_specs_name_their_columns(tmp_path):
 def test_an_empty_api_key_is_refused_at_load(tmp_path, key):
     message = load_error(tmp_path, job_with(providers__0__api_key=key))
     assert "providers[0].api_key" in message
+
+
+@pytest.mark.parametrize("place", ["input.storage", "output.storage", "cache.storage"])
+@pytest.mark.parametrize("key", STORAGE_SECRET_KEYS)
+def test_a_storage_secret_written_in_the_file_is_refused_without_echoing_it(tmp_path, place, key):
+    written = "AKIA-WRITTEN-IN-THE-FILE-7f3e"
+    doc = job_with(cache={"path": "s3://bucket/cache"}) if place == "cache.storage" else job_with()
+    set_path(doc, place, {key: written})
+    message = load_error(tmp_path, doc)
+    assert message == f"{tmp_path / 'job.yaml'}: {place}.{key}: write it as ${{ENV_VAR}}; secrets never go in the job file"
+    assert written not in message
+
+
+def test_storage_secrets_given_as_env_vars_are_loaded_and_never_printed(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFG_TEST_AWS_SECRET", "aws-secret-value-51c2")
+    storage = {"endpoint_url": "http://127.0.0.1:9000", "access_key_id": "${" + KEY_VAR + "}",
+               "secret_access_key": "${CFG_TEST_AWS_SECRET}"}
+    doc = job_with(input__storage=storage, output__storage=storage, cache={"path": "s3://bucket/cache", "storage": storage})
+    job = load_job(write(tmp_path, doc))
+    for loaded in (job.input.storage, job.output.storage, job.cache_storage):
+        assert (loaded.access_key_id, loaded.secret_access_key) == (SECRET, "aws-secret-value-51c2")
+        assert loaded.endpoint_url == "http://127.0.0.1:9000"
+    assert job.cache == "s3://bucket/cache"
+    assert "aws-secret-value-51c2" not in repr(job) and SECRET not in repr(job)
+
+
+def test_an_unset_var_in_a_storage_secret_is_listed_when_env_is_not_required(tmp_path, monkeypatch):
+    monkeypatch.delenv("CFG_TEST_UNSET", raising=False)
+    storage = {"access_key_id": "${CFG_TEST_UNSET}", "secret_access_key": "${CFG_TEST_UNSET}"}
+    job = load_job(write(tmp_path, job_with(output__storage=storage)), require_env=False)
+    assert job.env_missing == ("CFG_TEST_UNSET", "CFG_TEST_UNSET")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("name: " + "9" * 5000 + "\n", id="a number past Python's digit limit"),
+        pytest.param("name: " + "[" * 100_000 + "\n", id="nested past the stack"),
+    ],
+)
+def test_yaml_python_cannot_hold_is_reported_as_not_valid_yaml(tmp_path, text):
+    assert "not valid YAML" in load_error(tmp_path, text)
+
+
+@pytest.mark.parametrize("model", [None, ""])
+def test_a_provider_model_left_empty_is_the_jobs_model(tmp_path, model):
+    job = load_job(write(tmp_path, job_with(TWO_PROVIDERS, providers__1__model=model)))
+    assert [p.model for p in job.providers] == ["text-embedding-3-small", "text-embedding-3-small"]
+
+
+def test_empty_lists_and_mappings_take_their_defaults(tmp_path):
+    job = load_job(write(tmp_path, job_with(input__keep_columns=None, batching=None, retry=None, output__storage=None)))
+    assert job.input.keep_columns == ()
+    assert job.batching.max_inputs_per_request == 2048 and job.retry.max_attempts == 6
+    assert job.output.storage.endpoint_url is None
+
+
+def test_a_column_or_path_given_twice_is_kept_once_in_order(tmp_path):
+    doc = job_with(input__path=["b.parquet", "a.parquet", "b.parquet"], input__keep_columns=["title", "doc_id", "title"])
+    job = load_job(write(tmp_path, doc))
+    assert [Path(p).name for p in job.input.paths] == ["b.parquet", "a.parquet"]
+    assert job.input.keep_columns == ("title", "doc_id")
+
+
+def test_a_word_for_a_list_is_a_one_item_list(tmp_path):
+    job = load_job(write(tmp_path, job_with(input__keep_columns="title")))
+    assert job.input.keep_columns == ("title",)

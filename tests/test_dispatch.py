@@ -338,6 +338,7 @@ def test_limits_per_shard_must_be_true_or_false() -> None:
         ProviderConfig(name="a", base_url="http://x/v1", api_key="k", model=MODEL, limits_per_shard="yes")  # type: ignore[arg-type]
 
 
+@pytest.mark.slow  # a few windows of real time
 @pytest.mark.parametrize("headers", [True, False])
 def test_a_providers_limit_headers_pace_a_job_that_names_no_limits(
     monkeypatch: pytest.MonkeyPatch, headers: bool

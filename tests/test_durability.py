@@ -24,10 +24,12 @@ from conftest import (
     KEY,
     KEY_VAR,
     assert_vectors_exact,
+    committed_units,
     docs_table,
     error_lines,
     part_files,
     provider_entry,
+    read_checkpoint,
     read_parts,
     rows_sent,
     run_cli,
@@ -37,12 +39,12 @@ from conftest import (
     write_parquet,
 )
 from fakeprovider import FakeProvider
-from pipeline import sink
+from pipeline import layout
 from pipeline.config import load_job
 from pipeline.errors import WorkLeftError
-from pipeline.locks import RunLock
+from pipeline.storage import TEMP_MARK, LocalOutput
 from pipeline.runner import GRACE_S as DEFAULT_GRACE_S
-from pipeline.runner import RunOptions, _Run, run_job
+from pipeline.runner import RunOptions, run_job
 
 DIM = 8
 KEEP = ["title"]
@@ -77,27 +79,32 @@ def _wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
         time.sleep(0.005)
 
 
-def _manifest(out: Path) -> dict[str, Any]:
-    return json.loads((out / "_manifest.json").read_text())
-
-
 def _committed(out: Path) -> set[int]:
-    path = out / "_manifest.json"
-    return {int(s) for s in json.loads(path.read_text())["units"]} if path.exists() else set()
+    return committed_units(out)
+
+
+def _lock_holder(out: Path) -> int | None:
+    """The pid a run wrote into the output's lock once it took it."""
+    try:
+        text = (out / "_run.lock").read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _temps(out: Path) -> set[Path]:
-    return {p for p in out.rglob(".*") if sink.TEMP_MARK in p.name}
+    return {p for p in out.rglob(".*") if TEMP_MARK in p.name}
 
 
-def _assert_manifest_consistent(out: Path) -> dict[str, Any]:
-    """The manifest is whole JSON and every part it lists is there, complete."""
-    manifest = _manifest(out)
-    for seq, record in [*manifest["units"].items(), *manifest["partial"].items()]:
-        part = out / sink.part_name(int(seq))
-        assert part.exists(), f"the manifest lists {part.name}, which is missing"
-        assert pq.read_table(part).num_rows == record["rows"], f"{part.name} is not what the manifest says"
-    return manifest
+def _assert_manifest_consistent(out: Path) -> Any:
+    """The checkpoint reads (snapshots whole JSON, records whole) and every part it lists is there, complete."""
+    checkpoint = read_checkpoint(out)
+    assert checkpoint is not None
+    for record in checkpoint.ledger.records():
+        part = out / checkpoint.part_name(record.seq)
+        assert part.exists(), f"the checkpoint lists {part.name}, which is missing"
+        assert pq.read_table(part).num_rows == record.rows, f"{part.name} is not what the checkpoint says"
+    return checkpoint
 
 
 def _assert_same_output(out: Path, reference: Path) -> None:
@@ -117,16 +124,16 @@ def _assert_same_output(out: Path, reference: Path) -> None:
 # ------------------------------------------------------------------ SIGKILL torture
 KILLS = 22
 SEED = 20240611
-PHASES = ("start-up", "requests", "requests", "part write", "part write", "manifest write", "manifest write")
-WRITES = {"part write": ".part-", "manifest write": "._manifest.json"}
+PHASES = ("start-up", "requests", "requests", "part write", "part write", "record write", "record write")
+WRITES = {"part write": ".part-", "record write": ".unit-"}
 
 
 def _spin_until_temp(out: Path, prefix: str, proc: subprocess.Popen[str], timeout_s: float = 5) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
-        for folder in (out, out / sink.REJECTS_DIR):
+        for folder in (out, out / layout.REJECTS_DIR, out / layout.RECORDS_DIR):
             try:
-                if any(e.name.startswith(prefix) and sink.TEMP_MARK in e.name for e in os.scandir(folder)):
+                if any(e.name.startswith(prefix) and TEMP_MARK in e.name for e in os.scandir(folder)):
                     return
             except FileNotFoundError:
                 pass
@@ -151,8 +158,9 @@ def test_sigkill_at_random_instants_then_rerun_equals_an_uninterrupted_run_bit_f
             proc = start_run(job)
             phase = rng.choice(PHASES)
             phases[phase] += 1
-            if phase == "start-up":  # manifest read, temp clean-up, orphan removal
-                time.sleep(rng.uniform(0.05, 0.5))
+            if phase == "start-up":  # once it holds the output: checkpoint read, temp clean-up, orphan removal
+                _wait_until(lambda: _lock_holder(out) == proc.pid or proc.poll() is not None)
+                time.sleep(rng.uniform(0.0, 0.2))
             else:
                 _wait_until(lambda: fp.count() > requests + 1 or proc.poll() is not None)
                 if phase == "requests":
@@ -185,14 +193,14 @@ def test_sigkill_at_random_instants_then_rerun_equals_an_uninterrupted_run_bit_f
     table = read_parts(out)
     assert table.column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(len(texts))]
     assert_vectors_exact(table, _expected(texts), DIM)
-    # Work redone is bounded by what was in flight at each kill: the window's units.
-    monkeypatch.setenv(KEY_VAR, KEY)
-    window = _Run(load_job(str(job)), RunOptions())._window()
+    # Work redone is bounded by the requests in flight at each kill: every
+    # answer is journaled as it arrives, before its part commits.
+    in_flight = 4 * 1  # max_concurrency x max_inputs_per_request
     duplicates = sum(sent.values()) - len(sent)
     assert set(sent) == {t for t in texts if t.strip()}
-    assert duplicates <= kills * window * 3, (duplicates, kills, window)
+    assert duplicates <= kills * in_flight, (duplicates, kills, in_flight)
     assert temps_left, "no kill landed during a write"
-    print(f"{kills} kills {dict(phases)}, {duplicates} rows sent twice (bound {kills * window * 3}), "
+    print(f"{kills} kills {dict(phases)}, {duplicates} rows sent twice (bound {kills * in_flight}), "
           f"{temps_left} temp files left by kills")
 
 
@@ -214,15 +222,16 @@ def test_sigterm_with_a_stalled_request_exits_within_the_grace_period_and_a_reru
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
         stopped_s = time.monotonic() - signalled
+        answered = rows_sent(fp)
     assert proc.returncode == 1, stderr
     assert stopped_s < GRACE_S + STOP_MARGIN_S, f"took {stopped_s:.1f}s to stop after SIGTERM"
     assert "Traceback" not in stderr
     assert len(error_lines(stderr)) == 1 and "SIGTERM" in error_lines(stderr)[0], stderr
-    manifest = _assert_manifest_consistent(out)
-    committed = {int(s) for s in manifest["units"]}
+    checkpoint = _assert_manifest_consistent(out)
+    committed = set(checkpoint.ledger.committed_seqs())
     assert committed, "the answered requests should have completed a part"
     assert not _temps(out)
-    assert manifest["runs"][-1]["status"] == "stopped"
+    assert checkpoint.meta["runs"][-1]["status"] == "stopped"
     assert not (out / "_SUCCESS").exists()
 
     with FakeProvider(dim=DIM) as fp2:
@@ -230,7 +239,9 @@ def test_sigterm_with_a_stalled_request_exits_within_the_grace_period_and_a_reru
         rerun = start_run(job)
         _, stderr = rerun.communicate(timeout=60)
         assert rerun.returncode == 0, stderr
-        assert rows_sent(fp2) == Counter(t for i, t in enumerate(texts) if i // 3 not in committed and t.strip())
+        # Rows of unfinished parts only, none of them answered before the stop (the journal kept those).
+        assert set(rows_sent(fp2)) <= {t for i, t in enumerate(texts) if i // 3 not in committed and t.strip()}
+        assert rows_sent(fp2) == Counter(t for t in texts if t.strip()) - answered
     assert (out / "_SUCCESS").exists()
     assert_vectors_exact(read_parts(out), _expected(texts), DIM)
 
@@ -251,7 +262,7 @@ def test_a_second_signal_stops_at_once_without_waiting_out_the_grace_period(tmp_
     assert proc.returncode == 1, stderr
     assert "Traceback" not in stderr
     assert len(error_lines(stderr)) == 1 and "SIGINT" in error_lines(stderr)[0], stderr
-    assert _assert_manifest_consistent(out)["units"]
+    assert _assert_manifest_consistent(out).ledger.committed
     assert not _temps(out)
 
 
@@ -316,7 +327,7 @@ def test_status_shows_which_shards_hold_their_lock_now(tmp_path: Path) -> None:
     with FakeProvider(dim=DIM) as fp:
         job = _job(tmp_path, fp)
         assert run_cli("run", str(job), "--no-progress", "--shard", "0/3").returncode == 0
-        with RunLock(out, (1, 3)):
+        with LocalOutput(str(out)).writer_lock((1, 3)):
             report = json.loads(run_cli("status", str(job), "--json", key=None).stdout)
             text = run_cli("status", str(job), key=None).stdout
     assert report["running"] is True
@@ -422,7 +433,7 @@ def test_disk_full_mid_run_stops_with_work_left_an_intact_manifest_and_a_rerun_c
         """The disk fills after three part files: every file written into the output fails from then on."""
         nonlocal part_writes, full
         name = os.readlink(f"/proc/self/fd/{fd}")
-        if sink.TEMP_MARK in name and name.startswith(str(out)):
+        if TEMP_MARK in name and name.startswith(str(out)):
             if full or (".part-" in name and part_writes >= 3):
                 full = True
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -437,11 +448,11 @@ def test_disk_full_mid_run_stops_with_work_left_an_intact_manifest_and_a_rerun_c
         monkeypatch.setattr(os, "fsync", real_fsync)
         assert stopped.value.exit_code == 1
         assert "No space left on device" in str(stopped.value) and str(out) in str(stopped.value)
-        manifest = _assert_manifest_consistent(out)
-        assert 1 <= len(manifest["units"]) <= 3
+        checkpoint = _assert_manifest_consistent(out)
+        committed = set(checkpoint.ledger.committed_seqs())
+        assert 1 <= len(committed) <= 3
         assert not _temps(out), "a failed write left a temp file"
         assert not (out / "_SUCCESS").exists()
-        committed = {int(s) for s in manifest["units"]}
         before = len(fp.inputs_received)
 
         assert run_job(job, RunOptions(progress=False)) == 0
@@ -470,8 +481,7 @@ def test_a_real_full_filesystem_stops_the_run_cleanly_and_after_growing_it_a_rer
             assert full.returncode == 1, full.stderr
             assert "Traceback" not in full.stderr
             assert len(error_lines(full.stderr)) == 1 and "No space left on device" in error_lines(full.stderr)[0]
-            manifest = _assert_manifest_consistent(out)
-            assert manifest["units"], "some parts should fit before the disk is full"
+            assert _assert_manifest_consistent(out).ledger.committed, "some parts should fit before the disk is full"
             assert not _temps(out)
             assert not (out / "_SUCCESS").exists()
             subprocess.run([mount, "-o", "remount,size=16m", str(fs)], check=True)

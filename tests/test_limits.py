@@ -102,6 +102,7 @@ def test_unlimited_window_never_delays() -> None:
         window.sent(10**9, float(i))
 
 
+@pytest.mark.slow  # a few windows of real time
 def test_provider_rpm_holds_over_real_http_as_the_server_counts_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(limits, "WINDOW_S", 2.0)  # a 2-second "minute" keeps the test short
     monkeypatch.setattr(limits, "SAFETY_S", 0.02)

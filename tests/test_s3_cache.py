@@ -164,7 +164,7 @@ def test_a_run_killed_while_uploading_its_segment_leaves_only_whole_segments_and
         proc = kill_during_upload(job, env, s3_endpoint, rf"/{bucket}/cache/segments/")
         assert rows_sent(fp) == Counter(new)  # the old texts came from the cache
     assert _segments(_fs(s3_endpoint), bucket) == before  # the cut-off upload left nothing
-    left = list(Path(tempfile.gettempdir()).glob(f"{segments.TEMP_PREFIX}{proc.pid}-*"))
+    left = list(Path(tempfile.gettempdir()).glob(f"pipeline-cache-{proc.pid}-*"))
     assert left, "the killed run's download folder should still be there"
 
     cache = SegmentedCache(f"s3://{bucket}/cache", _storage(s3_endpoint), readonly=True)

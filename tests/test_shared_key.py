@@ -33,6 +33,8 @@ CONCURRENCY = 4  # requests in flight per run
 ROWS_PER_PART = 100
 RUN_TIMEOUT_S = 120
 
+pytestmark = pytest.mark.slow  # whole runs as subprocesses, over several windows
+
 MAX_REFUSED_SHARE = 0.02
 MIN_PACE = 0.85  # of the tightest limit, over the measured windows
 

@@ -1,0 +1,82 @@
+"""The output's names, and which shard owns which unit: one place for each.
+
+```
+part-00000.parquet ...       the rows, in input order (5 digits or more: see part_digits)
+_manifest.json               the checkpoint's snapshot (the unsharded writer's own)
+_manifest.d/shard-K-of-N.json   a shard's own snapshot
+_manifest.d/units/unit-N.json   one record per committed (or --limit partial) unit
+_journal.d/unit-N.journal    answers of a unit not yet committed (a log)
+_rejects.d/part-N.parquet    a unit's rejected rows; merged into _rejects.parquet
+_summary.json, _SUCCESS
+```
+"""
+from __future__ import annotations
+
+import re
+
+Shard = tuple[int, int]  # (k, n): the k-th of n shares, 0 <= k < n
+
+SUCCESS = "_SUCCESS"
+MANIFEST = "_manifest.json"
+SUMMARY = "_summary.json"
+REJECTS = "_rejects.parquet"
+MANIFEST_DIR = "_manifest.d"
+RECORDS_DIR = f"{MANIFEST_DIR}/units"
+JOURNAL_DIR = "_journal.d"
+REJECTS_DIR = "_rejects.d"
+LEGACY_PARTIAL_DIR = "_partial.d"  # format 1 kept --limit's rows here; removed at the next start
+FOLDERS = (MANIFEST_DIR, RECORDS_DIR, JOURNAL_DIR, REJECTS_DIR)
+PART_PATTERN = "part-*.parquet"
+SNAPSHOT_PATTERN = "shard-*-of-*.json"
+RECORD_PATTERN = "unit-*.json"
+MIN_PART_DIGITS = 5  # part-00000.parquet: outputs of under 100,000 parts keep the names they always had
+
+_PART = re.compile(r"part-(\d+)\.parquet\Z")
+_NUMBERED = re.compile(r"(?:unit|part)-(\d+)\.(?:json|journal|parquet)\Z")
+
+
+def part_digits(max_units: int) -> int:
+    """Digits in part names for an output of at most `max_units` units: name
+    order stays input order however many parts there are."""
+    return max(MIN_PART_DIGITS, len(str(max(max_units - 1, 0))))
+
+
+def part_name(seq: int, digits: int) -> str:
+    return f"part-{seq:0{digits}d}.parquet"
+
+
+def rejects_name(seq: int, digits: int) -> str:
+    return f"{REJECTS_DIR}/{part_name(seq, digits)}"
+
+
+def record_name(seq: int) -> str:
+    return f"{RECORDS_DIR}/unit-{seq}.json"
+
+
+def journal_name(seq: int) -> str:
+    return f"{JOURNAL_DIR}/unit-{seq}.journal"
+
+
+def snapshot_name(shard: Shard | None) -> str:
+    """The snapshot a writer rewrites: `_manifest.json`, or its shard's own."""
+    return MANIFEST if shard is None else f"{MANIFEST_DIR}/shard-{shard[0]}-of-{shard[1]}.json"
+
+
+def seq_of(rel: str) -> int | None:
+    """The unit a part, reject file, record or journal belongs to."""
+    match = _NUMBERED.search(rel.rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+def is_part(rel: str) -> bool:
+    return _PART.fullmatch(rel.rsplit("/", 1)[-1]) is not None
+
+
+def owns(shard: Shard | None, seq: int) -> bool:
+    """Shard k of n takes every n-th unit from k; an unsharded run takes all."""
+    return shard is None or seq % shard[1] == shard[0]
+
+
+def units_of(shard: Shard | None, total: int) -> int:
+    """How many of `total` units the shard owns."""
+    return total if shard is None else len(range(shard[0], total, shard[1]))

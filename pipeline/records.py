@@ -1,0 +1,218 @@
+"""The checkpoint's schema: unit records, the snapshot, and the ledger that
+holds them in memory.
+
+A *record* is one small immutable file per unit, written after its part:
+`committed` (the part holds all its rows) or `partial` (a `--limit` run cut
+it short: the part holds its first `rows` rows). A *snapshot* compacts the
+records of one writer (`_manifest.json`, or a shard's own) with what the job
+has learned (vector length, probe vectors, totals, run history). Readers take
+every snapshot plus the records not yet compacted; a unit in both is the same
+unit, so the merge is a union.
+
+Format 1 (one manifest rewritten whole at every commit) is read too: its
+committed units carry over, its partial units are redone.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from array import array
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Iterator, Literal, Mapping, get_args
+
+from .texts import RejectReason
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MAX_RUNS_KEPT = 50  # run history in a snapshot stays small
+V1_PART_DIGITS = 5  # format 1 named parts part-00000.parquet, and never went past 99,999
+
+UnitState = Literal["committed", "partial"]
+REJECT_REASONS: tuple[str, ...] = get_args(RejectReason)
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    seq: int
+    state: UnitState
+    rows: int  # rows in the part: all of the unit's when committed
+    embedded: int
+    tokens: int  # paid for this unit's own requests, over every run that worked on it
+    deduped: int = 0  # rows embedded without a request: a repeat of a text the run had
+    from_cache: int = 0  # ... and rows found in the vector cache
+    rejected_empty: int = 0
+    rejected_too_long: int = 0
+    rejected_provider_rejected: int = 0
+
+    def __post_init__(self) -> None:
+        if self.state not in get_args(UnitState):
+            raise ValueError(f"unit state {self.state!r}")
+        if min(self.values()) < 0 or self.seq < 0:
+            raise ValueError("negative counter in a unit record")
+
+    def values(self) -> tuple[int, ...]:
+        return tuple(getattr(self, name) for name in UNIT_FIELDS)
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        return {reason: n for reason in REJECT_REASONS if (n := getattr(self, f"rejected_{reason}"))}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> UnitRecord:
+        if not isinstance(obj, dict) or obj.get("format_version") != FORMAT_VERSION:
+            raise ValueError("not a unit record of this format")
+        return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})
+
+    @classmethod
+    def from_values(cls, seq: int, state: UnitState, values: list[int]) -> UnitRecord:
+        return cls(seq, state, *values)
+
+
+UNIT_FIELDS = tuple(f.name for f in fields(UnitRecord) if f.name not in ("seq", "state"))
+
+
+class Ledger:
+    """The units done, compact enough for millions of parts: a bitmap by seq
+    for `is_done`, committed units' counters in flat integer arrays, and
+    running totals. Partial units (few: only --limit makes them) as records."""
+
+    def __init__(self) -> None:
+        self._done = bytearray()
+        self._seqs = array("q")
+        self._values = array("q")  # len(UNIT_FIELDS) per committed unit, in commit order
+        self._totals = [0] * len(UNIT_FIELDS)
+        self.partial: dict[int, UnitRecord] = {}
+
+    def add(self, record: UnitRecord) -> None:
+        """Take a record; the same unit seen twice (a snapshot and its record) counts once,
+        and a committed unit supersedes a partial one."""
+        if self.is_done(record.seq):
+            return
+        if record.state == "partial":
+            known = self.partial.get(record.seq)
+            if known is None or record.rows > known.rows:
+                self.partial[record.seq] = record
+            return
+        self.partial.pop(record.seq, None)
+        byte, bit = divmod(record.seq, 8)
+        if byte >= len(self._done):
+            self._done.extend(bytes(byte + 1 - len(self._done) + len(self._done) // 2))
+        self._done[byte] |= 1 << bit
+        self._seqs.append(record.seq)
+        values = record.values()
+        self._values.extend(values)
+        self._totals = [t + v for t, v in zip(self._totals, values)]
+
+    def is_done(self, seq: int) -> bool:
+        byte, bit = divmod(seq, 8)
+        return byte < len(self._done) and bool(self._done[byte] >> bit & 1)
+
+    @property
+    def committed(self) -> int:
+        return len(self._seqs)
+
+    def committed_seqs(self) -> Iterator[int]:
+        return iter(self._seqs)
+
+    def records(self) -> Iterator[UnitRecord]:
+        width = len(UNIT_FIELDS)
+        for i, seq in enumerate(self._seqs):
+            yield UnitRecord.from_values(seq, "committed", list(self._values[i * width:(i + 1) * width]))
+        yield from self.partial.values()
+
+    def counters(self) -> dict[str, Any]:
+        totals = list(self._totals)
+        for record in self.partial.values():
+            totals = [t + v for t, v in zip(totals, record.values())]
+        named = dict(zip(UNIT_FIELDS, totals))
+        return {
+            "units_done": self.committed,
+            "rows_done": named["rows"],
+            "rows_embedded": named["embedded"],
+            "rows_rejected": {r: named[f"rejected_{r}"] for r in REJECT_REASONS if named[f"rejected_{r}"]},
+            "tokens": named["tokens"],
+            "rows_deduped": named["deduped"],
+            "rows_from_cache": named["from_cache"],
+        }
+
+    def units_json(self, keep: Callable[[int], bool]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        """(committed, partial) as {seq: [values in UNIT_FIELDS order]} for the units `keep` says."""
+        width = len(UNIT_FIELDS)
+        values = self._values.tolist()
+        committed = {str(seq): values[i * width:(i + 1) * width] for i, seq in enumerate(self._seqs) if keep(seq)}
+        partial = {str(seq): list(r.values()) for seq, r in self.partial.items() if keep(seq)}
+        return committed, partial
+
+
+# -- snapshots -------------------------------------------------------------------------
+
+LEARNED_KEYS = ("dimensions", "probes", "total_units", "total_rows")
+
+
+def new_meta(job: str, fingerprint: dict[str, Any], part_digits: int, now: str) -> dict[str, Any]:
+    """What a snapshot says besides its units: the job, what produced it, what it learned."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "job": job,
+        "created_at": now,
+        "updated_at": now,
+        "fingerprint": fingerprint,
+        "part_digits": part_digits,
+        "dimensions": None,  # learned from the first answer
+        "probes": None,
+        "total_units": None,  # known once a run has read every input
+        "total_rows": None,
+        "runs": [],
+    }
+
+
+def snapshot_json(meta: dict[str, Any], ledger: Ledger, keep: Callable[[int], bool]) -> dict[str, Any]:
+    committed, partial = ledger.units_json(keep)
+    return {**meta, "format_version": FORMAT_VERSION, "counters": ledger.counters(),
+            "unit_fields": list(UNIT_FIELDS), "units": committed, "partial": partial}
+
+
+def parse_snapshot(obj: Any) -> tuple[dict[str, Any], list[UnitRecord]]:
+    """(meta, unit records) of a snapshot of either format; ValueError if it is none."""
+    if not isinstance(obj, dict) or obj.get("format_version") not in READABLE_VERSIONS:
+        version = obj.get("format_version") if isinstance(obj, dict) else None
+        raise ValueError(f"manifest format {version!r} is not one of {READABLE_VERSIONS}")
+    meta = {k: copy.deepcopy(v) for k, v in obj.items() if k not in ("units", "partial", "counters", "unit_fields")}
+    meta.setdefault("runs", [])
+    for key in LEARNED_KEYS:
+        meta.setdefault(key, None)
+    if obj["format_version"] == 1:
+        meta["format_version"] = FORMAT_VERSION
+        meta["part_digits"] = V1_PART_DIGITS
+        records = [_v1_unit(int(seq), unit) for seq, unit in obj.get("units", {}).items()]
+        return meta, records  # a format-1 partial unit is redone: its rows kept no journal
+    names = obj.get("unit_fields")
+    if not isinstance(names, list) or set(names) - set(UNIT_FIELDS):
+        raise ValueError("manifest unit_fields unknown")
+    records = []
+    for state, units in (("committed", obj.get("units", {})), ("partial", obj.get("partial", {}))):
+        for seq, values in units.items():
+            named = dict(zip(names, values))
+            records.append(UnitRecord(int(seq), state, **named))  # type: ignore[arg-type]
+    return meta, records
+
+
+def _v1_unit(seq: int, unit: Mapping[str, Any]) -> UnitRecord:
+    rejected = unit.get("rejected", {})
+    return UnitRecord(
+        seq, "committed", unit["rows"], unit["embedded"], unit["tokens"], unit.get("deduped", 0),
+        unit.get("from_cache", 0), **{f"rejected_{r}": rejected.get(r, 0) for r in REJECT_REASONS},
+    )
+
+
+def merge_meta(into: dict[str, Any], other: Mapping[str, Any]) -> None:
+    """Learned values another writer has and `into` lacks, and its runs (a union, by finish time)."""
+    for key in LEARNED_KEYS:
+        if into.get(key) is None and other.get(key) is not None:
+            into[key] = copy.deepcopy(other[key])
+    runs = {json.dumps(r, sort_keys=True): r for r in [*into.get("runs", []), *other.get("runs", [])]}
+    into["runs"] = sorted(runs.values(), key=lambda r: r.get("finished_at") or "")[-MAX_RUNS_KEPT:]
+    into["updated_at"] = max(into.get("updated_at") or "", other.get("updated_at") or "")

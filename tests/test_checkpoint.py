@@ -1,0 +1,348 @@
+"""The checkpoint at backfill scale: one small record per committed unit,
+snapshots that compact them, the unit journal that keeps paid answers
+across kills, part names that sort past 100,000 parts, outputs of the
+previous format, and the byte budget of work in flight."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import (
+    KEY,
+    KEY_VAR,
+    assert_vectors_exact,
+    committed_units,
+    docs_table,
+    part_files,
+    provider_entry,
+    read_checkpoint,
+    read_parts,
+    rows_sent,
+    sample_texts,
+    write_job,
+    write_parquet,
+)
+from fakeprovider import FakeProvider
+from pipeline import journal, layout, records
+from pipeline.budget import MemoryBudget
+from pipeline.config import load_job
+from pipeline.errors import ConfigError
+from pipeline.records import Ledger, UnitRecord, merge_meta, parse_snapshot, snapshot_json
+from pipeline.runner import RunOptions, run_job
+from pipeline.storage import LocalOutput
+
+DIM = 8
+
+
+def _run(job: Path, **options: object) -> int:
+    return run_job(load_job(str(job)), RunOptions(progress=False, **options))  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ records and the ledger
+
+
+def _record(seq: int, state: str = "committed", rows: int = 5, **extra: int) -> UnitRecord:
+    return UnitRecord(seq, state, rows, extra.pop("embedded", rows), extra.pop("tokens", 10 * rows), **extra)  # type: ignore[arg-type]
+
+
+def test_a_unit_seen_twice_counts_once_and_a_committed_record_supersedes_a_partial_one() -> None:
+    ledger = Ledger()
+    ledger.add(_record(3, "partial", rows=2))
+    ledger.add(_record(3, "partial", rows=1))  # an older cut: the longer one stays
+    assert ledger.partial[3].rows == 2 and not ledger.is_done(3)
+    ledger.add(_record(3, rows=5, rejected_empty=1, embedded=4))
+    ledger.add(_record(3, rows=5, rejected_empty=1, embedded=4))  # its snapshot and its record
+    ledger.add(_record(3, "partial", rows=2))  # a stale partial after the commit changes nothing
+    ledger.add(_record(1000, rows=7, deduped=2, from_cache=1))
+    assert ledger.is_done(3) and ledger.is_done(1000) and not ledger.is_done(999) and not ledger.is_done(10**9)
+    assert ledger.partial == {}
+    assert ledger.counters() == {"units_done": 2, "rows_done": 12, "rows_embedded": 11, "rows_rejected": {"empty": 1},
+                                 "tokens": 120, "rows_deduped": 2, "rows_from_cache": 1}
+
+
+@pytest.mark.parametrize("bad", [{"state": "done"}, {"rows": -1}, {"seq": -1}])
+def test_a_record_with_an_unknown_state_or_a_negative_count_is_refused(bad: dict[str, object]) -> None:
+    fields = {"seq": 1, "state": "committed", "rows": 1, "embedded": 1, "tokens": 1, **bad}
+    with pytest.raises(ValueError):
+        UnitRecord(**fields)  # type: ignore[arg-type]
+
+
+def test_a_snapshot_round_trips_and_keeps_only_the_writers_own_units() -> None:
+    ledger = Ledger()
+    for seq in range(6):
+        ledger.add(_record(seq, rows=seq + 1))
+    ledger.add(_record(7, "partial", rows=2))
+    meta = records.new_meta("job", {"model": "m"}, 6, "2026-01-01T00:00:00Z")
+    data = json.loads(json.dumps(snapshot_json(meta, ledger, lambda seq: seq % 2 == 1)))
+    assert sorted(data["units"]) == ["1", "3", "5"] and list(data["partial"]) == ["7"]
+    parsed_meta, parsed = parse_snapshot(data)
+    assert parsed_meta["part_digits"] == 6
+    assert sorted((r.seq, r.state, r.rows) for r in parsed) == [(1, "committed", 2), (3, "committed", 4),
+                                                                 (5, "committed", 6), (7, "partial", 2)]
+
+
+def test_a_format_1_manifest_reads_as_committed_units_with_five_digit_names_and_its_partials_redone() -> None:
+    v1 = {"format_version": 1, "job": "j", "fingerprint": {"model": "m"}, "dimensions": 8, "probes": ["AAAA"],
+          "total_units": 4, "total_rows": 20, "runs": [{"finished_at": "2024-01-01"}],
+          "units": {"0": {"rows": 5, "embedded": 4, "rejected": {"empty": 1}, "tokens": 40, "deduped": 1},
+                    "2": {"rows": 5, "embedded": 5, "rejected": {}, "tokens": 50}},
+          "partial": {"1": {"rows": 2, "embedded": 2, "rejected": {}, "tokens": 9, "file": "part-00001.parquet"}}}
+    meta, units = parse_snapshot(v1)
+    assert meta["part_digits"] == 5 and meta["dimensions"] == 8 and meta["total_units"] == 4
+    assert sorted((u.seq, u.state, u.embedded, u.rejected_empty, u.deduped) for u in units) == [
+        (0, "committed", 4, 1, 1), (2, "committed", 5, 0, 0)]
+
+
+@pytest.mark.parametrize("bad", [{"format_version": 3}, {"format_version": None}, [], "x",
+                                 {"format_version": 2, "unit_fields": ["rows", "bogus"], "units": {}}])
+def test_a_snapshot_of_an_unknown_format_is_refused(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_snapshot(bad)
+
+
+def test_merging_another_writers_meta_takes_what_it_learned_and_each_run_once() -> None:
+    mine = records.new_meta("j", {"model": "m"}, 5, "2024-01-01")
+    mine["runs"] = [{"finished_at": "2024-01-02", "shard": [0, 2]}]
+    other = {**records.new_meta("j", {"model": "m"}, 5, "2024-01-01"), "dimensions": 8, "total_units": 4,
+             "runs": [{"finished_at": "2024-01-01", "shard": [1, 2]}, {"finished_at": "2024-01-02", "shard": [0, 2]}]}
+    merge_meta(mine, other)
+    assert mine["dimensions"] == 8 and mine["total_units"] == 4
+    assert [r["finished_at"] for r in mine["runs"]] == ["2024-01-01", "2024-01-02"]
+
+
+# ------------------------------------------------------------------ the journal
+
+
+def _keys(n: int, tag: int = 0) -> list[bytes]:
+    return [bytes([tag, i]) * 8 for i in range(n)]
+
+
+def _bytes(piece: list[bytes | memoryview]) -> bytes:
+    return b"".join(bytes(b) for b in piece)
+
+
+def test_a_journal_gives_back_every_whole_piece_and_skips_a_torn_one() -> None:
+    vectors = np.arange(3 * DIM, dtype=np.float32).reshape(3, DIM) / 7
+    first = _bytes(journal.vectors_piece(_keys(3), vectors, tokens=30))
+    refusal = _bytes(journal.refused_piece(_keys(1, 9)[0], "content_filter"))
+    later = _bytes(journal.vectors_piece(_keys(1, 5), vectors[:1] + 1, tokens=4))
+    torn = _bytes(journal.vectors_piece(_keys(2, 7), vectors[:2], tokens=99))[:-5]
+    contents = journal.parse(first + torn + refusal + later + torn, DIM)
+    assert len(contents) == 4 and contents.tokens == 34  # the torn pieces count for nothing
+    assert np.array_equal(contents.vector(_keys(3)[2]), vectors[2])  # the very bits written
+    assert contents.vector(_keys(1, 5)[0]).tobytes() == (vectors[0] + 1).tobytes()
+    assert contents.refused == {_keys(1, 9)[0]: "content_filter"}
+    flipped = bytearray(first)
+    flipped[-20] ^= 1  # a bit flipped in the vectors: the checksum catches it
+    assert len(journal.parse(bytes(flipped), DIM)) == 0
+    assert len(journal.parse(first, DIM + 1)) == 0  # vectors of another length are not this job's
+    assert len(journal.parse(b"", DIM)) == 0 and len(journal.parse(b"EJ2\n" + b"\0" * 3, DIM)) == 0
+
+
+def test_a_journal_appended_after_a_torn_piece_is_read_on_a_real_file(tmp_path: Path) -> None:
+    output = LocalOutput(str(tmp_path))
+    output.prepare(layout.FOLDERS)
+    log = journal.Journal(output, 4, DIM)
+    vectors = np.ones((2, DIM), dtype=np.float32)
+    log.answered(_keys(2), vectors, 20)
+    output.append(layout.journal_name(4), [_bytes(journal.vectors_piece(_keys(2, 3), vectors, 1))[:30]])  # a kill mid-write
+    log.answered(_keys(1, 4), vectors[:1] * 2, 10)
+    log.refused(_keys(1, 6)[0], None)
+    contents = log.read()
+    assert len(contents) == 3 and contents.tokens == 30 and contents.refused == {_keys(1, 6)[0]: None}
+    log.delete()
+    assert len(log.read()) == 0 and not (tmp_path / layout.journal_name(4)).exists()
+
+
+# ------------------------------------------------------------------ the byte budget
+
+
+def test_the_budget_grants_in_order_and_an_oversized_slice_alone() -> None:
+    async def scenario() -> None:
+        budget = MemoryBudget(100)
+        a, b, c, d = (budget.reserve(n) for n in (60, 30, 50, 500))
+
+        def granted() -> str:
+            return "".join(name for name, r in zip("abcd", (a, b, c, d)) if r.granted.done())
+
+        assert granted() == "ab" and budget.used == 90  # c waits, though 10 are free: no overtaking
+        b.release()
+        assert granted() == "ab"  # 60 + 50 > 100
+        a.release()
+        assert granted() == "abc" and budget.used == 50
+        await asyncio.wait_for(c.wait(), 1)
+        c.release()
+        assert granted() == "abcd" and budget.used == 500  # larger than the whole budget: alone
+        e = budget.reserve(1)
+        e.release()  # leaves the queue without ever holding bytes
+        d.release()
+        d.release()  # idempotent
+        assert budget.used == 0 and budget.reserve(100).granted.done()
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------ part names
+
+
+@pytest.mark.parametrize(("units", "digits"), [(0, 5), (1, 5), (100_000, 5), (100_001, 6), (10**6, 6),
+                                                (10**6 + 1, 7), (10**12, 12)])
+def test_part_names_are_wide_enough_for_every_unit(units: int, digits: int) -> None:
+    assert layout.part_digits(units) == digits
+    seqs = sorted({s for s in (0, 9, 10, units // 2, units - 1) if 0 <= s < units})
+    names = [layout.part_name(s, digits) for s in seqs]
+    assert names == sorted(names) and len(set(names)) == len(names)
+
+
+def test_an_output_of_more_parts_than_five_digits_name_keeps_name_order_equal_to_input_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(layout, "MIN_PART_DIGITS", 1)  # 12 parts then need 2 digits: the same rule at 100,000
+    monkeypatch.setenv(KEY_VAR, KEY)
+    texts = sample_texts(12)
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    with FakeProvider(dim=DIM) as fp:
+        assert _run(write_job(tmp_path, [provider_entry(fp)], rows_per_part=1, embedding={"dimensions": DIM})) == 0
+    names = [p.name for p in part_files(tmp_path / "out")]
+    assert names == [f"part-{i:02d}.parquet" for i in range(12)]
+    assert read_parts(tmp_path / "out").column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(12)]
+
+
+# ------------------------------------------------------------------ commits
+
+
+def test_a_commit_reads_nothing_so_its_cost_does_not_grow_with_the_parts_done(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_VAR, KEY)
+    reads: Counter[str] = Counter()
+    real = LocalOutput.read_bytes
+
+    def counting(self: LocalOutput, rel: str) -> bytes:
+        reads[rel.split("/")[0]] += 1
+        return real(self, rel)
+
+    monkeypatch.setattr(LocalOutput, "read_bytes", counting)
+    per_size = {}
+    for rows in (10, 40):
+        folder = tmp_path / str(rows)
+        folder.mkdir()
+        write_parquet(folder / "data.parquet", docs_table(sample_texts(rows)))
+        reads.clear()
+        with FakeProvider(dim=DIM) as fp:
+            assert _run(write_job(folder, [provider_entry(fp)], rows_per_part=1, embedding={"dimensions": DIM})) == 0
+        per_size[rows] = dict(reads)
+        out = folder / "out"
+        assert not list((out / layout.RECORDS_DIR).iterdir()), "records are compacted into the snapshot at the end"
+        assert len(json.loads((out / layout.MANIFEST).read_text())["units"]) == rows
+    assert per_size[10] == per_size[40], per_size  # 4x the parts, the same reads: the start and the end only
+
+
+def test_shards_write_only_their_own_records_and_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_VAR, KEY)
+    monkeypatch.setattr("pipeline.manifest.COMPACT_EVERY_RECORDS", 10**9)
+    texts = sample_texts(24)
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    out = tmp_path / "out"
+    written: list[str] = []
+    real = LocalOutput.write
+
+    def recording(self: LocalOutput, rel: str, data: bytes) -> None:
+        written.append(rel)
+        real(self, rel, data)
+
+    monkeypatch.setattr(LocalOutput, "write", recording)
+    with FakeProvider(dim=DIM) as fp:
+        job = write_job(tmp_path, [provider_entry(fp)], rows_per_part=3, embedding={"dimensions": DIM})
+        assert _run(job, shard=(1, 2)) == 0
+        records_written = sorted(layout.seq_of(r) for r in written if r.startswith(layout.RECORDS_DIR))
+        assert records_written == [1, 3, 5, 7]
+        assert [p.name for p in part_files(out)] == [layout.part_name(s, 5) for s in (1, 3, 5, 7)]
+        assert not (out / layout.SUCCESS).exists()
+        assert {r for r in written if r.endswith(".json") and not r.startswith(layout.RECORDS_DIR)} == {
+            layout.snapshot_name((1, 2)), layout.MANIFEST, layout.SUMMARY}  # the header, once: the output was new
+        written.clear()
+        assert _run(job, shard=(0, 2)) == 0
+    assert layout.MANIFEST in written  # the shard finishing the job writes the whole checkpoint
+    assert sorted(layout.seq_of(r) for r in written if r.startswith(layout.RECORDS_DIR)) == [0, 2, 4, 6]
+    assert committed_units(out) == set(range(8)) and (out / layout.SUCCESS).exists()
+    assert_vectors_exact(read_parts(out), texts, DIM)
+
+
+# ------------------------------------------------------------------ --limit cuts and format 1
+
+
+def test_a_limit_cut_is_a_partial_record_its_answers_stay_journaled_and_nothing_is_copied(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_VAR, KEY)
+    texts = sample_texts(20)
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    out = tmp_path / "out"
+    with FakeProvider(dim=DIM) as fp:
+        job = write_job(tmp_path, [provider_entry(fp)], rows_per_part=7, embedding={"dimensions": DIM})
+        assert _run(job, limit=10) == 0
+        checkpoint = read_checkpoint(out)
+        assert set(checkpoint.ledger.committed_seqs()) == {0}
+        assert {s: (r.state, r.rows) for s, r in checkpoint.ledger.partial.items()} == {1: ("partial", 3)}
+        assert (out / layout.journal_name(1)).exists() and not (out / layout.journal_name(0)).exists()
+        assert not (out / layout.LEGACY_PARTIAL_DIR).exists()
+        assert _run(job) == 0
+        assert rows_sent(fp) == Counter(texts)  # the journal gave the 3 cut rows back
+    assert not list((out / layout.JOURNAL_DIR).iterdir())
+    assert_vectors_exact(read_parts(out), texts, DIM)
+
+
+def _to_format_1(out: Path) -> None:
+    """What the previous version left: one manifest listing the committed units; no records, no journals."""
+    checkpoint = read_checkpoint(out)
+    meta = checkpoint.meta
+    units = {str(r.seq): {"rows": r.rows, "embedded": r.embedded, "rejected": r.rejected, "tokens": r.tokens}
+             for r in checkpoint.ledger.records() if r.state == "committed"}
+    v1 = {"format_version": 1, "job": meta["job"], "created_at": meta["created_at"], "updated_at": meta["updated_at"],
+          "fingerprint": meta["fingerprint"], "dimensions": meta["dimensions"], "probes": meta["probes"],
+          "total_units": None, "total_rows": None, "units": units, "partial": {}, "runs": meta["runs"]}
+    for folder in (layout.MANIFEST_DIR, layout.JOURNAL_DIR):
+        shutil.rmtree(out / folder)
+    (out / layout.MANIFEST).write_text(json.dumps(v1))
+
+
+def test_an_output_of_the_previous_format_resumes_and_pays_nothing_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_VAR, KEY)
+    texts = sample_texts(35)
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    out = tmp_path / "out"
+    with FakeProvider(dim=DIM) as fp:
+        job = write_job(tmp_path, [provider_entry(fp)], rows_per_part=7, embedding={"dimensions": DIM})
+        assert _run(job, limit=14) == 0
+        _to_format_1(out)
+        before = rows_sent(fp)
+        assert _run(job) == 0
+        assert rows_sent(fp) - before == Counter(texts[14:])
+    assert json.loads((out / layout.MANIFEST).read_text())["format_version"] == records.FORMAT_VERSION
+    assert [p.name for p in part_files(out)] == [f"part-{i:05d}.parquet" for i in range(5)]
+    assert_vectors_exact(read_parts(out), texts, DIM)
+
+
+def test_a_previous_format_output_past_its_five_digit_names_is_refused_and_keeps_its_parts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_VAR, KEY)
+    monkeypatch.setattr(records, "V1_PART_DIGITS", 1)  # stands in for its 100,000 five-digit names
+    texts = sample_texts(24)
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    out = tmp_path / "out"
+    with FakeProvider(dim=DIM) as fp:
+        job = write_job(tmp_path, [provider_entry(fp)], rows_per_part=2, embedding={"dimensions": DIM})
+        monkeypatch.setattr(layout, "MIN_PART_DIGITS", 1)
+        assert _run(job, limit=6) == 0
+        _to_format_1(out)
+        with pytest.raises(ConfigError, match="rows_per_part.*--restart") as info:
+            _run(job)
+    assert info.value.exit_code == 2
+    assert committed_units(out) == set(range(10))  # what fits its names was done and kept
+    assert_vectors_exact(read_parts(out), texts[:20], DIM)
+    assert not (out / layout.SUCCESS).exists()
