@@ -264,7 +264,7 @@ class Dispatcher:
         except BaseException:  # cancelled: it leaves the window's requests in flight all the same
             route.rate.answered(ticket, tokens, self._clock())
             raise
-        route.rate.answered(ticket, tokens, self._clock(), result.limits)
+        route.rate.answered(ticket, tokens, self._clock(), result.limits, result.usage_tokens)
         if self.dimensions is not None and result.vectors.shape[1] != self.dimensions:
             err = BadResponseError(
                 f"vectors of length {result.vectors.shape[1]}, this job's are {self.dimensions}", provider=route.name

@@ -11,6 +11,9 @@
 - `AdaptiveConcurrency`: AIMD on requests in flight, judging latency against
   what a request of that size usually takes.
 - `Circuit`: consecutive failures open it, it rests, one probe closes it.
+
+A little over 400 lines: the four policies that decide how much a provider
+gets, pure and side by side, read more easily together than apart.
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ LOG_PRUNE_AT = 64  # sends kept before the log of sends is pruned
 READING_LIFE_WINDOWS = 5  # a reading this old is dropped: the key may have changed hands since
 ANSWERS_WITHOUT_READING = 3  # answers in a row without a reading: the provider stopped sending them
 LATENCY_EWMA_ALPHA = 0.2  # weight of each answer in the recent latency that pacing allows for
+TOKEN_SCALE_ALPHA = 0.1  # weight of each answer's usage in the provider's tokens per token we counted
+TOKEN_SCALE_RANGE = (1e-3, 1e3)  # a usage further from our count than this is nonsense, not a scale
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,10 @@ class RateWindow:
     they allow, so a process alone runs at the limit, less one latency per
     window. While the provider states its limits, requests are also spread
     evenly over the window instead of bursting it: processes that share a key
-    then never see room that the others have already taken.
+    then never see room that the others have already taken. Its readings are
+    in the provider's tokens, which ours (a byte bound where an exact count
+    was not needed, or another tokenizer) are scaled to by the usage the
+    provider reports on its answers.
     """
 
     def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None, *, shards: int = 1) -> None:
@@ -153,6 +161,7 @@ class RateWindow:
         self._sent_requests = 0
         self._sent_tokens = 0
         self._latency_s = 0.0  # recent time from send to answer (EWMA)
+        self.token_scale = 1.0  # the provider's tokens per token we counted, from reported usage (EWMA)
 
     def delay_s(self, tokens: int, now: float) -> float:
         """Seconds until a request of `tokens` may be sent (0: now)."""
@@ -163,20 +172,22 @@ class RateWindow:
         cap = share.cap(now)
         if cap is None:
             return 0.0
+        live = share.live(now)
+        scale = self.token_scale if by_tokens and live else 1.0  # to the units the cap is in
         self._expire(now)
         wait = 0.0
         if self._done or self._in_flight:  # a lone request always fits an empty window, even one over the limit
             in_window = (self._done_tokens + self._in_flight_tokens) if by_tokens else (len(self._done) + self._in_flight)
-            over = in_window + min(cost, cap) - cap
+            over = in_window * scale + min(cost * scale, cap) - cap
             if over > 0:
-                wait = self._age_out_s(over, now, by_tokens=by_tokens)
-        if share.live(now) and self._log:
+                wait = self._age_out_s(over / scale, now, by_tokens=by_tokens)
+        if live and self._log:
             # The provider speaks for a key others may share: this process's
             # share is spread evenly over the window (which holds a request
             # until it is answered) rather than sent in bursts, whose pattern
             # the window would repeat, and which others could not see coming.
             sent_at, _, _, last_tokens = self._log[-1]
-            spacing = (WINDOW_S + SAFETY_S + self._latency_s) * (min(last_tokens, cap) if by_tokens else 1) / cap
+            spacing = (WINDOW_S + SAFETY_S + self._latency_s) * (min(last_tokens * scale, cap) if by_tokens else 1) / cap
             wait = max(wait, sent_at + spacing - now)
         return wait
 
@@ -190,9 +201,11 @@ class RateWindow:
         self._prune_log(now)
         return self._log_base + len(self._log) - 1
 
-    def answered(self, ticket: int, tokens: int, now: float, reading: KeyReading | None = None) -> None:
+    def answered(
+        self, ticket: int, tokens: int, now: float, reading: KeyReading | None = None, usage: int | None = None
+    ) -> None:
         """A request ended (success or failure: relays count both), with what
-        its answer said about the key, if anything."""
+        its answer said about the key and the tokens it billed, if anything."""
         self._in_flight -= 1
         self._in_flight_tokens -= tokens
         self._done.append((now, tokens))
@@ -201,9 +214,11 @@ class RateWindow:
         i = ticket - self._log_base
         if 0 <= i < len(self._log):
             self._latency_s += LATENCY_EWMA_ALPHA * (max(0.0, now - self._log[i][0]) - self._latency_s)
+        if usage is not None and tokens > 0 and TOKEN_SCALE_RANGE[0] <= usage / tokens <= TOKEN_SCALE_RANGE[1]:
+            self.token_scale += TOKEN_SCALE_ALPHA * (usage / tokens - self.token_scale)
         own = self._own_use(ticket)
         for share, limit, used in ((self.requests, reading and reading.requests, own and own[0]),
-                                   (self.tokens, reading and reading.tokens, own and own[1])):
+                                   (self.tokens, reading and reading.tokens, own and own[1] * self.token_scale)):
             if limit is None:
                 share.unread()
             elif used is not None:  # else sent longer ago than any window: nothing current to learn

@@ -295,16 +295,20 @@ Semantics = Literal["sliding", "bucket"]
 def simulate_key(
     processes: int, semantics: Semantics, *, headers: bool = True, shards: int = 1, rpm: int = 100,
     tpm: int = 10_000, latency_s: float = 0.03, concurrency: int = 4, seconds: float = 40.0,
-    starts: list[float] | None = None, seed: int = 1,
+    starts: list[float] | None = None, seed: int = 1, our_count: float = 1.0,
+    job_figures: tuple[int | None, int | None] | None = None,
 ) -> tuple[float, float, list[int]]:
     """`processes` RateWindows, each naming the key's whole figures, sending
     requests of 60..200 tokens as fast as they are let, on an injected clock,
     to a key that counts a sliding window (or refills a bucket) of
     `limits.WINDOW_S`. Returns (share refused, pace over the windows after
-    the last start as a share of the tightest limit, tokens accepted by each)."""
+    the last start as a share of the tightest limit, tokens accepted by each).
+    `our_count`: the processes' token counts are this many times the key's
+    (a byte bound where no exact count was needed); answers report usage.
+    `job_figures`: the RPM and TPM each process's job names (default: the key's)."""
     window_s = limits.WINDOW_S
     rng = random.Random(seed)
-    rates = [RateWindow(rpm, tpm, shards=shards) for _ in range(processes)]
+    rates = [RateWindow(*(job_figures or (rpm, tpm)), shards=shards) for _ in range(processes)]
     in_flight = [0] * processes
     resting_until = [0.0] * processes
     starts = starts or [0.0] * processes
@@ -343,11 +347,11 @@ def simulate_key(
     def wake(i: int, now: float) -> None:
         while now >= resting_until[i] and in_flight[i] < concurrency:
             tokens = rng.randint(60, 200)
-            delay = rates[i].delay_s(tokens, now)
+            delay = rates[i].delay_s(int(tokens * our_count), now)
             if delay > 0:
                 wake_at(i, now + delay)
                 return
-            ticket = rates[i].sent(tokens, now)
+            ticket = rates[i].sent(int(tokens * our_count), now)
             in_flight[i] += 1
             heapq.heappush(events, (now + latency_s * rng.uniform(0.2, 1.0), next(order), "arrive", (i, ticket, tokens)))
 
@@ -371,7 +375,7 @@ def simulate_key(
         else:
             i, ticket, tokens, ok, reading = data
             in_flight[i] -= 1
-            rates[i].answered(ticket, tokens, now, reading)
+            rates[i].answered(ticket, int(tokens * our_count), now, reading, tokens if ok else None)
             if not ok:  # the dispatcher rests a refused provider before its retry
                 resting_until[i] = now + 0.1 + 0.2 * rng.random()
                 wake_at(i, resting_until[i])
@@ -401,6 +405,18 @@ def test_processes_sharing_a_key_by_its_headers_stay_under_it_and_use_it(
     refused, pace, _ = simulate_key(processes, semantics)
     assert refused <= most_refused
     assert pace >= 0.9  # the margin, whole requests, and a window stamped at answers, not sends
+
+
+@pytest.mark.parametrize("processes", [1, 4])
+def test_shares_are_kept_in_the_providers_tokens_when_ours_are_a_byte_bound(
+    monkeypatch: pytest.MonkeyPatch, processes: int
+) -> None:
+    """A job naming no TPM counts a text's tokens by its bytes (about 4 a
+    token on prose): the provider's usage scales them to its own."""
+    monkeypatch.setattr(limits, "WINDOW_S", 4.0)
+    refused, pace, _ = simulate_key(processes, "sliding", rpm=1000, our_count=4.0, job_figures=(None, None))
+    assert refused <= 0.01
+    assert pace >= 0.9
 
 
 def test_shards_without_headers_take_a_quarter_each_and_are_never_refused(monkeypatch: pytest.MonkeyPatch) -> None:
