@@ -132,7 +132,7 @@ def test_onnx_vectors_match_sentence_transformers_on_the_sample_texts(cache_env:
     texts = _sample_texts() + EDGE_TEXTS
     provider = _provider(device="cpu")
     got = _embed(provider, texts)
-    assert provider.backend == "onnx"
+    assert provider.backend == "openvino"
     assert got.dtype == np.float32 and got.shape == (len(texts), 384) and got.flags.c_contiguous
     expected = _reference(texts)
     cosines = np.sum(got * expected, axis=1)

@@ -23,7 +23,7 @@ from . import local_onnx
 from .base import EmbedResult, check_vectors
 
 log = logging.getLogger("pipeline")
-Backend = Literal["onnx", "torch"]
+Backend = Literal["openvino", "torch"]
 
 BUNDLED_MODEL_NAMES = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
 MODEL_DIMENSIONS = local_onnx.MODEL_DIMENSIONS
@@ -85,9 +85,10 @@ class LocalProvider:
         if device == "cpu":
             try:
                 encoder = local_onnx.load(model_dir)
-                self.backend = "onnx"
+                log.debug("local model: OpenVINO on CPU in %s", encoder.precision)
+                self.backend = "openvino"
                 return encoder
-            except (ImportError, local_onnx.ExportError) as err:
+            except (ImportError, local_onnx.GraphError) as err:
                 log.warning("local model: running on torch, slower: the OpenVINO path is not usable (%s)", err)
         encoder = self._load_torch(model_dir, device)
         self.backend = "torch"

@@ -53,8 +53,8 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 _export_lock = threading.Lock()  # two local providers in one process export once
 
 
-class ExportError(Exception):
-    """The graph could not be made or checked; the caller falls back to torch."""
+class GraphError(Exception):
+    """The graph could not be made, checked or compiled here; the caller falls back to torch."""
 
 
 def cache_dir() -> Path:
@@ -113,7 +113,7 @@ class OnnxModel:
     def __init__(self, compiled: Any, tokenizer: Any) -> None:
         self._request = compiled.create_infer_request()  # one at a time: the provider's single worker thread
         self._tokenizer = tokenizer
-        self.precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))  # "bf16" or "f32"
+        self.precision: str = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # "bf16" or "f32"
 
     def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
         ids = [e.ids for e in self._tokenizer.encode_batch(list(texts))]
@@ -130,7 +130,8 @@ def load(model_dir: Path, threads: int | None = None, precision: str | None = No
     """The cached graph, exported first when absent, compiled for this CPU on
     `threads` threads (None: one per core) in `precision` ("f32", "bf16"; None:
     OpenVINO's choice for the CPU). Raises ImportError without openvino,
-    ExportError when the export fails or drifts from torch."""
+    GraphError when the export fails or drifts from torch, or OpenVINO cannot
+    compile the graph for this CPU."""
     import openvino
     from tokenizers import Tokenizer
 
@@ -139,39 +140,42 @@ def load(model_dir: Path, threads: int | None = None, precision: str | None = No
     tokenizer.enable_truncation(max_tokens(model_dir))
     with _export_lock:
         graph = _cached_or_exported(model_dir, openvino)
-    return OnnxModel(_compile(openvino, graph, threads, precision), tokenizer)
+    try:
+        compiled = _compile(openvino, graph, threads, precision)
+    except RuntimeError as err:  # openvino's errors derive from it
+        raise GraphError(f"OpenVINO cannot compile the graph here ({_reason(err)})") from err
+    return OnnxModel(compiled, tokenizer)
 
 
-def _compile(openvino: Any, graph: Path | bytes, threads: int | None = None, precision: str | None = None) -> Any:
-    core = openvino.Core()
+def _compile(openvino: Any, graph: Any, threads: int | None = None, precision: str | None = None) -> Any:
+    """`graph`: a read model, or ONNX bytes."""
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": CPU_PINNING}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     if precision:
         config["INFERENCE_PRECISION_HINT"] = precision
-    model = core.read_model(str(graph) if isinstance(graph, Path) else graph)
+    core = openvino.Core()
+    model = core.read_model(graph) if isinstance(graph, bytes) else graph
     return core.compile_model(model, "CPU", config)
 
 
-def _cached_or_exported(model_dir: Path, openvino: Any) -> Path | bytes:
-    """The cached graph's path, or a fresh export's bytes (cached when the folder allows)."""
+def _cached_or_exported(model_dir: Path, openvino: Any) -> Any:
+    """The cached graph, read; else a fresh export's bytes, cached when the folder allows."""
     path = graph_file(model_dir)
     if path.is_file():
         try:
-            openvino.Core().read_model(str(path))  # a file that does not read (a damaged disk) is exported again
-            return path
-        except Exception as err:  # openvino raises its own classes, not exported by name
-            log.warning("local model: the cached graph %s does not read (%s); exporting it again", path, err)
+            return openvino.Core().read_model(str(path))
+        except RuntimeError as err:  # a file that does not read (a damaged disk) is exported again
+            log.warning("local model: the cached graph %s does not read (%s); exporting it again", path, _reason(err))
     log.info("local model: exporting the ONNX graph (first use, a few seconds) to %s", path)
     graph = export(model_dir, openvino)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         storage.write_atomic(path, graph)
-        return path
     except OSError as err:
         log.info("local model: cannot cache the ONNX graph in %s (%s); it is kept for this run only "
                  "(set %s to a writable folder)", path.parent, err.strerror or err, CACHE_ENV)
-        return graph
+    return graph
 
 
 def export(model_dir: Path, openvino: Any) -> bytes:
@@ -183,7 +187,7 @@ def export(model_dir: Path, openvino: Any) -> bytes:
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
     except ImportError as err:
-        raise ExportError(f"exporting the graph needs {err.name}") from err
+        raise GraphError(f"exporting the graph needs {err.name}") from err
     hf_logging.disable_progress_bar()
     try:
         bert = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager")
@@ -208,11 +212,16 @@ def export(model_dir: Path, openvino: Any) -> bytes:
             expected = pooled(*(torch.from_numpy(a) for a in probe)).numpy()
         got = _compile(openvino, graph, precision="f32").create_infer_request().infer(dict(zip(INPUT_NAMES, probe)))[0]
     except (RuntimeError, ValueError, OSError, TypeError) as err:
-        raise ExportError(f"exporting the graph failed ({err})") from err
+        raise GraphError(f"exporting the graph failed ({_reason(err)})") from err
     cosine = float(np.min(np.sum(expected * got, axis=1)))
     if not cosine >= PROBE_MIN_COSINE:
-        raise ExportError(f"the exported graph drifts from torch (cosine {cosine:.6f})")
+        raise GraphError(f"the exported graph drifts from torch (cosine {cosine:.6f})")
     return graph
+
+
+def _reason(err: Exception) -> str:
+    """The last line of an error: OpenVINO's are several, the source locations first."""
+    return next((line.strip() for line in reversed(str(err).splitlines()) if line.strip()), type(err).__name__)
 
 
 def _pooled_module(torch: Any, bert: Any) -> Any:
