@@ -28,7 +28,7 @@ REFERENCE = ("torch", 2, 16)  # sentence-transformers as the provider ran it bef
 BATCH_SIZES = (8, 16, 32)
 THREADS = (1, 2)
 PASSES = 2  # each setting's better pass is kept
-TARGET_SPEEDUP = 1.5  # issue 13: the ONNX path at least 1.5x the reference's rows/s
+TARGET_SPEEDUP = 1.5  # issue 13: the OpenVINO path at least 1.5x the reference's rows/s
 MIN_COSINE = 0.999  # issue 13: every vector within this of the float32 reference
 
 
@@ -55,16 +55,16 @@ def main() -> None:
 
     ov = {threads: local_onnx.load(model_dir, threads=threads) for threads in THREADS}
     ov_f32 = local_onnx.load(model_dir, threads=2, precision="f32")
-    print(f"OpenVINO's default precision here: {ov[2].precision}", file=sys.stderr)
+    print(f"OpenVINO's default precision on this CPU: {ov[2].precision}", file=sys.stderr)
     settings: dict[tuple[str, int, int], Callable[[], np.ndarray]] = {
         REFERENCE: lambda: torch_encode(REFERENCE[2]), ("ov-f32", 2, 16): lambda: ov_f32.encode(texts, 16)}
     for threads in THREADS:
         for batch in BATCH_SIZES:
             settings[("ov", threads, batch)] = lambda m=ov[threads], b=batch: m.encode(texts, b)
-    torch.set_num_threads(REFERENCE[1])
-    expected = torch_encode(REFERENCE[2])  # also the warm-up
+    reference.encode(texts[:32], batch_size=16)  # warm-ups
     for model in (*ov.values(), ov_f32):
         model.encode(texts[:32], 16)
+    expected: np.ndarray | None = None  # the reference's first pass, which runs first
     # Passes interleaved over the settings: a burst of other work on a shared
     # machine then hits one pass of a setting, not the setting.
     best: dict[tuple[str, int, int], tuple[float, float, float]] = {}
@@ -75,6 +75,7 @@ def main() -> None:
             wall, cpu = time.perf_counter(), time.process_time()
             vectors = encode()
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            expected = vectors if expected is None else expected
             cosine = float(np.min(np.sum(vectors * expected, axis=1)))
             print(*key, f"{len(texts) / wall:.1f} rows/s", f"cosine {cosine:.6f}", file=sys.stderr, flush=True)
             rate = len(texts) / wall

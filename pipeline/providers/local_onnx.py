@@ -1,8 +1,9 @@
 """The bundled model as an ONNX graph run by OpenVINO: the local provider's CPU
 path. On a CPU with native bfloat16 (AVX512_BF16, AMX) OpenVINO computes in it
-by default, ~3x the rows/s a CPU-second of sentence-transformers on torch and
-~2x ONNX Runtime's float32 (bench/local_model.py), every vector within cosine
-0.9999 of torch's float32 on the sample texts; elsewhere in float32.
+by default: a row of the sample texts then costs ~1/3 of the CPU time it costs
+sentence-transformers on torch and ~1/2 of ONNX Runtime's float32 (measured on
+one AVX512_BF16 core: 16, 46 and 33 ms), every vector within cosine 0.9999 of
+torch's float32 one (bench/local_model.py). Other CPUs compute in float32.
 
 The graph (BERT, mean pooling and L2 normalisation in one) is exported from the
 package's own weights at first use, a few seconds and no download, then cached
