@@ -22,6 +22,7 @@ from .errors import BadInputError
 from .journal import Journal, Known
 from .packing import pack
 from .reuse import ORIGIN_CODE, Claim, Origin, Refused, Reuse, origin_counts
+from .spend import Spend
 from .texts import PreparedTexts, combine
 
 ProgressCallback = Callable[[int, int], None]  # (rows finished, tokens paid)
@@ -40,12 +41,13 @@ class Embedded:
 
 class Embedder:
     def __init__(self, job: JobConfig, dispatcher: Dispatcher, reuse: Reuse, dim: int,
-                 on_progress: ProgressCallback) -> None:
+                 on_progress: ProgressCallback, spend: Spend | None = None) -> None:
         self.job = job
         self.dispatcher = dispatcher
         self.reuse = reuse
         self.dim = dim
         self.on_progress = on_progress
+        self.spend = spend or Spend(None, None, 0)  # budget_usd: held before each request is sent
 
     async def embed(self, prepared: PreparedTexts, journal: Journal, known: Known | None) -> Embedded:
         keys = self.reuse.keys(prepared.pieces)
@@ -101,7 +103,9 @@ class Embedder:
             pieces = picked[a:b]
             tokens = int(prepared.piece_tokens[pieces].sum())
             try:
-                result = await self.dispatcher.embed([prepared.pieces[i] for i in pieces], tokens)
+                with self.spend.holding(tokens) as billed:
+                    result = await self.dispatcher.embed([prepared.pieces[i] for i in pieces], tokens)
+                    billed.append(tokens)
             except BadInputError as err:
                 if b - a == 1:
                     code = err.code or (str(err.status) if err.status else None)

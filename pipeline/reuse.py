@@ -26,6 +26,7 @@ log = logging.getLogger("pipeline")
 
 DEDUPE_MEMORY_BYTES = 64 * 2**20  # recent vectors kept for in-run dedupe; a named cache covers the rest
 MAX_DEDUPE_ENTRIES = 50_000  # binds below ~150 dims only, where the keys' own overhead would dominate
+CACHED_CHUNK_KEYS = 4096  # keys looked up at once by `cached`: its vectors are dropped as it goes
 ENTRY_OVERHEAD_BYTES = 300  # per remembered vector besides its floats: dict entry, key bytes, slot int (measured: bench memory)
 
 # Where a piece's vector came from. A row takes the first origin in this
@@ -166,7 +167,7 @@ class Reuse:
             self._pending[key] = claim.owned[i] = loop.create_future()
             if journal is not None and key in journal:
                 claim.found[i] = vector = journal.vector(key).astype(np.float32)  # a copy: the log may be unmapped
-                claim.origin[i] = ORIGIN_CODE["journal"]
+                claim.origin[i] = ORIGIN_CODE["journal" if journal.paid_earlier(key) else "provider"]
                 self._settle(key, vector)
             elif journal is not None and key in journal.refused:
                 claim.refused[i] = journal.refused[key]
@@ -195,6 +196,10 @@ class Reuse:
         """Vectors just paid for: remembered, handed to waiting slices, and cached."""
         for key, vector in zip(keys, vectors):
             self._settle(key, vector)
+        await self.store(keys, vectors)
+
+    async def store(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
+        """Vectors paid for go to the cache at once (a batch's, as it is collected)."""
         if self.cache is not None and not self._cache_failed:
             try:
                 await asyncio.to_thread(self.cache.put, keys, vectors)
@@ -224,6 +229,14 @@ class Reuse:
         future = self._pending.pop(key, None)
         if future is not None and not future.done():
             future.set_result(vector)
+
+    async def cached(self, keys: list[bytes]) -> set[bytes]:
+        """Which of `keys` the cache holds a vector of this job's length for (a batch
+        run decides what to submit by it; the vectors are taken when the unit is written)."""
+        found: set[bytes] = set()
+        for i in range(0, len(keys), CACHED_CHUNK_KEYS):
+            found.update(await self._cache_get(keys[i:i + CACHED_CHUNK_KEYS]))
+        return found
 
     async def _cache_get(self, keys: list[bytes]) -> dict[bytes, np.ndarray]:
         if self.cache is None or self._cache_failed:
