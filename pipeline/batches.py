@@ -727,6 +727,8 @@ class BatchRun:
             self.attempts[unit] = max(self.attempts.get(unit, 0), attempt)
         self.isolate.update(record.isolate)
         for seq in self.waiters.pop(sub, set()):
+            if contents is not None:
+                self._use(seq, {sub})  # it waited for answers in there: they are kept until it commits
             waiting = self.waits.get(seq)
             if waiting is not None:
                 waiting.discard(sub)

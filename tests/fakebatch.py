@@ -32,6 +32,7 @@ usage in cl100k tokens; output lines come shuffled (seeded) and each body's
 `queue_limit`: tokens of unfinished batches; a batch that would pass it fails
 validation with `token_limit_exceeded`.
 `stall_download_s`: each content download waits this long first.
+`serves`: salts every vector, as a gateway serving another model under the name.
 """
 from __future__ import annotations
 
@@ -86,8 +87,9 @@ class FakeBatchAPI:
     def __init__(self, *, dim: int = 8, api_key: str = "sk-test-key", model: str = "text-embedding-3-small",
                  duration_s: float = 0.3, sync: bool = True, script: Iterable[str] = (),
                  line_script: Iterable[str] = (), reject_marker: str | None = None,
-                 queue_limit: int | None = None, stall_download_s: float = 0.0, seed: int = 0) -> None:
-        self.dim, self.api_key, self.model = dim, api_key, model
+                 queue_limit: int | None = None, stall_download_s: float = 0.0, serves: str = "",
+                 seed: int = 0) -> None:
+        self.dim, self.api_key, self.model, self.serves = dim, api_key, model, serves
         self.duration_s, self.sync, self.reject_marker = duration_s, sync, reject_marker
         self.queue_limit, self.stall_download_s = queue_limit, stall_download_s
         self._sync = FakeProvider(dim=dim, api_key=api_key, model=model)
@@ -107,6 +109,9 @@ class FakeBatchAPI:
         self.statuses_seen: set[str] = set()
         self.max_enqueued = 0  # tokens of unfinished batches, at the most
         self.polls = 0
+        self.downloads = 0  # content downloads begun
+        self.sync_calls = 0  # POST /v1/embeddings, answered or not (the start-up probe)
+        self.tokens_enqueued = 0  # tokens of every batch the queue took
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -116,11 +121,6 @@ class FakeBatchAPI:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
-
-    @property
-    def probes(self) -> int:
-        """Synchronous /embeddings calls answered (the start-up probe)."""
-        return len(self._sync.requests)
 
     def hold(self) -> None:
         """Batches stay in progress (none completes) until release()."""
@@ -217,6 +217,8 @@ class FakeBatchAPI:
             return f"{prefix}-{self._ids:05d}"
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        with self._lock:
+            self.sync_calls += 1
         if not self.sync:
             return web.json_response({"error": {"message": "Not found.", "type": "invalid_request_error",
                                                 "param": None, "code": None}}, status=404)
@@ -242,6 +244,8 @@ class FakeBatchAPI:
         return web.json_response({"object": "list", "data": files, "has_more": False})
 
     async def _content(self, request: web.Request) -> web.StreamResponse:
+        with self._lock:
+            self.downloads += 1
         if self.stall_download_s:
             await asyncio.sleep(self.stall_download_s)
         with self._lock:
@@ -300,6 +304,7 @@ class FakeBatchAPI:
                 self.submitted.update(line["body"]["input"])
             if not fail:
                 self.max_enqueued = max(self.max_enqueued, enqueued + tokens)
+                self.tokens_enqueued += tokens
             obj = batch.json()
         if directive.startswith("stall_create:"):
             await asyncio.sleep(float(directive.split(":", 1)[1]))
@@ -410,7 +415,7 @@ class FakeBatchAPI:
             return error(400, "Your input was flagged by the content filter (scripted).", "invalid_request_error")
         dim = body.get("dimensions", self.dim)
         data = [{"object": "embedding", "index": i,
-                 "embedding": b64.b64encode(vector_for(t, dim).astype("<f4").tobytes()).decode("ascii")}
+                 "embedding": b64.b64encode(vector_for(self.serves + t, dim).astype("<f4").tobytes()).decode("ascii")}
                 for i, t in enumerate(texts)]
         self.embedded.update(texts)
         return 200, {"object": "list", "data": data[::-1], "model": self.model,
