@@ -141,7 +141,8 @@ def results(path: Path) -> Iterator[ResultLine]:
                 continue
             if not isinstance(obj, dict) or not isinstance(obj.get("custom_id"), str):
                 continue
-            response = obj.get("response") if isinstance(obj.get("response"), dict) else {}
+            response = obj.get("response")
+            response = response if isinstance(response, dict) else {}
             status = response.get("status_code")
             yield ResultLine(obj["custom_id"], status if isinstance(status, int) else None,
                              response.get("body"), obj.get("error"))

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import ChainMap
-from typing import Any, Container, Iterable, Mapping
+from typing import Any, Container, Iterable
 
 import numpy as np
 
@@ -164,7 +163,7 @@ class UnitKnown:
         self._answers = answers
         self._tokens = tokens
         self._earlier = earlier  # batches collected by earlier runs
-        self.refused: Mapping[bytes, str | None] = ChainMap(own.refused, answers.refused)  # type: ignore[assignment]
+        self.refused = {**answers.refused, **own.refused} if own.refused else answers.refused
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._own or key in self._answers

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import layout, probe, sink
-from .batches import NO_REQUESTS, BatchRun, cancel_open_batches, warn_open_batches
+from .batches import NO_REQUESTS, BatchRun
+from .batchsubmit import cancel_open_batches, warn_open_batches
 from .budget import MemoryBudget, Reservation
 from .cache import Cache, open_cache
 from .config import JobConfig
@@ -81,8 +82,8 @@ class _Run:
         self.output.prepare(layout.FOLDERS)
         try:
             with self.output.writer_lock(self.opts.shard):
-                if self.opts.restart:
-                    await cancel_open_batches(self.output, self.job)  # before their records are discarded
+                if self.opts.restart and (earlier := Checkpoint.read(self.output)) is not None:
+                    await cancel_open_batches(self.output, self.job, earlier.epoch)  # before their records go
                 self.checkpoint = Checkpoint.open(
                     self.output, self.job, job_fingerprint(self.job, self.files), restart=self.opts.restart,
                     shard=self.opts.shard, max_units=max_units(self.files, self.job.output.rows_per_part),

@@ -61,19 +61,20 @@ class BatchInfo:
         if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
             raise BadResponseError("a batch object without an id", provider=provider)
         status = obj.get("status")
-        if status not in STATUSES:  # a gateway's own word ("queued"...): still running
-            status = "in_progress"
-        counts = obj.get("request_counts") if isinstance(obj.get("request_counts"), dict) else {}
-        errors = (obj.get("errors") or {}).get("data") if isinstance(obj.get("errors"), dict) else None
+        counts = obj.get("request_counts")
+        counts = counts if isinstance(counts, dict) else {}
+        errors = obj.get("errors")
+        errors = errors.get("data") if isinstance(errors, dict) else None
+        metadata = obj.get("metadata")
         return cls(
             id=obj["id"],
-            status=status,
+            status=status if status in STATUSES else "in_progress",  # a gateway's own word ("queued"): still running
             input_file_id=obj.get("input_file_id"),
             output_file_id=obj.get("output_file_id") or None,
             error_file_id=obj.get("error_file_id") or None,
-            request_counts=tuple(int(counts.get(k) or 0) for k in ("total", "completed", "failed")),  # type: ignore[arg-type]
+            request_counts=(int(counts.get("total") or 0), int(counts.get("completed") or 0), int(counts.get("failed") or 0)),
             errors=tuple((e.get("code"), str(e.get("message") or "")) for e in errors or [] if isinstance(e, dict)),
-            metadata=obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {},
+            metadata=metadata if isinstance(metadata, dict) else {},
         )
 
 
