@@ -27,19 +27,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import time
 from collections import Counter
-from dataclasses import replace
 from typing import Any, Callable, Coroutine, Iterable
 
 import numpy as np
 
 from . import layout, probe, sink
-from .batchcollect import Outcome, batch_errors, download, probe_vectors, read_results
-from .batchfile import keys_array, poll_delay_s
-from .batchstate import (Answers, BatchJournal, UnitKnown, delete_batch, delete_requests, orphan_files, read_records,
-                         read_requests, write_record)
-from .batchsubmit import OpenBatch, Stopped, Submitter, Waker
+from .batchcollect import Collector
+from .batchfile import keys_array
+from .batchstate import Answers, BatchJournal, UnitKnown, delete_batch, delete_requests, orphan_files, read_records, read_requests
+from .batchsubmit import Stopped, Submitter, Waker
 from .budget import MemoryBudget
 from .cache import Cache, text_keys
 from .config import JobConfig
@@ -48,7 +45,7 @@ from .journal import Journal, JournalContents
 from .manifest import Checkpoint
 from .packing import pack
 from .progress import RunCounters
-from .providers.batch_api import RESULT_STATUSES, BatchClient, BatchInfo
+from .providers.batch_api import BatchClient
 from .providers.openai import OpenAIProvider
 from .records import BatchRecord, BatchRequest
 from .reuse import first_pieces
@@ -124,6 +121,8 @@ class BatchRun:
         self._loop = asyncio.get_running_loop()
         self.submit = Submitter(self.job, self.output, self.checkpoint.epoch, self.writer, self.client, self.spend,
                                 self.waker, tmp, needs_probe=lambda: not self.space_checked, cursor=lambda: self.cursor)
+        collector = Collector(self, self.job, self.output, self.checkpoint.epoch, self.client, self.submit, self.waker,
+                              self.spend, self.counters, decode=self.sync._vectors, store=self._store)
         await self.client.start()
         try:
             await self._probe()
@@ -132,7 +131,7 @@ class BatchRun:
                 self.submit.probe_batch()  # batches of earlier runs wait for the probe: it goes first, alone
                 await self.submit.flush()
             tasks = [asyncio.ensure_future(self._guard(work)) for work in
-                     (self._first_sight(), self._rechecks(), self._poll())]
+                     (self._first_sight(), self._rechecks(), collector.poll())]
             for task in tasks:
                 self.stop.track(task)
             try:
@@ -177,7 +176,7 @@ class BatchRun:
         self.reason = why
         return WorkLeftError(f"no provider can take work ({self.cfg.name}: {why})")
 
-    def _finished(self) -> bool:
+    def finished(self) -> bool:
         return self.first_done and not self.recheck and not self.rechecking and not self.waits and self.submit.idle
 
     # -- the vector space ---------------------------------------------------------------
@@ -194,9 +193,9 @@ class BatchRun:
             return
         except ProviderError as err:
             raise self._unusable(f"start-up probe failed: {err.message or err.kind}") from None
-        await self._check_space(answer.vectors)
+        await self.check_space(answer.vectors)
 
-    async def _check_space(self, vectors: np.ndarray) -> None:
+    async def check_space(self, vectors: np.ndarray) -> None:
         recorded = self.checkpoint.meta.get("probes")
         if recorded and (why := probe.mismatch(probe.decode(recorded), vectors)) is not None:
             raise self._unusable(why)
@@ -248,7 +247,7 @@ class BatchRun:
             await asyncio.to_thread(delete_requests, self.output, record)
             contents = await asyncio.to_thread(BatchJournal(self.output, record).read, self.dim)
             self.earlier.add(record.sub)
-        self._closed(record, contents)
+        self.closed(record, contents)
 
     # -- first sight and rechecks ---------------------------------------------------------
 
@@ -281,7 +280,7 @@ class BatchRun:
 
     async def _rechecks(self) -> None:
         while True:
-            await self.waker.wait(lambda: bool(self.recheck) or self._finished())
+            await self.waker.wait(lambda: bool(self.recheck) or self.finished())
             if not self.recheck:
                 return
             seqs, self.recheck = self.recheck, set()
@@ -426,115 +425,7 @@ class BatchRun:
         self.users.pop(sub, None)
         await asyncio.to_thread(delete_batch, self.output, record)
 
-    # -- polling and collecting ------------------------------------------------------------
-
-    async def _poll(self) -> None:
-        while not self._finished():
-            for sub, batch in self._pollable():
-                if batch.next_poll <= time.monotonic():
-                    if self.stop.stopping:
-                        raise Stopped
-                    await self._look(sub, batch)
-            due = self._next_poll()
-            await self.waker.wait(lambda: self._finished() or self._next_poll() < due, until=due)
-
-    def _next_poll(self) -> float:
-        return min((b.next_poll for _, b in self._pollable()), default=float("inf"))
-
-    def _pollable(self) -> list[tuple[str, OpenBatch]]:
-        """Open batches; while the vector space is unchecked, only the probe's: nothing is collected before it."""
-        return [(s, b) for s, b in self.submit.open.items() if self.space_checked or s == self.submit.probe_sub]
-
-    async def _look(self, sub: str, batch: OpenBatch) -> None:
-        assert batch.record.batch_id is not None
-        info = await self.client.get(batch.record.batch_id)
-        self.stats["polls"] += 1
-        if (info.status, info.request_counts) != (batch.record.status, batch.record.request_counts):
-            batch.record = replace(batch.record, status=info.status, request_counts=info.request_counts)
-            await asyncio.to_thread(write_record, self.output, batch.record, self.checkpoint.epoch)
-        if info.status in RESULT_STATUSES:
-            await self._collect(batch, info)
-        elif info.status == "failed":
-            await self._refused(batch, info)
-        else:
-            batch.next_poll = time.monotonic() + poll_delay_s(time.monotonic() - batch.since, self.cfg.poll_interval_s)
-
-    async def _collect(self, batch: OpenBatch, info: BatchInfo) -> None:
-        """Journal the answers, check the failures, then mark the batch collected and tidy up."""
-        journal = BatchJournal(self.output, batch.record)
-        await asyncio.to_thread(journal.reset)  # a collection a kill cut short starts again
-        outcome = Outcome(len(batch.requests))
-        paths = await download(self.client, self.submit.tmp, info)
-        try:
-            if batch.record.probe and not self.space_checked:
-                vectors = await asyncio.to_thread(probe_vectors, paths, self.sync._vectors,
-                                                  self.job.embedding.dimensions, self.cfg.name)
-                if vectors is None:  # its probe line failed: the probe goes again, alone; this batch waits for it
-                    log.info("%s: the probe line of batch %s failed; sending it again", self.cfg.name, info.id)
-                    self.submit.probe_sub = None
-                    self.submit.probe_batch()
-                    await self.submit.flush()
-                    batch.next_poll = time.monotonic() + self.cfg.poll_interval_s
-                    return
-                await self._check_space(vectors)
-            await asyncio.to_thread(read_results, paths, batch.requests, journal, outcome, decode=self.sync._vectors,
-                                    dim=self.dim, provider=self.cfg.name, store=self._store)
-        finally:
-            for path in paths:
-                path.unlink(missing_ok=True)
-        if outcome.unusable is not None:
-            raise outcome.unusable
-        outcome.unseen(batch.requests)
-        record = replace(batch.record, state="collected", status=info.status, request_counts=info.request_counts,
-                         answered=tuple(sorted(outcome.answered.items())), failed=tuple(sorted(outcome.failed.items())),
-                         isolate=tuple(sorted(outcome.isolate)), error=outcome.error)
-        await self._tidy(record, info)
-        paid = sum(outcome.answered.values())
-        self.spend.settle(record.tokens, paid)
-        self.counters.tokens += paid
-        self.stats.update(batches_collected=1, tokens=paid, usage_tokens=outcome.usage)
-        self.stats.update({f"failures_{kind}": n for kind, n in outcome.kinds.items()})
-        if outcome.lines_failed:
-            self.last_error = outcome.error
-            log.warning("%s: batch %s (%s): %d line(s) not answered; their texts are sent again (last: %s)",
-                        self.cfg.name, info.id, info.status, outcome.lines_failed, outcome.error)
-        self._closed(record, await asyncio.to_thread(journal.read, self.dim))
-
-    async def _refused(self, batch: OpenBatch, info: BatchInfo) -> None:
-        """Failed at validation: a full queue is waited out (and learned); anything
-        else counts as a failed attempt of every line."""
-        errors, queue_full = batch_errors(info, self.cfg.name)
-        for err in errors:
-            if err.kind == "unusable":
-                raise err
-        failed: dict[int, int] = {}
-        if queue_full:
-            self.submit.queue_full(batch.record, str(errors[0]))
-            self.stats["queue_full"] += 1
-        else:
-            for request in batch.requests:
-                failed[request.unit] = max(failed.get(request.unit, 0), request.attempt)
-            self.last_error = str(errors[0])
-            log.warning("%s: batch %s failed (%s); its texts are sent again", self.cfg.name, info.id, errors[0])
-        record = replace(batch.record, state="failed", status=info.status, request_counts=info.request_counts,
-                         failed=tuple(sorted(failed.items())), error=str(errors[0]))
-        await self._tidy(record, info)
-        self.spend.settle(record.tokens, 0)
-        self.stats["batches_failed"] += 1
-        if record.sub == self.submit.probe_sub:
-            self.submit.probe_sub = None  # the next batch carries the probe
-        self._closed(record, None)
-
-    async def _tidy(self, record: BatchRecord, info: BatchInfo) -> None:
-        """The batch is closed in the checkpoint, then its requests and the provider's files go."""
-        await asyncio.to_thread(write_record, self.output, record, self.checkpoint.epoch)
-        await asyncio.to_thread(delete_requests, self.output, record)
-        if not self.cfg.keep_files:
-            for file_id in (info.input_file_id, info.output_file_id, info.error_file_id):
-                if file_id:
-                    await self.client.delete_file(file_id)
-
-    def _closed(self, record: BatchRecord, contents: JournalContents | None) -> None:
+    def closed(self, record: BatchRecord, contents: JournalContents | None) -> None:
         """A batch is no longer open: keep its answers, and look again at the units waiting on it."""
         sub = record.sub
         self.submit.open.pop(sub, None)
