@@ -161,7 +161,7 @@ class Reuse:
             self._remember(keys[i], vector)  # a hit is recent again
         for i in plan.in_flight:
             claim.waits[i] = self._pending[keys[i]]
-        lookup = []
+        lookup, recovered = [], []
         for i in plan.unknown:
             key = keys[i]
             self._pending[key] = claim.owned[i] = loop.create_future()
@@ -169,12 +169,16 @@ class Reuse:
                 claim.found[i] = vector = journal.vector(key).astype(np.float32)  # a copy: the log may be unmapped
                 claim.origin[i] = ORIGIN_CODE["journal" if journal.paid_earlier(key) else "provider"]
                 self._settle(key, vector)
+                if journal.paid_earlier(key):  # this run's batch answers were cached as they were collected
+                    recovered.append(i)
             elif journal is not None and key in journal.refused:
                 claim.refused[i] = journal.refused[key]
                 claim.origin[i] = ORIGIN_CODE["provider"]
                 self.refused(key, journal.refused[key])
             else:
                 lookup.append(i)
+        if recovered:  # paid for by a run killed before it could cache them
+            await self.store([keys[i] for i in recovered], np.stack([claim.found[i] for i in recovered]))
         hits = await self._cache_get([keys[i] for i in lookup]) if lookup else {}
         for i in lookup:
             vector = hits.get(keys[i])
@@ -199,7 +203,7 @@ class Reuse:
         await self.store(keys, vectors)
 
     async def store(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
-        """Vectors paid for go to the cache at once (a batch's, as it is collected)."""
+        """Vectors paid for go to the cache at once (a batch's as it is collected, a journal's as it is read)."""
         if self.cache is not None and not self._cache_failed:
             try:
                 await asyncio.to_thread(self.cache.put, keys, vectors)

@@ -34,7 +34,8 @@ from .cache import VectorCache
 from .config import StorageConfig
 from .errors import ConfigError
 from .fs import HOST, S3_SCHEMES, store_error
-from .storage import ObjectOutput, private_temp_dir
+from .objectstore import ObjectOutput
+from .storage import private_temp_dir
 
 log = logging.getLogger("pipeline")
 

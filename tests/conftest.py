@@ -178,3 +178,20 @@ def committed_units(out: Path) -> set[int]:
     """Units the output's checkpoint lists as committed."""
     checkpoint = read_checkpoint(out)
     return set(checkpoint.ledger.committed_seqs()) if checkpoint is not None else set()
+
+
+# Modules whose tests run the CLI as a subprocess (a second or more each: whole
+# jobs, kills and reruns, a moto S3 server, the local model, Airflow).
+# `pytest -m "not slow"` is the inner loop (the pure policies and the in-process
+# pieces); CI runs everything.
+SLOW_MODULES = {"test_run", "test_chaos", "test_logs", "test_reuse", "test_vector_space", "test_packaging",
+                "test_durability", "test_s3", "test_s3_cache", "test_readers", "test_sample_job",
+                "test_local_provider", "test_airflow"}
+
+
+def pytest_collection_modifyitems(items: list[Any]) -> None:
+    import pytest
+
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

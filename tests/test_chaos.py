@@ -12,7 +12,6 @@ resending what was committed.
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -102,7 +101,9 @@ def _storm_other_takes_the_work(fakes: dict[str, FakeProvider], s: dict[str, Any
     # already waiting for one of its slots: only what was in flight (its max_concurrency, 2).
     assert 1 <= stormy.count() - 1 <= 2
     assert s["providers"]["stormy"]["rate_limited"] == stormy.count() - 1
-    assert s["run"]["elapsed_s"] < 4.0  # nobody sat out the Retry-After: the calm provider took the work
+    # Nobody sat out the Retry-After (5 s): the calm provider took all the work before it ran out.
+    first_429 = stormy.arrivals[1]  # after its start-up probe
+    assert fakes["calm"].arrivals[-1] < first_429 + 5
 
 
 def _five_percent(fakes: dict[str, FakeProvider], s: dict[str, Any]) -> None:
@@ -267,9 +268,8 @@ def test_all_providers_down_exits_1_naming_each_and_a_rerun_sends_only_uncommitt
         entries = [provider_entry(t, name=n, max_concurrency=DOWN_CONCURRENCY) for t, n in zip(targets, names)]
         # attempts to spare: the run ends because every provider is down, not because one request gave up
         job = write_job(tmp_path, entries, rows_per_part=ROWS_PER_PART, retry={**RETRY, "max_attempts": 100})
-        started = time.monotonic()
         result = run(job)
-        assert time.monotonic() - started < 20
+        answered_first = sum((rows_sent(t) for t in targets if isinstance(t, FakeProvider)), Counter())
         for fake in (t for t in targets if isinstance(t, FakeProvider)):
             # Given up once its circuit's probes failed, and sent nothing after: the failures that
             # opened it, one failed probe per further rest, what else was in flight when it opened.
@@ -300,7 +300,9 @@ def test_all_providers_down_exits_1_naming_each_and_a_rerun_sends_only_uncommitt
         rerun = run(job)
         assert rerun.returncode == 0, rerun.stderr
         resent = rows_sent(a) + rows_sent(b)
-    assert resent == Counter(t for i, t in enumerate(texts) if i // ROWS_PER_PART not in committed)
+    # Rows of unfinished parts only, and none answered before the outage (their part's journal kept them).
+    assert set(resent) <= {t for i, t in enumerate(texts) if i // ROWS_PER_PART not in committed}
+    assert resent == Counter(texts) - answered_first
     assert (out / "_SUCCESS").exists()
     parts = read_parts(out)
     assert parts.column("doc_id").to_pylist() == table.column("doc_id").to_pylist()

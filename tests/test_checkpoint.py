@@ -261,6 +261,8 @@ def test_shards_write_only_their_own_records_and_snapshot(tmp_path: Path, monkey
         assert _run(job, shard=(1, 2)) == 0
         records_written = sorted(layout.seq_of(r) for r in written if r.startswith(layout.RECORDS_DIR))
         assert records_written == [1, 3, 5, 7]
+        assert [p.name for p in part_files(out)] == [layout.part_name(s, 5) for s in (1, 3, 5, 7)]
+        assert not (out / layout.SUCCESS).exists()
         assert {r for r in written if r.endswith(".json") and not r.startswith(layout.RECORDS_DIR)} == {
             layout.snapshot_name((1, 2)), layout.MANIFEST, layout.SUMMARY}  # the header, once: the output was new
         written.clear()

@@ -83,6 +83,15 @@ def _committed(out: Path) -> set[int]:
     return committed_units(out)
 
 
+def _lock_holder(out: Path) -> int | None:
+    """The pid a run wrote into the output's lock once it took it."""
+    try:
+        text = (out / "_run.lock").read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
 def _temps(out: Path) -> set[Path]:
     return {p for p in out.rglob(".*") if TEMP_MARK in p.name}
 
@@ -149,8 +158,9 @@ def test_sigkill_at_random_instants_then_rerun_equals_an_uninterrupted_run_bit_f
             proc = start_run(job)
             phase = rng.choice(PHASES)
             phases[phase] += 1
-            if phase == "start-up":  # manifest read, temp clean-up, orphan removal
-                time.sleep(rng.uniform(0.05, 0.5))
+            if phase == "start-up":  # once it holds the output: checkpoint read, temp clean-up, orphan removal
+                _wait_until(lambda: _lock_holder(out) == proc.pid or proc.poll() is not None)
+                time.sleep(rng.uniform(0.0, 0.2))
             else:
                 _wait_until(lambda: fp.count() > requests + 1 or proc.poll() is not None)
                 if phase == "requests":

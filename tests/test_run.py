@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,6 @@ import pytest
 
 from conftest import (
     assert_vectors_exact,
-    committed_units,
     docs_table,
     error_lines,
     KEY,
@@ -32,7 +29,6 @@ from conftest import (
     run_cli,
     run_job as run,
     sample_texts,
-    start_run,
     write_csv,
     write_job,
     write_parquet,
@@ -462,76 +458,6 @@ def test_status_shows_not_started_then_rows_done_and_complete(tmp_path: Path) ->
     assert text.returncode == 0 and "complete" in text.stdout and "20/20" in text.stdout
 
 
-def test_two_shards_on_one_output_complete_it_together(tmp_path: Path) -> None:
-    texts = sample_texts(40)
-    write_parquet(tmp_path / "data.parquet", docs_table(texts))
-    out = tmp_path / "out"
-    with FakeProvider(dim=8) as fp:
-        job = write_job(tmp_path, [provider_entry(fp)])
-        first = run(job, "--shard", "0/2")
-        assert first.returncode == 0, first.stderr
-        assert not (out / "_SUCCESS").exists()
-        assert [p.name for p in part_files(out)] == [f"part-{i:05d}.parquet" for i in (0, 2, 4)]
-        second = run(job, "--shard", "1/2")
-        assert second.returncode == 0, second.stderr
-        assert rows_sent(fp) == Counter(texts)
-    assert (out / "_SUCCESS").exists()
-    parts = read_parts(out)
-    assert parts.column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(40)]
-    assert_vectors_exact(parts, texts, 8)
-
-
-# ------------------------------------------------------------------ providers down
-def test_all_providers_down_exits_1_and_a_rerun_completes(tmp_path: Path) -> None:
-    texts = sample_texts(20)
-    write_parquet(tmp_path / "data.parquet", docs_table(texts))
-    out = tmp_path / "out"
-    dead = FakeProvider(dim=8).start()
-    dead.stop()  # nothing listens on its port now
-    job = write_job(tmp_path, [provider_entry(dead.base_url, name="down-a"),
-                               provider_entry(dead.base_url, name="down-b")])
-    result = run(job)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    one_error_line(result.stderr)
-    assert not (out / "_SUCCESS").exists()
-    with FakeProvider(dim=8) as fp:
-        job = write_job(tmp_path, [provider_entry(fp)])
-        rerun = run(job)
-        assert rerun.returncode == 0, rerun.stderr
-        assert rows_sent(fp) == Counter(texts)
-    assert (out / "_SUCCESS").exists()
-    assert_vectors_exact(read_parts(out), texts, 8)
-
-
-def test_provider_failing_mid_run_exits_1_and_the_rerun_sends_only_unfinished_parts(tmp_path: Path) -> None:
-    texts = sample_texts(35)
-    write_parquet(tmp_path / "data.parquet", docs_table(texts))
-    out = tmp_path / "out"
-    with FakeProvider(dim=8, script=["ok"] * 4 + ["500"] * 200) as failing:
-        job = write_job(tmp_path, [provider_entry(failing, max_concurrency=1)])
-        result = run(job)
-        assert result.returncode == 1
-        one_error_line(result.stderr)
-        paid_first = rows_sent(failing)
-    assert not (out / "_SUCCESS").exists()
-    committed = committed_units(out)
-    assert committed, "expected some parts finished before the failures"
-    assert len(committed) < 5
-    with FakeProvider(dim=8) as fp:
-        job = write_job(tmp_path, [provider_entry(fp)])
-        rerun = run(job)
-        assert rerun.returncode == 0, rerun.stderr
-        # Only rows of unfinished parts are sent, and of those only what no earlier answer covered
-        # (the unfinished part's journal kept what was answered before the failures).
-        assert set(rows_sent(fp)) <= {t for i, t in enumerate(texts) if i // 7 not in committed}
-        assert rows_sent(fp) == Counter(texts) - paid_first
-    assert (out / "_SUCCESS").exists()
-    parts = read_parts(out)
-    assert parts.column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(35)]
-    assert_vectors_exact(parts, texts, 8)
-
-
 def test_successive_limits_extend_the_cut_part_and_each_row_is_sent_once(tmp_path: Path) -> None:
     texts = sample_texts(30)
     texts[8] = "   "  # a reject inside the part that is cut, before the cut
@@ -555,52 +481,6 @@ def test_successive_limits_extend_the_cut_part_and_each_row_is_sent_once(tmp_pat
     assert summary(out)["job"]["rows_rejected"] == {"empty": 1}
     assert summary(out)["job"]["rows_done"] == 30
 
-
-def test_two_shards_running_at_once_complete_the_output_together(tmp_path: Path) -> None:
-    texts = sample_texts(60)
-    write_parquet(tmp_path / "data.parquet", docs_table(texts))
-    out = tmp_path / "out"
-    with FakeProvider(dim=8, latency_s=0.01) as fp:
-        job = write_job(tmp_path, [provider_entry(fp, max_concurrency=1)])
-        procs = [start_run(job, "--shard", f"{k}/2") for k in range(2)]
-        results = [p.communicate(timeout=60) for p in procs]
-        assert [p.returncode for p in procs] == [0, 0], results
-        assert rows_sent(fp) == Counter(texts)
-    assert (out / "_SUCCESS").exists()
-    parts = read_parts(out)
-    assert parts.column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(60)]
-    assert_vectors_exact(parts, texts, 8)
-    assert summary(out)["job"]["rows_done"] == 60
-
-
-def test_sigterm_finishes_in_flight_work_exits_1_and_a_rerun_completes(tmp_path: Path) -> None:
-    texts = sample_texts(70)
-    write_parquet(tmp_path / "data.parquet", docs_table(texts))
-    out = tmp_path / "out"
-    with FakeProvider(dim=8, latency_s=0.1) as fp:
-        job = write_job(tmp_path, [provider_entry(fp, max_concurrency=1)])
-        proc = start_run(job)
-        deadline = time.monotonic() + 30
-        while fp.count() < 4 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
-        assert proc.returncode == 1, stderr
-        one_error_line(stderr)
-        first = rows_sent(fp)
-    assert not (out / "_SUCCESS").exists()
-    committed = committed_units(out)
-    assert committed and len(committed) < 10
-    with FakeProvider(dim=8) as fp2:
-        job = write_job(tmp_path, [provider_entry(fp2)])
-        rerun = run(job)
-        assert rerun.returncode == 0, rerun.stderr
-        # Rows of unfinished parts only, and of those none the stopped run was answered for (its journal).
-        assert set(rows_sent(fp2)) <= {t for i, t in enumerate(texts) if i // 7 not in committed}
-        assert rows_sent(fp2) == Counter(texts) - first
-    assert sum(first.values()) >= 7 * len(committed)
-    assert (out / "_SUCCESS").exists()
-    assert_vectors_exact(read_parts(out), texts, 8)
 
 
 @pytest.mark.parametrize("relay", [dict(base64="reject"), dict(base64="ignore"), dict(dialect="ctyun"),

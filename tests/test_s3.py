@@ -46,7 +46,7 @@ from fakeprovider import FakeProvider
 from pipeline.config import StorageConfig
 from pipeline.fs import glob_regex
 from pipeline.manifest import Checkpoint
-from pipeline.storage import ObjectOutput
+from pipeline.objectstore import ObjectOutput
 
 DIM = 8
 ACCESS_KEY = "AKIATESTS3PIPELINE"  # moto accepts any key; this one must never be printed
