@@ -28,6 +28,7 @@ import asyncio
 import logging
 import shutil
 from collections import Counter
+from dataclasses import replace
 from typing import Any, Callable, Coroutine, Iterable
 
 import numpy as np
@@ -241,13 +242,15 @@ class BatchRun:
         self.submit.adopt(record, requests)
 
     async def _keep(self, record: BatchRecord) -> None:
-        """A collected (or failed) batch whose units are not all committed yet."""
+        """A collected (or failed) batch whose units are not all committed yet. Its
+        failed lines count as attempts of the run that collected it only."""
         contents = None
         if record.state == "collected":
             await asyncio.to_thread(delete_requests, self.output, record)
             contents = await asyncio.to_thread(BatchJournal(self.output, record).read, self.dim)
             self.earlier.add(record.sub)
-        self.closed(record, contents)
+            self.spend.settle(0, sum(t for u, t in record.answered if not self.checkpoint.is_done(u)))
+        self.closed(replace(record, failed=()), contents)
 
     # -- first sight and rechecks ---------------------------------------------------------
 
@@ -389,6 +392,8 @@ class BatchRun:
         assert units is not None
         self.waits.pop(unit.seq, None)
         known = UnitKnown(own, self.answers, own.tokens + self.paid[unit.seq], self.earlier)
+        earlier = self.checkpoint.partial(unit.seq)  # paid by a synchronous run before the job moved to batches
+        self.spend.settle(0, max(0, own.tokens - (earlier.tokens if earlier else 0)))
         slices, reservations = units.reserve(end, self.vectors)
 
         async def write() -> None:

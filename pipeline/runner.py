@@ -123,8 +123,9 @@ class _Run:
                 )
                 await self.batches.run()
             else:
-                self.dispatcher.dimensions = await self.stop.abandonable(self._vector_space())
-                self._unit_work(self.dispatcher.dimensions, self.dispatcher)
+                dim = await self.stop.abandonable(self._vector_space())
+                self.dispatcher.dimensions = dim
+                self._unit_work(dim, self.dispatcher)
                 await self._process_units()
         except PipelineError as err:
             self.stop.fail(err)

@@ -63,6 +63,8 @@ class UnitWork:
         journal = Journal(self.output, unit.seq, self.dim)
         if known is None:
             known = await asyncio.to_thread(journal.read)
+            # paid by a killed run (a --limit run's record has counted its share): budget_usd counts it
+            self.embedder.spend.settle(0, max(0, known.tokens_for(unit.seq) - (earlier.tokens if earlier else 0)))
         table = unit.table.slice(0, end)
         texts = row_texts(table, self.job.input)
         ids = sink.id_array(table, self.job, unit.row_offset).to_pylist()
