@@ -247,6 +247,8 @@ class Collector:
         self.counters.tokens += paid
         self.owner.stats.update(batches_collected=1, tokens=paid, usage_tokens=outcome.usage)
         self.owner.stats.update({f"failures_{kind}": n for kind, n in outcome.kinds.items()})
+        log.info("%s: collected batch %s (%s): %s of %s lines answered, %s tokens", self.cfg.name, info.id, info.status,
+                 f"{len(batch.requests) - outcome.lines_failed:,}", f"{len(batch.requests):,}", f"{paid:,}")
         if outcome.lines_failed:
             self.owner.last_error = outcome.error
             log.warning("%s: batch %s (%s): %d line(s) not answered; their texts are sent again (last: %s)",

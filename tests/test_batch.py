@@ -374,3 +374,20 @@ def test_without_a_synchronous_endpoint_the_first_batch_carries_the_probe(tmp_pa
     table = read_parts(tmp_path / "out")
     assert table.num_rows == 12
     assert_vectors_exact(table, texts[:12], DIM)
+
+
+def test_a_text_failing_in_every_batch_stops_after_retry_max_attempts_and_a_rerun_tries_again(tmp_path: Path) -> None:
+    texts = sample_texts(8)
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    # One request line a batch fails (500) three times running: retry.max_attempts is 3 in these jobs.
+    with FakeBatchAPI(dim=DIM, duration_s=0.1, line_script=["ok", "500", "500", "500"]) as api:
+        job = batch_job(tmp_path, api, rows_per_part=8)
+        stopped = run_job(job)
+        assert stopped.returncode == 1
+        line = one_error(stopped.stderr)
+        assert "failed in 3 batches (retry.max_attempts)" in line and "internal_error" in line, line
+        assert len(api.created) == 3
+        rerun = run_job(job)  # attempts count per run: the rerun sends the failed texts again
+        assert rerun.returncode == 0, rerun.stderr
+    assert_vectors_exact(read_parts(tmp_path / "out"), texts, DIM)
+    assert set(embedded(api).values()) == {1}
