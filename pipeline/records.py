@@ -70,9 +70,7 @@ class UnitRecord:
 
     @classmethod
     def from_json(cls, obj: Any) -> UnitRecord:
-        if not isinstance(obj, dict) or obj.get("format_version") != FORMAT_VERSION:
-            raise ValueError("not a unit record of this format")
-        return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})
+        return cls(**_fields_of(cls, obj, "unit record"))
 
     @classmethod
     def from_values(cls, seq: int, state: UnitState, values: list[int]) -> UnitRecord:
@@ -80,6 +78,13 @@ class UnitRecord:
 
 
 UNIT_FIELDS = tuple(f.name for f in fields(UnitRecord) if f.name not in ("seq", "state"))
+
+
+def _fields_of(cls: Any, obj: Any, what: str) -> dict[str, Any]:
+    """A record's fields from its JSON; ValueError if it is not one of this format."""
+    if not isinstance(obj, dict) or obj.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"not a {what} of this format")
+    return {f.name: obj[f.name] for f in fields(cls) if f.name in obj}
 
 
 class Ledger:
@@ -273,9 +278,7 @@ class BatchRecord:
 
     @classmethod
     def from_json(cls, obj: Any) -> BatchRecord:
-        if not isinstance(obj, dict) or obj.get("format_version") != FORMAT_VERSION:
-            raise ValueError("not a batch record of this format")
-        values = {f.name: obj[f.name] for f in fields(cls) if f.name in obj}
+        values = _fields_of(cls, obj, "batch record")
         for name in ("units", "isolate", "request_counts"):
             values[name] = tuple(values.get(name, ()))
         for name in ("answered", "failed"):

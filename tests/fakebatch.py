@@ -11,8 +11,9 @@ Endpoints: POST /v1/files (multipart, purpose batch), GET /v1/files
 (?purpose), GET /v1/files/{id}/content, DELETE /v1/files/{id}, POST
 /v1/batches, GET /v1/batches (?limit&after, newest first), GET
 /v1/batches/{id}, POST /v1/batches/{id}/cancel, and POST /v1/embeddings
-(the synchronous probe; `sync=False` answers 404 as a gateway without it).
-Every call checks the bearer key (401 invalid_api_key).
+(the synchronous probe, answered as a FakeProvider, which this server is;
+`sync=False` answers 404 as a gateway without it). Every call checks the
+bearer key (401 invalid_api_key).
 
 Time is scaled down: a batch goes validating -> in_progress -> finalizing ->
 completed over `duration_s` from its creation, as it is polled;
@@ -40,7 +41,6 @@ import asyncio
 import base64 as b64
 import json
 import random
-import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -83,19 +83,17 @@ class _Batch:
                 "created_at": self.created_at, "request_counts": dict(self.counts), "metadata": self.metadata}
 
 
-class FakeBatchAPI:
+class FakeBatchAPI(FakeProvider):
     def __init__(self, *, dim: int = 8, api_key: str = "sk-test-key", model: str = "text-embedding-3-small",
                  duration_s: float = 0.3, sync: bool = True, script: Iterable[str] = (),
                  line_script: Iterable[str] = (), reject_marker: str | None = None,
                  queue_limit: int | None = None, stall_download_s: float = 0.0, serves: str = "",
                  seed: int = 0) -> None:
-        self.dim, self.api_key, self.model, self.serves = dim, api_key, model, serves
-        self.duration_s, self.sync, self.reject_marker = duration_s, sync, reject_marker
+        super().__init__(dim=dim, api_key=api_key, model=model, serves=serves)
+        self.duration_s, self.sync, self.batch_reject_marker = duration_s, sync, reject_marker
         self.queue_limit, self.stall_download_s = queue_limit, stall_download_s
-        self._sync = FakeProvider(dim=dim, api_key=api_key, model=model)
-        self._rng = random.Random(seed)
-        self._lock = threading.Lock()
-        self._script: deque[str] = deque(script)
+        self._shuffle_rng = random.Random(seed)
+        self._batch_script: deque[str] = deque(script)
         self._line_script: deque[str] = deque(line_script)
         self._files: dict[str, dict[str, Any]] = {}
         self._batches: dict[str, _Batch] = {}
@@ -112,16 +110,8 @@ class FakeBatchAPI:
         self.downloads = 0  # content downloads begun
         self.sync_calls = 0  # POST /v1/embeddings, answered or not (the start-up probe)
         self.tokens_enqueued = 0  # tokens of every batch the queue took
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
     # ----------------------------------------------------------------- test controls
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
     def hold(self) -> None:
         """Batches stay in progress (none completes) until release()."""
         with self._lock:
@@ -147,44 +137,6 @@ class FakeBatchAPI:
     def open_batches(self) -> list[str]:
         with self._lock:
             return [b.id for b in self._batches.values() if b.status not in TERMINAL]
-
-    def add_script(self, *directives: str) -> None:
-        with self._lock:
-            self._script.extend(directives)
-
-    def start(self) -> FakeBatchAPI:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            self._loop = loop
-            loop.run_until_complete(self._serve())
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                assert self._runner is not None
-                loop.run_until_complete(self._runner.cleanup())
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="FakeBatchAPI", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("FakeBatchAPI failed to start")
-        return self
-
-    def stop(self) -> None:
-        if self._thread is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._thread = None
-
-    def __enter__(self) -> FakeBatchAPI:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ----------------------------------------------------------------- server
     async def _serve(self) -> None:
@@ -222,7 +174,7 @@ class FakeBatchAPI:
         if not self.sync:
             return web.json_response({"error": {"message": "Not found.", "type": "invalid_request_error",
                                                 "param": None, "code": None}}, status=404)
-        return await self._sync._handle(request)
+        return await self._handle(request)
 
     async def _upload(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
@@ -270,7 +222,7 @@ class FakeBatchAPI:
             return _error(400, "endpoint /v1/embeddings and completion_window 24h only.", "invalid_request_error")
         with self._lock:
             f = self._files.get(body.get("input_file_id"))
-            directive = self._script.popleft() if self._script else "ok"
+            directive = self._batch_script.popleft() if self._batch_script else "ok"
         if f is None:
             return _error(404, "No such File object.", "invalid_request_error")
         lines = [json.loads(raw) for raw in f["data"].splitlines() if raw.strip()]
@@ -385,17 +337,17 @@ class FakeBatchAPI:
                                          "message": "This request could not be executed before the completion window expired."}})
                 continue
             directive = self._line_script.popleft() if self._line_script else "ok"
-            status, body = self._answer(line["body"], directive)
+            status, body = self._run_line(line["body"], directive)
             result = {"id": request_id, "custom_id": line["custom_id"],
                       "response": {"status_code": status, "request_id": request_id, "body": body}, "error": None}
             (out if status == 200 else errors).append(result)
-        self._rng.shuffle(out)
+        self._shuffle_rng.shuffle(out)
         b.output_file_id = self._store_result(out, b.id, "output") if out else None
         b.error_file_id = self._store_result(errors, b.id, "error") if errors else None
         b.counts.update(completed=len(out), failed=len(errors))
         b.status = "expired" if expire else "completed"
 
-    def _answer(self, body: dict[str, Any], directive: str) -> tuple[int, dict[str, Any]]:
+    def _run_line(self, body: dict[str, Any], directive: str) -> tuple[int, dict[str, Any]]:
         def error(status: int, message: str, type_: str, code: str | None = None) -> tuple[int, dict[str, Any]]:
             return status, {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
@@ -411,7 +363,7 @@ class FakeBatchAPI:
             texts, tokens = FakeProvider._parse_input(body.get("input"))
         except _BadRequest as exc:
             return error(400, str(exc), "invalid_request_error")
-        if self.reject_marker is not None and any(self.reject_marker in t for t in texts):
+        if self.batch_reject_marker is not None and any(self.batch_reject_marker in t for t in texts):
             return error(400, "Your input was flagged by the content filter (scripted).", "invalid_request_error")
         dim = body.get("dimensions", self.dim)
         data = [{"object": "embedding", "index": i,
