@@ -241,7 +241,7 @@ class Collector:
         record = replace(batch.record, state="collected", status=info.status, request_counts=info.request_counts,
                          answered=tuple(sorted(outcome.answered.items())), failed=tuple(sorted(outcome.failed.items())),
                          isolate=tuple(sorted(outcome.isolate)), error=outcome.error)
-        await self._tidy(record, info)
+        record = await self._tidy(record, info)
         paid = sum(outcome.answered.values())
         self.spend.settle(record.tokens, paid)
         self.counters.tokens += paid
@@ -273,18 +273,31 @@ class Collector:
             log.warning("%s: batch %s failed (%s); its texts are sent again", self.cfg.name, info.id, errors[0])
         record = replace(batch.record, state="failed", status=info.status, request_counts=info.request_counts,
                          failed=tuple(sorted(failed.items())), error=str(errors[0]))
-        await self._tidy(record, info)
+        record = await self._tidy(record, info)
         self.spend.settle(record.tokens, 0)
         self.owner.stats["batches_failed"] += 1
         if record.sub == self.submit.probe_sub:
             self.submit.probe_sub = None  # the next batch carries the probe
         self.owner.closed(record, None)
 
-    async def _tidy(self, record: BatchRecord, info: BatchInfo) -> None:
-        """The batch is closed in the checkpoint, then its requests and the provider's files go."""
+    async def _tidy(self, record: BatchRecord, info: BatchInfo) -> BatchRecord:
+        """The batch is closed in the checkpoint, then its requests and the provider's
+        files go (the record names them until they are gone: a kill halfway is tidied
+        by the next run)."""
+        files = () if self.cfg.keep_files else tuple(f for f in (info.input_file_id, info.output_file_id,
+                                                                    info.error_file_id) if f)
+        record = replace(record, files=files)
         await asyncio.to_thread(write_record, self.output, record, self.epoch)
         await asyncio.to_thread(delete_requests, self.output, record)
-        if not self.cfg.keep_files:
-            for file_id in (info.input_file_id, info.output_file_id, info.error_file_id):
-                if file_id:
-                    await self.client.delete_file(file_id)
+        return await delete_files(self.client, self.output, self.epoch, record)
+
+
+async def delete_files(client: BatchClient, output: Output, epoch: str, record: BatchRecord) -> BatchRecord:
+    """Delete a closed batch's files from the provider, then from its record."""
+    if not record.files:
+        return record
+    for file_id in record.files:
+        await client.delete_file(file_id)
+    record = replace(record, files=())
+    await asyncio.to_thread(write_record, output, record, epoch)
+    return record

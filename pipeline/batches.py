@@ -34,14 +34,14 @@ from typing import Any, Callable, Coroutine, Iterable
 import numpy as np
 
 from . import layout, probe, sink
-from .batchcollect import Collector
+from .batchcollect import Collector, delete_files
 from .batchfile import keys_array
 from .batchstate import Answers, BatchJournal, UnitKnown, delete_batch, delete_requests, orphan_files, read_records, read_requests
 from .batchsubmit import Stopped, Submitter, Waker
 from .budget import MemoryBudget
 from .cache import Cache, text_keys
 from .config import JobConfig
-from .errors import EndpointMissingError, PipelineError, ProviderError, WorkLeftError
+from .errors import ConfigError, EndpointMissingError, PipelineError, ProviderError, WorkLeftError
 from .journal import Journal, JournalContents
 from .manifest import Checkpoint
 from .packing import pack
@@ -102,6 +102,8 @@ class BatchRun:
         self.uses: dict[int, set[str]] = {}
         self.recheck: set[int] = set()
         self.rechecking = False
+        self.examining: set[int] = set()  # one examination of a unit at a time (first sight or a recheck)
+        self.waited: set[int] = set()  # units that registered a wait during their current examination
         self.attempts: dict[int, int] = {}  # unit -> the highest attempt of its failed lines
         self.isolate: set[int] = set()
         self.cursor = -1  # the last unit first sight examined
@@ -245,6 +247,7 @@ class BatchRun:
         """A collected (or failed) batch whose units are not all committed yet. Its
         failed lines count as attempts of the run that collected it only."""
         contents = None
+        record = await delete_files(self.client, self.output, self.checkpoint.epoch, record)  # a kill left them
         if record.state == "collected":
             await asyncio.to_thread(delete_requests, self.output, record)
             contents = await asyncio.to_thread(BatchJournal(self.output, record).read, self.dim)
@@ -265,8 +268,9 @@ class BatchRun:
             if unit is None or (self.limit is not None and unit.row_offset >= self.limit):
                 break
             if unit.seq >= 10 ** self.checkpoint.part_digits:
-                raise WorkLeftError(f"output.rows_per_part: {self.job.output.rows_per_part} makes more parts than "
-                                    f"this output's names allow; raise it and rerun with --restart")
+                raise ConfigError(f"output.rows_per_part: {self.job.output.rows_per_part} makes more parts than "
+                                  f"this output's names allow ({10 ** self.checkpoint.part_digits:,}); raise it and "
+                                  f"rerun with --restart")
             await self._examine(unit)
             self.cursor = unit.seq
             if self.deferred and self.cursor >= self.gate:
@@ -289,10 +293,13 @@ class BatchRun:
             seqs, self.recheck = self.recheck, set()
             self.rechecking = True
             try:
-                last = max(seqs)
+                last = max((s for s in seqs if self._wanted(s)), default=-1)
                 units = iter_units(self.files, self.job.input, self.job.output.rows_per_part,
                                    lambda s: s in seqs and self._wanted(s))
-                while not self.stop.stopping and (unit := await asyncio.to_thread(next, units, None)) is not None:
+                while last >= 0 and not self.stop.stopping:
+                    unit = await asyncio.to_thread(next, units, None)
+                    if unit is None:
+                        break
                     await self._examine(unit)
                     if unit.seq >= last:
                         break
@@ -306,7 +313,22 @@ class BatchRun:
             await self.submit.flush()
 
     async def _examine(self, unit: Unit) -> None:
-        """Finish the unit if every text is answered; else send what is missing and wait."""
+        """Finish the unit if every text is answered; else send what is missing and wait.
+        A unit whose batches all closed while it was examined is examined again."""
+        seq = unit.seq
+        if seq in self.examining or self.checkpoint.is_done(seq):
+            return  # the other task's examination ends by looking again if it must
+        self.examining.add(seq)
+        self.waited.discard(seq)
+        try:
+            await self._examine_once(unit)
+        finally:
+            self.examining.discard(seq)
+        if seq in self.waited and not self.waits.get(seq) and not self.checkpoint.is_done(seq):
+            self.recheck.add(seq)
+            self.waker.notify()
+
+    async def _examine_once(self, unit: Unit) -> None:
         seq = unit.seq
         end = unit.table.num_rows if self.limit is None else min(unit.table.num_rows, self.limit - unit.row_offset)
         earlier = self.checkpoint.partial(seq)
@@ -319,6 +341,13 @@ class BatchRun:
         first_of, _ = first_pieces(keys)
         own = await asyncio.to_thread(Journal(self.output, seq, self.dim).read) if self.dim else JournalContents(dim=0)
         todo = [i for k, i in first_of.items() if k not in own and k not in own.refused]
+        if self.units is not None:  # in-run dedupe as a synchronous run has it: recent vectors, kept in the unit's journal
+            recent = self.units.embedder.reuse.remembered([keys[i] for i in todo if not self._answered(keys[i])])
+            if recent:
+                await asyncio.to_thread(Journal(self.output, seq, self.dim).answered, list(recent),
+                                        np.stack(list(recent.values())), 0)
+                own = await asyncio.to_thread(Journal(self.output, seq, self.dim).read)
+                todo = [i for i in todo if keys[i] not in recent]
         cached = await self._cached([keys[i] for i in todo if not self._answered(keys[i])])
         unknown = self._unanswered(seq, keys, [i for i in todo if keys[i] not in cached])
         if unknown:
@@ -328,7 +357,7 @@ class BatchRun:
                     await self._send(seq, prepared, keys, missing)
         if not self.space_checked:  # answers wait for the probe line's check
             self._wait_on(seq, {self.submit.probe_batch()})
-        if not self.waits.get(seq):
+        if seq not in self.waited:  # every text answered now: waits that emptied meanwhile may have failed
             await self._finish(unit, end, own)
 
     def _answered(self, key: bytes) -> bool:
@@ -382,6 +411,7 @@ class BatchRun:
             self.uses.setdefault(seq, set()).add(sub)
 
     def _wait_on(self, seq: int, subs: Iterable[str]) -> None:
+        self.waited.add(seq)
         for sub in subs:
             self.waits.setdefault(seq, set()).add(sub)
             self.waiters.setdefault(sub, set()).add(seq)
@@ -426,7 +456,9 @@ class BatchRun:
             return
         self.deferred.discard(sub)
         self.live.pop(sub)
-        self.answers.drop(sub)
+        contents = self.answers.drop(sub)
+        if contents is not None and self.units is not None:  # in-run dedupe keeps the latest of them, as a synchronous run would
+            self.units.embedder.reuse.remember(contents)
         self.users.pop(sub, None)
         await asyncio.to_thread(delete_batch, self.output, record)
 

@@ -130,16 +130,18 @@ class Answers:
             self._where[key] = contents
         self.refused.update(contents.refused)
 
-    def drop(self, sub: str) -> None:
+    def drop(self, sub: str) -> JournalContents | None:
+        """Forget a batch's answers; its journal's contents, if it had one."""
         contents = self._journals.pop(sub, None)
         if contents is None:
-            return
+            return None
         del self._owner[id(contents)]
         for key in contents.offsets:
             if self._where.get(key) is contents:
                 del self._where[key]
         for key in contents.refused:
             self.refused.pop(key, None)
+        return contents
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._where

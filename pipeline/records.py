@@ -264,6 +264,7 @@ class BatchRecord:
     failed: tuple[tuple[int, int], ...] = ()  # (unit, attempt) of its lines that failed
     isolate: tuple[int, ...] = ()  # units with a refused line of several texts: sent again one text a line
     error: str | None = None  # why it failed or what its failed lines said
+    files: tuple[str, ...] = ()  # the provider's files of a closed batch, until they are deleted
 
     def __post_init__(self) -> None:
         if self.state not in get_args(BatchState):
@@ -279,7 +280,7 @@ class BatchRecord:
     @classmethod
     def from_json(cls, obj: Any) -> BatchRecord:
         values = _fields_of(cls, obj, "batch record")
-        for name in ("units", "isolate", "request_counts"):
+        for name in ("units", "isolate", "request_counts", "files"):
             values[name] = tuple(values.get(name, ()))
         for name in ("answered", "failed"):
             values[name] = tuple((int(a), int(b)) for a, b in values.get(name, ()))

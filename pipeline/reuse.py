@@ -20,7 +20,7 @@ from typing import Container, Literal, Sequence, Union, get_args
 import numpy as np
 
 from .cache import Cache, text_keys
-from .journal import Known
+from .journal import JournalContents, Known
 
 log = logging.getLogger("pipeline")
 
@@ -233,6 +233,17 @@ class Reuse:
         future = self._pending.pop(key, None)
         if future is not None and not future.done():
             future.set_result(vector)
+
+    def remember(self, contents: JournalContents) -> None:
+        """Answers kept elsewhere until now (a collected batch's, as its journal goes)
+        stay among the recent vectors; the last ring's worth of them is enough."""
+        for key in list(contents.offsets)[-self._recent.capacity:]:
+            if self._recent.slot(key) is None:
+                self._remember(key, contents.vector(key))
+
+    def remembered(self, keys: Sequence[bytes]) -> dict[bytes, np.ndarray]:
+        """Copies of the recent vectors (in-run dedupe) of those of `keys` the ring holds."""
+        return {key: self._ring[slot].copy() for key in keys if (slot := self._recent.slot(key)) is not None}
 
     async def cached(self, keys: list[bytes]) -> set[bytes]:
         """Which of `keys` the cache holds a vector of this job's length for (a batch

@@ -23,7 +23,7 @@ import aiohttp
 
 from ..config import ProviderConfig, RetryConfig
 from ..dispatch import retry_delay_s
-from ..errors import BadResponseError, ProviderError, classify
+from ..errors import BadResponseError, EndpointMissingError, ProviderError, classify
 from .openai import CONNECT_TIMEOUT_S, REDACTED, USER_AGENT
 
 log = logging.getLogger(__name__)
@@ -131,9 +131,11 @@ class BatchClient:
         await self._call("GET", f"/files/{file_id}/content", dest=dest)
 
     async def delete_file(self, file_id: str) -> None:
-        """Best effort: a file that stays is tidiness lost, never work."""
+        """Best effort: a file that stays is tidiness lost, never work; one already gone is fine."""
         try:
             await self._call("DELETE", f"/files/{file_id}")
+        except EndpointMissingError:
+            log.debug("%s: file %s was deleted already", self.name, file_id)
         except ProviderError as err:
             log.warning("%s: could not delete file %s (%s); it stays on the provider", self.name, file_id, err)
 
