@@ -167,7 +167,7 @@ class Owner(Protocol):
 
     def finished(self) -> bool: ...
     async def check_space(self, vectors: np.ndarray) -> None: ...
-    def closed(self, record: BatchRecord, contents: JournalContents | None) -> None: ...
+    async def closed(self, record: BatchRecord, contents: JournalContents | None) -> None: ...
 
 
 class Collector:
@@ -253,7 +253,7 @@ class Collector:
             self.owner.last_error = outcome.error
             log.warning("%s: batch %s (%s): %d line(s) not answered; their texts are sent again (last: %s)",
                         self.cfg.name, info.id, info.status, outcome.lines_failed, outcome.error)
-        self.owner.closed(record, await asyncio.to_thread(journal.read, self.owner.dim))
+        await self.owner.closed(record, await asyncio.to_thread(journal.read, self.owner.dim))
 
     async def _refused(self, batch: OpenBatch, info: BatchInfo) -> None:
         """Failed at validation: a full queue is waited out (and learned); anything
@@ -278,7 +278,7 @@ class Collector:
         self.owner.stats["batches_failed"] += 1
         if record.sub == self.submit.probe_sub:
             self.submit.probe_sub = None  # the next batch carries the probe
-        self.owner.closed(record, None)
+        await self.owner.closed(record, None)
 
     async def _tidy(self, record: BatchRecord, info: BatchInfo) -> BatchRecord:
         """The batch is closed in the checkpoint, then its requests and the provider's

@@ -220,16 +220,14 @@ class BatchRun:
         records = await asyncio.to_thread(read_records, self.output, self.checkpoint.epoch, writer)
         for rel in await asyncio.to_thread(orphan_files, self.output, writer, records):
             await asyncio.to_thread(self.output.delete_log if rel.endswith(".journal") else self.output.delete, rel)
+        self.gate = max([self.gate, *(max(r.examined_through, *r.units) for r in records)])
         for record in records:
-            self.gate = max(self.gate, record.examined_through, *record.units)
             if record.state == "submitting" and (settled := await self.submit.settle(record)) is not None:
                 record = settled
             if record.state == "submitted":
                 await self._adopt_open(record)
             elif record.state != "submitting":
                 await self._keep(record)
-        for sub in list(self.live):
-            await self._release(sub)
 
     async def _adopt_open(self, record: BatchRecord) -> None:
         try:
@@ -253,7 +251,7 @@ class BatchRun:
             contents = await asyncio.to_thread(BatchJournal(self.output, record).read, self.dim)
             self.earlier.add(record.sub)
             self.spend.settle(0, sum(t for u, t in record.answered if not self.checkpoint.is_done(u)))
-        self.closed(replace(record, failed=()), contents)
+        await self.closed(replace(record, failed=()), contents)
 
     # -- first sight and rechecks ---------------------------------------------------------
 
@@ -462,8 +460,10 @@ class BatchRun:
         self.users.pop(sub, None)
         await asyncio.to_thread(delete_batch, self.output, record)
 
-    def closed(self, record: BatchRecord, contents: JournalContents | None) -> None:
-        """A batch is no longer open: keep its answers, and look again at the units waiting on it."""
+    async def closed(self, record: BatchRecord, contents: JournalContents | None) -> None:
+        """A batch is no longer open: keep its answers, and look again at the units waiting on it
+        (or let it go: its units may be committed already, from the cache its answers went to
+        before a kill)."""
         sub = record.sub
         self.submit.open.pop(sub, None)
         if contents is not None:
@@ -484,6 +484,7 @@ class BatchRun:
                     del self.waits[seq]
                     self.recheck.add(seq)
         self.waker.notify()
+        await self._release(sub)
 
     def _store(self, keys: list[bytes], vectors: np.ndarray) -> None:
         """Collected answers go to the cache at once (called from the collecting thread)."""

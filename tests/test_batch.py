@@ -5,6 +5,7 @@ answer vector_for), real SIGKILLs while batches run."""
 from __future__ import annotations
 
 import json
+import random
 import signal
 import tempfile
 import time
@@ -16,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import (
+    FAST_RETRY,
     assert_vectors_exact,
     docs_table,
     error_lines,
@@ -244,6 +246,40 @@ def test_sigkill_while_batches_run_rerun_submits_nothing_again_and_output_is_bit
     assert embedded(api) == Counter(pieces), "a text was embedded twice"
     assert_same_output(out, tmp_path / "ref")
     assert_tidy(out, api)
+
+
+KILLS = 6
+SEED = 20260105
+
+
+@pytest.mark.timeout(180)
+def test_sigkill_at_random_instants_with_failing_lines_pays_each_text_once_and_equals_a_synchronous_run(
+        tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    texts = _texts(90)
+    for i in range(0, len(texts), 7):
+        texts[i] = texts[rng.randrange(len(texts))]  # repeats near and far
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    lines = [rng.choice(["ok"] * 8 + ["500"]) for _ in range(300)]
+    with FakeBatchAPI(dim=DIM, duration_s=0.15, line_script=lines, stall_download_s=0.05) as api, \
+            FakeProvider(dim=DIM) as fp:
+        # With a cache a text is never paid twice, whatever the kills (without one, a repeat far apart may be).
+        job = batch_job(tmp_path, api, rows_per_part=3, max_inputs_per_batch=9,
+                        top={"cache": str(tmp_path / "cache"), "retry": {**FAST_RETRY, "max_attempts": 20}})
+        for _ in range(KILLS):
+            proc = start_run(job)
+            time.sleep(rng.uniform(1.0, 2.5))  # start-up, submitting, polling, collecting, writing parts
+            if proc.poll() is not None:
+                break
+            proc.kill()
+            proc.wait(timeout=10)
+        final = run_job(job)
+        assert final.returncode == 0, final.stderr
+        assert run_job(_job(tmp_path, provider_entry(fp, name="sync"), output="ref", file_name="ref.yaml",
+                            rows_per_part=3)).returncode == 0
+    assert_same_output(tmp_path / "out", tmp_path / "ref")
+    assert set(embedded(api).values()) == {1}, "a text was answered twice"
+    assert_tidy(tmp_path / "out", api)
 
 
 def test_sigterm_leaves_batches_running_status_lists_them_and_restart_cancels_them(tmp_path: Path) -> None:
