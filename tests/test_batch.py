@@ -349,16 +349,16 @@ def test_budget_stops_synchronous_requests_before_spending_past_it(tmp_path: Pat
 
 def test_estimate_shows_the_batch_price_beside_the_synchronous_one_and_the_24_hour_window(tmp_path: Path) -> None:
     write_parquet(tmp_path / "data.parquet", docs_table(sample_texts(40)))
-    job = batch_job(tmp_path, FakeBatchAPI(), max_inputs_per_batch=10, enqueued_tokens_limit=100)
+    job = batch_job(tmp_path, FakeBatchAPI(), max_inputs_per_batch=10, enqueued_tokens_limit=100, top={"budget_usd": 0.5})
     shown = run_cli("estimate", str(job), key=None)
     assert shown.returncode == 0, shown.stderr
     report = json.loads(run_cli("estimate", str(job), "--json", key=None).stdout)
     assert report["price_per_million_tokens_usd"] == 0.01 and report["sync_price_per_million_tokens_usd"] == 0.02
     assert report["cost_usd"] == pytest.approx(report["sync_cost_usd"] / 2)
-    assert report["batches"] == 4 and report["batch_window_hours"] == 24
+    assert report["batches"] == 4 and report["batch_window_hours"] == 24 and report["budget_usd"] == 0.5
     assert report["queue_rounds"] == -(-report["tokens"] // 100)
     assert "half OpenAI's list price" in shown.stdout and "within 24 hours" in shown.stdout
-    assert "synchronously it would cost" in shown.stdout
+    assert "synchronously it would cost" in shown.stdout and "budget_usd: $0.5000 for what is left (within it" in shown.stdout
     with FakeProvider(dim=DIM) as fp:
         sync = run_cli("estimate", str(sync_job(tmp_path, fp)), key=None).stdout
     assert "through OpenAI's Batch API instead" in sync
@@ -382,13 +382,16 @@ def test_two_shards_each_submit_and_collect_their_own_batches(tmp_path: Path) ->
     texts = sample_texts(48)
     write_parquet(tmp_path / "data.parquet", docs_table(texts))
     with FakeBatchAPI(dim=DIM, duration_s=0.3) as api:
-        job = batch_job(tmp_path, api, max_inputs_per_batch=10)
+        job = batch_job(tmp_path, api, max_inputs_per_batch=10, keep_files=True)
         shards = [start_run(job, "--shard", f"{k}/2") for k in range(2)]
         for proc in shards:
             _, stderr = proc.communicate(timeout=60)
             assert proc.returncode == 0, stderr
         writers = {b: api.batch(b)["metadata"]["pipeline_writer"] for b in api.created}
+        kept = set(api.live_files())
+        batches = [api.batch(b) for b in api.created]
     assert sorted(set(writers.values())) == ["shard-0-of-2", "shard-1-of-2"]
+    assert kept == {f for b in batches for f in (b["input_file_id"], b["output_file_id"])}  # keep_files: true
     assert (tmp_path / "out" / "_SUCCESS").exists()
     assert_vectors_exact(read_parts(tmp_path / "out"), texts, DIM)
     assert set(embedded(api).values()) == {1}
