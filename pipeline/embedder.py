@@ -22,6 +22,7 @@ from .errors import BadInputError
 from .journal import Journal, Known
 from .packing import pack
 from .reuse import ORIGIN_CODE, Claim, Origin, Refused, Reuse, origin_counts
+from .spend import Spend
 from .texts import PreparedTexts, combine, count_tokens, request_tokens
 
 ProgressCallback = Callable[[int, int], None]  # (rows finished, tokens paid)
@@ -43,12 +44,13 @@ class Embedded:
 
 class Embedder:
     def __init__(self, job: JobConfig, dispatcher: Dispatcher, reuse: Reuse, dim: int,
-                 on_progress: ProgressCallback) -> None:
+                 on_progress: ProgressCallback, spend: Spend | None = None) -> None:
         self.job = job
         self.dispatcher = dispatcher
         self.reuse = reuse
         self.dim = dim
         self.on_progress = on_progress
+        self.spend = spend or Spend(None, None, 0)  # budget_usd: held before each request is sent
 
     async def embed(self, prepared: PreparedTexts, journal: Journal, known: Known | None) -> Embedded:
         keys = self.reuse.keys(prepared.pieces)
@@ -176,7 +178,17 @@ class _Sending:
         tokens = int(self.counts[a:b].sum())
         texts = [self.prepared.pieces[i] for i in pieces]
         try:
-            result = await self.embedder.dispatcher.embed(texts, tokens)
+            with self.embedder.spend.holding(tokens) as paid:  # budget_usd: held before it is sent
+                result = await self.embedder.dispatcher.embed(texts, tokens)
+                # What the provider says it billed; else our count, exact.
+                if result.usage_tokens is not None:
+                    billed = result.usage_tokens
+                    self.from_usage += billed
+                elif self.exact[a:b].all():
+                    billed = tokens
+                else:
+                    billed = int((await asyncio.to_thread(count_tokens, texts)).sum())
+                paid.append(billed)
         except BadInputError as err:
             if b - a == 1:
                 code = err.code or (str(err.status) if err.status else None)
@@ -188,14 +200,6 @@ class _Sending:
                 mid = (a + b) // 2
                 await asyncio.gather(self.request(a, mid), self.request(mid, b))
             return
-        # What the provider says it billed; else our count, exact.
-        if result.usage_tokens is not None:
-            billed = result.usage_tokens
-            self.from_usage += billed
-        elif self.exact[a:b].all():
-            billed = tokens
-        else:
-            billed = int((await asyncio.to_thread(count_tokens, texts)).sum())
         keys = [self.claim.keys[i] for i in pieces]
         await asyncio.to_thread(self.journal.answered, keys, result.vectors, billed)  # paid: kept before anything else
         self.vectors[self.slots[pieces]] = result.vectors

@@ -1,7 +1,8 @@
 """What a job's tokens cost and how long its vectors are, where the job does not say.
 
-`estimate` and the closing summary both price tokens here, so the bill
-before a run and the one after it agree.
+`estimate`, the closing summary and the budget check (spend.py) all price
+tokens here, so the bill before a run, the stop at `budget_usd` and the bill
+after it agree.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ PRICE_PER_M_TOKENS = {
     "text-embedding-3-large": 0.13,
     "text-embedding-ada-002": 0.10,
 }
+BATCH_DISCOUNT = 0.5  # the Batch API bills half the synchronous price (OpenAI's terms): the one place it is applied
+BATCH_WINDOW_H = 24  # a batch's completion window: its results come within it, or it expires
 # Vector lengths, which size the run's memory of recent texts (see reuse.memory_entries).
 MODEL_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
 DEFAULT_DIMENSIONS = 1536
@@ -21,14 +24,29 @@ DEFAULT_DIMENSIONS = 1536
 
 def job_price(job: JobConfig) -> tuple[float | None, str | None]:
     """USD per million tokens for this job, and where that figure comes from:
-    the provider the traffic goes to first, else the list price."""
+    the provider the traffic goes to first, else the list price (halved for
+    a batch provider)."""
     first = min(job.providers, key=lambda p: p.priority)
     if first.price_per_million_tokens is not None:
         return first.price_per_million_tokens, f"providers[{first.name}].price_per_million_tokens"
     if first.type == "local":
         return 0.0, "a local model: no per-token price"
+    if first.type == "openai_batch":
+        return batch_price(job)
     listed = PRICE_PER_M_TOKENS.get(job.embedding.model)
     return (listed, "assumed: OpenAI's list price") if listed is not None else (None, None)
+
+
+def batch_price(job: JobConfig) -> tuple[float | None, str | None]:
+    """What the job's tokens cost through OpenAI's Batch API: the batch
+    provider's own price, else half the list price (None when unknown)."""
+    batch = job.batch_provider
+    if batch is not None and batch.price_per_million_tokens is not None:
+        return batch.price_per_million_tokens, f"providers[{batch.name}].price_per_million_tokens"
+    listed = PRICE_PER_M_TOKENS.get(job.embedding.model)
+    if listed is None:
+        return None, None
+    return listed * BATCH_DISCOUNT, "assumed: half OpenAI's list price (Batch API)"
 
 
 def cost_usd(tokens: int, price: float | None) -> float | None:

@@ -66,6 +66,8 @@ class UnitWork:
         journal = Journal(self.output, unit.seq, self.dim)
         if known is None:
             known = await asyncio.to_thread(journal.read)
+            # paid by a killed run (a --limit run's record has counted its share): budget_usd counts it
+            self.embedder.spend.settle(0, max(0, known.tokens_for(unit.seq) - (earlier.tokens if earlier else 0)))
         table = unit.table.slice(0, end)
         ids = sink.id_array(table, self.job, unit.row_offset)
         writer = sink.PartWriter(self.output, self.job, unit.seq, self.checkpoint.part_digits, self.dim)
