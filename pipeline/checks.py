@@ -20,7 +20,8 @@ from .errors import ConfigError, JobChangedError
 from .fs import is_remote, store_error
 from .manifest import Checkpoint, describe_change, job_fingerprint
 from .packing import pack
-from .prices import BATCH_WINDOW_H, PRICE_PER_M_TOKENS, batch_price, cost_usd, expected_dimensions, job_price
+from .models import expected_dimensions, list_price
+from .prices import BATCH_WINDOW_H, batch_price, cost_usd, job_price
 from .progress import rejects_text
 from .reuse import RecentKeys, memory_entries, plan_keys
 from .sources import check_columns, find_inputs, iter_units
@@ -144,7 +145,7 @@ def _batch_estimate(job: JobConfig, inputs: int, tokens: int, requests: int) -> 
         price, source = batch_price(job)
         return {"batch_price_per_million_tokens_usd": price, "batch_cost_usd": cost_usd(tokens, price),
                 "batch_price_source": source}
-    listed = PRICE_PER_M_TOKENS.get(job.embedding.model)
+    listed = list_price(job.embedding.model)
     limit = batch.enqueued_tokens_limit
     return {
         "sync_price_per_million_tokens_usd": listed,

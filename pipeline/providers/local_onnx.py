@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .. import storage
+from ..models import LOCAL_MODEL
 
 log = logging.getLogger("pipeline")
 
@@ -48,7 +49,7 @@ PROBE_TEXTS = (  # the export is traced on another shape: these check it general
 # Threads float over the cores rather than pinned to one each: the cores are
 # shared with the event loop (Parquet, tokens) and, often, other processes.
 CPU_PINNING = False
-MODEL_DIMENSIONS = 384
+MODEL_DIMENSIONS = LOCAL_MODEL.dimensions
 PAD_ID = 0  # BERT's [PAD]; the attention mask hides it and pooling skips it
 INPUT_NAMES = ("input_ids", "attention_mask")
 _export_lock = threading.Lock()  # two local providers in one process export once
