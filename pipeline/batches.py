@@ -21,6 +21,11 @@ A collected batch's journal is kept until every unit that took answers from
 it (or waited for them) is committed; a rerun keeps them until its first
 sight has passed the units earlier runs examined, so a kill never makes a
 text that was submitted go again.
+
+Over 400 lines: the three tasks share one state (which batch holds or
+answered which key, which unit waits on which batch, which journals are still
+needed), and BatchRun is that state; its pieces without it are the modules
+batchsubmit.py, batchcollect.py, batchfile.py and batchstate.py.
 """
 from __future__ import annotations
 
