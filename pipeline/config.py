@@ -22,7 +22,7 @@ from .schema import Invalid, Reader, check_fields, rules, setting, spec_of
 Format = Literal["auto", "parquet", "csv"]
 TooLongPolicy = Literal["truncate", "chunk_mean", "skip", "fail"]
 EmptyPolicy = Literal["skip", "fail"]
-ProviderType = Literal["openai", "local"]
+ProviderType = Literal["openai", "local", "openai_batch"]
 
 MAX_INPUTS_PER_REQUEST = 2048  # the OpenAI API's own limit
 MAX_TOKENS_PER_INPUT = 8192  # the OpenAI API's own limit
@@ -30,6 +30,7 @@ MAX_TOKENS_PER_INPUT = 8192  # the OpenAI API's own limit
 # made smaller, so requests in flight fit the run's memory at any dimensions
 # (tokens are what is paid, so smaller requests cost nothing more).
 MAX_ANSWER_BYTES = 8 * 2**20
+MAX_INPUTS_PER_BATCH = 50_000  # OpenAI's cap on embedding inputs across all requests of one batch
 DEFAULT_ROWS_PER_PART = 10_000  # one unit of work = one part file; also the resume granularity
 TEMPLATE_FIELD = re.compile(r"(?<!\{)\{([^{}!:]+)(?:![rsa])?(?::[^{}]*)?\}")  # {name}, {name:spec}; {{ is literal
 
@@ -148,18 +149,24 @@ class ProviderConfig:
     device: str | None = None  # local only: "cpu", "cuda"; default: a GPU when present
     # local only: rows per forward pass; default by device (providers/local.py)
     batch_size: int | None = setting(None, low=1, high=100_000)
-    # USD, for `estimate`; default: OpenAI's list price
+    # USD, for `estimate`; default: OpenAI's list price (half of it through the Batch API)
     price_per_million_tokens: float | None = setting(None, low=0, high=10**6)
+    # openai_batch only (batches.py): inputs across one batch, how often a running one is checked,
+    # the org's queue limit for the model, and whether to leave the files on the provider
+    max_inputs_per_batch: int = setting(MAX_INPUTS_PER_BATCH, low=1, high=MAX_INPUTS_PER_BATCH)
+    poll_interval_s: float = setting(60.0, low=0.01, high=86_400)
+    enqueued_tokens_limit: int | None = setting(None, low=1, high=10**15)
+    keep_files: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)
         if not self.name:
             raise Invalid("", "every provider needs a 'name'")
-        if self.type == "openai":
+        if self.type in ("openai", "openai_batch"):
             if not self.api_key:
-                raise Invalid("api_key", "required for an openai provider (write api_key: ${ENV_VAR})")
+                raise Invalid("api_key", f"required for an {self.type} provider (write api_key: ${{ENV_VAR}})")
             if not self.base_url:
-                raise Invalid("base_url", "required for an openai provider")
+                raise Invalid("base_url", f"required for an {self.type} provider")
             if not re.match(r"^https?://[^/\s]+", self.base_url):
                 raise Invalid("base_url", f"{self.base_url!r} is not an http(s) URL")
 
@@ -211,6 +218,7 @@ class JobConfig:
     cache: str | None = setting(None, custom=_read_cache)  # a local folder, or a URI (s3://bucket/prefix): segments.py
     cache_storage: StorageConfig = setting(StorageConfig(), in_file=False)  # `cache: {path: ..., storage: {...}}`
     env_missing: tuple[str, ...] = setting((), in_file=False)  # ${VAR}s that were unset (only when not required)
+    budget_usd: float | None = setting(None, low=0, high=10**9)  # stop before the job's spend would pass it
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -225,6 +233,17 @@ class JobConfig:
         vec = self.output.vector_column
         if vec in self.input.keep_columns or vec == self.input.id_column:
             raise Invalid("output.vector_column", f"{vec!r} clashes with an input column kept in the output")
+        batch = self.batch_provider
+        if batch is not None and len(self.providers) > 1:
+            raise Invalid("providers", f"an openai_batch provider ({batch.name}) runs alone: make it the job's only provider")
+        if batch is not None and batch.enqueued_tokens_limit is not None \
+                and batch.enqueued_tokens_limit < self.embedding.max_input_tokens:
+            raise Invalid("providers[0].enqueued_tokens_limit", "must be at least embedding.max_input_tokens (one text)")
+
+    @property
+    def batch_provider(self) -> ProviderConfig | None:
+        """The provider that goes through the Files + Batches API, if this job has one (batches.py)."""
+        return next((p for p in self.providers if p.type == "openai_batch"), None)
 
     @property
     def id_column_out(self) -> str:

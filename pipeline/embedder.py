@@ -22,6 +22,7 @@ from .errors import BadInputError
 from .journal import Journal, Known
 from .packing import pack
 from .reuse import ORIGIN_CODE, Claim, Origin, Refused, Reuse, origin_counts
+from .spend import Spend
 from .texts import PreparedTexts, combine, count_tokens, request_tokens
 
 ProgressCallback = Callable[[int, int], None]  # (rows finished, tokens paid)
@@ -43,12 +44,13 @@ class Embedded:
 
 class Embedder:
     def __init__(self, job: JobConfig, dispatcher: Dispatcher, reuse: Reuse, dim: int,
-                 on_progress: ProgressCallback) -> None:
+                 on_progress: ProgressCallback, spend: Spend | None = None) -> None:
         self.job = job
         self.dispatcher = dispatcher
         self.reuse = reuse
         self.dim = dim
         self.on_progress = on_progress
+        self.spend = spend or Spend(None, None, 0)  # budget_usd: held before each request is sent
 
     async def embed(self, prepared: PreparedTexts, journal: Journal, known: Known | None) -> Embedded:
         keys = self.reuse.keys(prepared.pieces)
@@ -108,53 +110,18 @@ class Embedder:
         tokens paid for, those of them the provider reported, and the rows
         reported to the progress."""
         picked = np.asarray(order, dtype=np.int64)
-        is_last_piece = np.r_[prepared.piece_row[1:] != prepared.piece_row[:-1], True]
-        paid = from_usage = reported = 0
         max_inputs, max_tokens = self.job.request_limits(self.dim)
         # Byte bounds where they pack as exact counts would, exact counts elsewhere (texts.py).
         counts, exact = prepared.piece_tokens[picked], prepared.exact[picked]
         if not exact.all() and int(counts.sum()) > max_tokens:
             counts, exact = await asyncio.to_thread(request_tokens, prepared, picked, max_inputs=max_inputs,
                                                     max_tokens=max_tokens)
-
-        async def send(a: int, b: int) -> None:
-            nonlocal paid, from_usage, reported
-            pieces = picked[a:b]
-            tokens = int(counts[a:b].sum())
-            texts = [prepared.pieces[i] for i in pieces]
-            try:
-                result = await self.dispatcher.embed(texts, tokens)
-            except BadInputError as err:
-                if b - a == 1:
-                    code = err.code or (str(err.status) if err.status else None)
-                    key = claim.keys[pieces[0]]
-                    refused[int(pieces[0])] = code
-                    await asyncio.to_thread(journal.refused, key, code)
-                    self.reuse.refused(key, code)
-                else:  # isolate the offending pieces; the others still get embedded
-                    mid = (a + b) // 2
-                    await asyncio.gather(send(a, mid), send(mid, b))
-                return
-            # What the provider says it billed; else our count, exact.
-            if result.usage_tokens is not None:
-                billed = result.usage_tokens
-                from_usage += billed
-            elif exact[a:b].all():
-                billed = tokens
-            else:
-                billed = int((await asyncio.to_thread(count_tokens, texts)).sum())
-            keys = [claim.keys[i] for i in pieces]
-            await asyncio.to_thread(journal.answered, keys, result.vectors, billed)  # paid: kept before anything else
-            vectors[slots[pieces]] = result.vectors
-            paid += billed
-            rows_finished = int(np.count_nonzero(is_last_piece[pieces]))
-            reported += rows_finished
-            self.on_progress(rows_finished, billed)
-            await self.reuse.answered(keys, result.vectors)
-
+        rows = prepared.piece_row
+        last_piece = np.r_[rows[1:] != rows[:-1], True]  # a row is finished with its last piece
+        sending = _Sending(self, prepared, claim, picked, counts, exact, last_piece, vectors, slots, refused, journal)
         requests = pack(counts, prepared.piece_bytes[picked], max_inputs=max_inputs, max_tokens=max_tokens)
-        await asyncio.gather(*(send(a, b) for a, b in requests))
-        return paid, from_usage, reported
+        await asyncio.gather(*(sending.request(a, b) for a, b in requests))
+        return sending.paid, sending.from_usage, sending.reported
 
     @staticmethod
     async def _await_others(claim: Claim, vectors: np.ndarray, slots: np.ndarray,
@@ -182,3 +149,62 @@ class Embedder:
         reused = [i for i in [*claim.waits, *claim.found] if claim.origin[i] == ORIGIN_CODE["deduped"] and i not in refused]
         if reused:
             await asyncio.to_thread(journal.answered, [claim.keys[i] for i in reused], vectors[slots[reused]], 0)
+
+
+@dataclass
+class _Sending:
+    """One `_send`: its pieces, where their answers go, and what they cost.
+    (A class, not a closure calling itself: that would be a reference cycle
+    holding the slice's vectors until the garbage collector next runs.)"""
+
+    embedder: Embedder
+    prepared: PreparedTexts
+    claim: Claim
+    picked: np.ndarray  # the pieces to send, in order
+    counts: np.ndarray  # their tokens (exact, or a bound where `exact` is False)
+    exact: np.ndarray
+    last_piece: np.ndarray  # per piece of the slice: the last of its row
+    vectors: np.ndarray
+    slots: np.ndarray
+    refused: dict[int, str | None]
+    journal: Journal
+    paid: int = 0
+    from_usage: int = 0
+    reported: int = 0
+
+    async def request(self, a: int, b: int) -> None:
+        """Send picked[a:b] as one request; a refused one is split until the refused pieces stand alone."""
+        pieces = self.picked[a:b]
+        tokens = int(self.counts[a:b].sum())
+        texts = [self.prepared.pieces[i] for i in pieces]
+        try:
+            with self.embedder.spend.holding(tokens) as paid:  # budget_usd: held before it is sent
+                result = await self.embedder.dispatcher.embed(texts, tokens)
+                # What the provider says it billed; else our count, exact.
+                if result.usage_tokens is not None:
+                    billed = result.usage_tokens
+                    self.from_usage += billed
+                elif self.exact[a:b].all():
+                    billed = tokens
+                else:
+                    billed = int((await asyncio.to_thread(count_tokens, texts)).sum())
+                paid.append(billed)
+        except BadInputError as err:
+            if b - a == 1:
+                code = err.code or (str(err.status) if err.status else None)
+                key = self.claim.keys[pieces[0]]
+                self.refused[int(pieces[0])] = code
+                await asyncio.to_thread(self.journal.refused, key, code)
+                self.embedder.reuse.refused(key, code)
+            else:  # isolate the offending pieces; the others still get embedded
+                mid = (a + b) // 2
+                await asyncio.gather(self.request(a, mid), self.request(mid, b))
+            return
+        keys = [self.claim.keys[i] for i in pieces]
+        await asyncio.to_thread(self.journal.answered, keys, result.vectors, billed)  # paid: kept before anything else
+        self.vectors[self.slots[pieces]] = result.vectors
+        self.paid += billed
+        rows_finished = int(np.count_nonzero(self.last_piece[pieces]))
+        self.reported += rows_finished
+        self.embedder.on_progress(rows_finished, billed)
+        await self.embedder.reuse.answered(keys, result.vectors)

@@ -100,6 +100,11 @@ class ProviderUnusableError(ProviderError):
     kind = "unusable"
 
 
+class EndpointMissingError(ProviderUnusableError):
+    """404 without an error code: the URL serves nothing (a Batch API gateway
+    without a synchronous /embeddings, or a wrong base_url)."""
+
+
 class BadInputError(ProviderError):
     """The provider rejected the request's content (400): isolate the rows."""
 
@@ -125,7 +130,8 @@ UNUSABLE_CODES = frozenset(
         "unsupported_model",
     }
 )
-RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded", "rate_limit_error", "too_many_requests"})
+# token_limit_exceeded: a batch refused because the org's batch queue for the model is full
+RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded", "rate_limit_error", "too_many_requests", "token_limit_exceeded"})
 TRANSIENT_CODES = frozenset({"internal_error", "server_error", "service_unavailable", "timeout"})
 TRANSIENT_TYPES = frozenset({"INVOKE_MODEL_ERROR", "server_error", "internal_error"})
 # Relays (one-api/new-api and others) word rate limits and spent quotas in
@@ -181,7 +187,7 @@ def classify(
     if status == 429 or code_l in RATE_LIMIT_CODES or RATE_LIMIT_PATTERN.search(text):
         return RateLimitedError(message or "rate limited", retry_after_s=rate_limit_wait, **fields)
     if status == 404 and code_l in ("", "not_found"):
-        return ProviderUnusableError(message or "endpoint not found (check base_url)", **fields)
+        return EndpointMissingError(message or "endpoint not found (check base_url)", **fields)
     if status is not None and status >= 500:
         return TransientError(message or f"server error {status}", retry_after_s=retry_after, **fields)
     numbered_failure = code_l.isdigit() and status not in (400, 413, 422)  # under 400 a number is the rows' fault

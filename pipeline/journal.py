@@ -46,6 +46,9 @@ class Known(Protocol):
 
     def __contains__(self, key: bytes) -> bool: ...
     def vector(self, key: bytes) -> np.ndarray: ...
+    def paid_earlier(self, key: bytes) -> bool:
+        """Whether an earlier run paid for `key` (its rows count as from the journal), not this one."""
+        ...
     def tokens_for(self, seq: int) -> int:
         """Tokens paid for unit `seq`'s own requests, to go into its record."""
         ...
@@ -69,6 +72,9 @@ class JournalContents:
 
     def __len__(self) -> int:
         return len(self.offsets)
+
+    def paid_earlier(self, key: bytes) -> bool:
+        return True  # a journal read at start holds what killed runs paid for
 
     def tokens_for(self, seq: int) -> int:
         return self.tokens  # a unit's own journal: all of it was paid for that unit

@@ -6,6 +6,8 @@ _manifest.json               the checkpoint's snapshot (the unsharded writer's o
 _manifest.d/shard-K-of-N.json   a shard's own snapshot
 _manifest.d/units/unit-N.json   one record per committed (or --limit partial) unit
 _journal.d/unit-N.journal    answers of a unit not yet committed (a log)
+_manifest.d/batches/W.S.json, W.S.requests   a batch of writer W (submission S): its record, what it covers
+_journal.d/batch.W.S.journal   a collected batch's answers, kept until the units it serves commit
 _rejects.d/part-N.parquet    a unit's rejected rows; merged into _rejects.parquet
 _summary.json, _SUCCESS
 ```
@@ -22,10 +24,11 @@ SUMMARY = "_summary.json"
 REJECTS = "_rejects.parquet"
 MANIFEST_DIR = "_manifest.d"
 RECORDS_DIR = f"{MANIFEST_DIR}/units"
+BATCHES_DIR = f"{MANIFEST_DIR}/batches"
 JOURNAL_DIR = "_journal.d"
 REJECTS_DIR = "_rejects.d"
 LEGACY_PARTIAL_DIR = "_partial.d"  # format 1 kept --limit's rows here; removed at the next start
-FOLDERS = (MANIFEST_DIR, RECORDS_DIR, JOURNAL_DIR, REJECTS_DIR)
+FOLDERS = (MANIFEST_DIR, RECORDS_DIR, BATCHES_DIR, JOURNAL_DIR, REJECTS_DIR)
 PART_PATTERN = "part-*.parquet"
 SNAPSHOT_PATTERN = "shard-*-of-*.json"
 RECORD_PATTERN = "unit-*.json"
@@ -55,6 +58,28 @@ def record_name(seq: int) -> str:
 
 def journal_name(seq: int) -> str:
     return f"{JOURNAL_DIR}/unit-{seq}.journal"
+
+
+def writer_name(shard: Shard | None) -> str:
+    """Who wrote a batch: each writer (a shard, or the unsharded run) polls and collects its own."""
+    return "all" if shard is None else f"shard-{shard[0]}-of-{shard[1]}"
+
+
+def batch_record_name(writer: str, sub: str) -> str:
+    return f"{BATCHES_DIR}/{writer}.{sub}.json"
+
+
+def batch_requests_name(writer: str, sub: str) -> str:
+    return f"{BATCHES_DIR}/{writer}.{sub}.requests"
+
+
+def batch_journal_name(writer: str, sub: str) -> str:
+    return f"{JOURNAL_DIR}/batch.{writer}.{sub}.journal"
+
+
+def batch_records_pattern(writer: str | None) -> str:
+    """Record names of one writer's batches, or every writer's."""
+    return f"{writer or '*'}.*.json"
 
 
 def snapshot_name(shard: Shard | None) -> str:

@@ -20,12 +20,13 @@ from typing import Container, Literal, Sequence, Union, get_args
 import numpy as np
 
 from .cache import Cache, text_keys
-from .journal import Known
+from .journal import JournalContents, Known
 
 log = logging.getLogger("pipeline")
 
 DEDUPE_MEMORY_BYTES = 32 * 2**20  # recent vectors kept for in-run dedupe; a named cache covers the rest
 MAX_DEDUPE_ENTRIES = 50_000  # binds below ~150 dims only, where the keys' own overhead would dominate
+CACHED_CHUNK_KEYS = 4096  # keys looked up at once by `cached`: its vectors are dropped as it goes
 ENTRY_OVERHEAD_BYTES = 300  # per remembered vector besides its floats: dict entry, key bytes, slot int (measured: bench memory)
 
 # Where a piece's vector came from. A row takes the first origin in this
@@ -178,9 +179,10 @@ class Reuse:
             claim.owned.append(i)
             if journal is not None and key in journal:
                 claim.found[i] = vector = journal.vector(key).astype(np.float32)  # a copy: the log may be unmapped
-                claim.origin[i] = ORIGIN_CODE["journal"]
+                claim.origin[i] = ORIGIN_CODE["journal" if journal.paid_earlier(key) else "provider"]
                 self._settle(key, vector)
-                recovered.append(i)
+                if journal.paid_earlier(key):  # this run's batch answers were cached as they were collected
+                    recovered.append(i)
             elif journal is not None and key in journal.refused:
                 claim.refused[i] = journal.refused[key]
                 claim.origin[i] = ORIGIN_CODE["provider"]
@@ -188,7 +190,7 @@ class Reuse:
             else:
                 lookup.append(i)
         if recovered:  # paid for by a run killed before it could cache them
-            await self._cache_put([keys[i] for i in recovered], np.stack([claim.found[i] for i in recovered]))
+            await self.store([keys[i] for i in recovered], np.stack([claim.found[i] for i in recovered]))
         hits = await self._cache_get([keys[i] for i in lookup]) if lookup else {}
         for i in lookup:
             vector = hits.get(keys[i])
@@ -210,9 +212,10 @@ class Reuse:
         """Vectors just paid for: remembered, handed to waiting slices, and cached."""
         for key, vector in zip(keys, vectors):
             self._settle(key, vector)
-        await self._cache_put(keys, vectors)
+        await self.store(keys, vectors)
 
-    async def _cache_put(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
+    async def store(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
+        """Vectors paid for go to the cache at once (a batch's as it is collected, a journal's as it is read)."""
         if self.cache is not None and not self._cache_failed:
             try:
                 await asyncio.to_thread(self.cache.put, keys, vectors)
@@ -245,6 +248,25 @@ class Reuse:
         pending = self._pending.pop(key, None)
         if pending is not None and pending.answer is not None and not pending.answer.done():
             pending.answer.set_result(answer)
+
+    def remember(self, contents: JournalContents) -> None:
+        """Answers kept elsewhere until now (a collected batch's, as its journal goes)
+        stay among the recent vectors; the last ring's worth of them is enough."""
+        for key in list(contents.offsets)[-self._recent.capacity:]:
+            if self._recent.slot(key) is None:
+                self._remember(key, contents.vector(key))
+
+    def remembered(self, keys: Sequence[bytes]) -> dict[bytes, np.ndarray]:
+        """Copies of the recent vectors (in-run dedupe) of those of `keys` the ring holds."""
+        return {key: self._ring[slot].copy() for key in keys if (slot := self._recent.slot(key)) is not None}
+
+    async def cached(self, keys: list[bytes]) -> set[bytes]:
+        """Which of `keys` the cache holds a vector of this job's length for (a batch
+        run decides what to submit by it; the vectors are taken when the unit is written)."""
+        found: set[bytes] = set()
+        for i in range(0, len(keys), CACHED_CHUNK_KEYS):
+            found.update(await self._cache_get(keys[i:i + CACHED_CHUNK_KEYS]))
+        return found
 
     async def _cache_get(self, keys: list[bytes]) -> dict[bytes, np.ndarray]:
         if self.cache is None or self._cache_failed:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import layout, probe, sink
+from .batches import NO_REQUESTS, BatchRun
+from .batchsubmit import cancel_open_batches, warn_open_batches
 from .budget import MemoryBudget, Reservation
 from .cache import Cache, open_cache
 from .config import JobConfig
@@ -27,6 +29,7 @@ from .progress import Progress, RunCounters, log_summary
 from .providers import Provider, build_provider
 from .reuse import Reuse
 from .sources import InputFile, Unit, check_columns, find_inputs, iter_units, max_units, parquet_rows
+from .spend import Spend
 from .stopper import Stopper
 from .storage import open_output
 from .texts import encoding
@@ -69,6 +72,8 @@ class _Run:
         self.units: UnitWork
         self.progress: Progress
         self.vectors: MemoryBudget
+        self.spend: Spend
+        self.batches: BatchRun | None = None  # a job with an openai_batch provider (batches.py)
         self.dim = 0
 
     async def main(self) -> int:
@@ -77,11 +82,15 @@ class _Run:
         self.output.prepare(layout.FOLDERS)
         try:
             with self.output.writer_lock(self.opts.shard):
+                if self.opts.restart and (earlier := Checkpoint.read(self.output)) is not None:
+                    await cancel_open_batches(self.output, self.job, earlier.epoch)  # before their records go
                 self.checkpoint = Checkpoint.open(
                     self.output, self.job, job_fingerprint(self.job, self.files), restart=self.opts.restart,
                     shard=self.opts.shard, max_units=max_units(self.files, self.job.output.rows_per_part),
                 )
                 self.checkpoint.clean()
+                if self.job.batch_provider is None:
+                    warn_open_batches(self.output, self.checkpoint.epoch)
                 if self.checkpoint.complete() and self.output.exists(layout.SUCCESS):
                     rows = self.checkpoint.counters()["rows_done"]
                     log.info("job %s is already complete: %s rows in %s (--restart redoes it)", self.job.name, f"{rows:,}", self.output)
@@ -100,16 +109,24 @@ class _Run:
     async def _with_providers(self, providers: list[Provider]) -> int:
         self.dispatcher = Dispatcher(providers, self.job.retry, shards=self.opts.shard[1] if self.opts.shard else 1)
         self.progress = Progress(self._rows_to_do(), self.opts.progress)
+        self.spend = Spend(self.job.budget_usd, job_price(self.job)[0], self.checkpoint.counters()["tokens"])
+        self.vectors = MemoryBudget(VECTOR_WINDOW_BYTES)
         self.stop.install()
         try:
             await asyncio.gather(*(p.start() for p in providers))
-            self.dim = await self.stop.abandonable(self._vector_space())
-            self.dispatcher.dimensions = self.dim
-            reuse = Reuse(self.job.embedding.model, self.job.embedding.dimensions, self.dim, self.cache)
-            embedder = Embedder(self.job, self.dispatcher, reuse, self.dim, self.progress.advance)
-            self.units = UnitWork(self.job, self.output, self.checkpoint, embedder, self.stop, self.counters)
-            self.vectors = MemoryBudget(VECTOR_WINDOW_BYTES)
-            await self._process_units()
+            if self.job.batch_provider is not None:
+                self.batches = BatchRun(
+                    self.job, self.output, self.checkpoint, files=self.files, shard=self.opts.shard,
+                    limit=self.opts.limit, stop=self.stop, counters=self.counters, cache=self.cache, spend=self.spend,
+                    vectors=self.vectors, sync=providers[0],  # type: ignore[arg-type]
+                    make_units=lambda dim: self._unit_work(dim, NO_REQUESTS),  # type: ignore[arg-type]
+                )
+                await self.batches.run()
+            else:
+                dim = await self.stop.abandonable(self._vector_space())
+                self.dispatcher.dimensions = dim
+                self._unit_work(dim, self.dispatcher)
+                await self._process_units()
         except PipelineError as err:
             self.stop.fail(err)
         except OSError as err:
@@ -118,6 +135,14 @@ class _Run:
             self.stop.uninstall()
             self.progress.close()
         return self._finish()
+
+    def _unit_work(self, dim: int, dispatcher: Dispatcher) -> UnitWork:
+        """The unit code both paths write with, once the vectors' length is known."""
+        self.dim = dim
+        reuse = Reuse(self.job.embedding.model, self.job.embedding.dimensions, dim, self.cache)
+        embedder = Embedder(self.job, dispatcher, reuse, dim, self.progress.advance, self.spend)
+        self.units = UnitWork(self.job, self.output, self.checkpoint, embedder, self.stop, self.counters)
+        return self.units
 
     def _rows_to_do(self) -> int | None:
         """Rows this run has left, when known without reading the inputs (for the ETA)."""
@@ -238,6 +263,8 @@ class _Run:
         error = self.stop.error
         done_here = error is None and not self.stop.stopping
         providers = self.dispatcher.provider_report()
+        if self.batches is not None:
+            self.batches.report(providers)
         try:
             self.checkpoint.refresh()
             complete = done_here and self.opts.limit is None and self.checkpoint.complete()

@@ -66,27 +66,35 @@ class UnitWork:
         journal = Journal(self.output, unit.seq, self.dim)
         if known is None:
             known = await asyncio.to_thread(journal.read)
+            # paid by a killed run (a --limit run's record has counted its share): budget_usd counts it
+            self.embedder.spend.settle(0, max(0, known.tokens_for(unit.seq) - (earlier.tokens if earlier else 0)))
         table = unit.table.slice(0, end)
         ids = sink.id_array(table, self.job, unit.row_offset)
         writer = sink.PartWriter(self.output, self.job, unit.seq, self.checkpoint.part_digits, self.dim)
-        tasks = [asyncio.ensure_future(self._slice(table.slice(a, b - a), ids[a:b], held, journal, known))
-                 for (a, b), held in zip(slices, reservations)]
+        tasks: list[asyncio.Future[Embedded] | None] = [
+            asyncio.ensure_future(self._slice(table.slice(a, b - a), ids[a:b], held, journal, known))
+            for (a, b), held in zip(slices, reservations)]
         try:
             totals = UnitTotals(tokens=known.tokens_for(unit.seq))
-            for (a, b), task, held in zip(slices, tasks, reservations):
+            for i, ((a, b), held) in enumerate(zip(slices, reservations)):
+                task, tasks[i] = tasks[i], None  # a done task keeps its result: let the slice go once written
+                assert task is not None
                 embedded = await task
+                del task
                 await asyncio.to_thread(writer.write, table.slice(a, b - a), unit.row_offset + a, embedded.vectors,
                                         embedded.reasons, embedded.codes)
-                held.release()
                 totals.add(embedded)
+                del embedded
+                held.release()
             self.stop.committing()  # the end of the grace period lets a commit finish
             staged = await asyncio.to_thread(writer.finish)
             record = totals.record(unit.seq, end, complete=end == unit.table.num_rows)
             await asyncio.to_thread(self.checkpoint.commit, record, staged, writer.stale)
         except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            live = [t for t in tasks if t is not None]
+            for t in live:
+                t.cancel()
+            await asyncio.gather(*live, return_exceptions=True)
             writer.discard()
             raise
         if record.state == "committed":
