@@ -12,6 +12,10 @@ from .allocators import settle_allocators
 
 settle_allocators()  # before pyarrow loads, which everything below brings in
 
+from .arrowstart import skip_pandas_probe  # noqa: E402
+
+skip_pandas_probe()
+
 from .errors import EXIT_OK, EXIT_WORK_LEFT, PipelineError  # noqa: E402
 from .logfmt import LOG_FORMATS, configure, error_line  # noqa: E402
 

@@ -39,7 +39,7 @@ log = logging.getLogger("pipeline")
 
 MAX_UNITS_IN_FLIGHT = 16  # units open at once (each holds its input rows and an open part file)
 INPUT_WINDOW_BYTES = 128 * 2**20  # ... and at most this much input among them (one unit always fits)
-VECTOR_WINDOW_BYTES = 64 * 2**20  # vectors of slices in flight: claimed, sent or waiting to be written
+VECTOR_WINDOW_BYTES = 48 * 2**20  # vectors of slices in flight: claimed, sent or waiting to be written (24 full answers)
 GRACE_S = 20.0  # after SIGTERM/SIGINT, in-flight units get this long; inside Airflow's/k8s' 30 s
 
 
@@ -196,7 +196,7 @@ class _Run:
 
     def _window(self) -> int:
         slots = sum(p.max_concurrency for p in self.job.providers)
-        rows_in_flight = slots * self.job.batching.max_inputs_per_request
+        rows_in_flight = slots * self.job.request_limits(self.dim or None)[0]  # requests as sent, answers kept small
         return max(2, min(MAX_UNITS_IN_FLIGHT, math.ceil(rows_in_flight / self.job.output.rows_per_part) + 1))
 
     async def _process_units(self) -> None:

@@ -25,8 +25,9 @@ COMPRESSION = "zstd"
 WRITE_LOCK = threading.Lock()  # parts are written from worker threads
 # Row groups of about this much of vectors: writing one holds a few times its
 # size (levels, the split streams, the compressed pages), and readers handle
-# them well (a 1,536-float row group is 1,365 rows).
-ROW_GROUP_BYTES = 8 * 2**20
+# them well (a 1,536-float row group is 682 rows). 4 MiB rather than 8 takes
+# about 40 MB off a run's peak for no measurable CPU.
+ROW_GROUP_BYTES = 4 * 2**20
 
 
 def write_json(output: Output, rel: str, obj: Any) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,14 @@ import pytest
 
 from conftest import (
     assert_vectors_exact,
+    cli_env,
     docs_table,
     error_lines,
     KEY,
     KEY_VAR,
     MODEL,
     part_files,
+    REPO,
     provider_entry,
     read_parts,
     read_summary as summary,
@@ -556,3 +560,26 @@ def test_parquet_and_csv_inputs_together_keep_file_order_and_row_numbers(tmp_pat
     parts = read_parts(out)
     assert parts.column("row_id").to_pylist() == list(range(25))
     assert_vectors_exact(parts, texts, 8)
+
+
+def test_a_run_does_not_import_pandas_yet_leaves_it_importable(tmp_path: Path) -> None:
+    """pyarrow imports all of pandas at its first array to learn whether it
+    exists: start-up CPU every run, shard and Airflow task would pay."""
+    pytest.importorskip("pandas")
+    texts = sample_texts(30)
+    with FakeProvider(dim=8) as fp:
+        job = write_job(tmp_path, [provider_entry(fp)], input_path=write_parquet(tmp_path / "d.parquet", docs_table(texts)).name)
+        script = (
+            "import runpy, sys\n"
+            f"sys.argv = ['pipeline', 'run', {str(job)!r}, '--no-progress']\n"
+            "try:\n    runpy.run_module('pipeline', run_name='__main__')\n"
+            "except SystemExit as done:\n    code = done.code\n"
+            "print('pandas imported:', 'pandas' in sys.modules, 'exit:', code)\n"
+            "import pandas, pyarrow.parquet as pq\n"
+            f"print('rows:', len(pq.read_table({str(tmp_path / 'out')!r}).to_pandas()))\n"
+        )
+        result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                                timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "pandas imported: False exit: 0" in result.stdout
+    assert "rows: 30" in result.stdout
