@@ -130,7 +130,7 @@ class BatchRun:
         self.submit = Submitter(self.job, self.output, self.checkpoint.epoch, self.writer, self.client, self.spend,
                                 self.waker, tmp, needs_probe=lambda: not self.space_checked, cursor=lambda: self.cursor)
         collector = Collector(self, self.job, self.output, self.checkpoint.epoch, self.client, self.submit, self.waker,
-                              self.spend, self.counters, decode=self.sync._vectors, store=self._store)
+                              self.spend, self.counters, decode=self.sync.vectors, store=self._store)
         await self.client.start()
         try:
             await self._probe()

@@ -96,13 +96,15 @@ class OpenAIProvider:
             raise BadResponseError(f"response is not JSON ({len(raw)} bytes)", provider=self.name) from exc
         if status >= 400 or (isinstance(payload, dict) and payload.get("error") and not payload.get("data")):
             raise self._redact(classify(provider=self.name, status=status, body=payload, headers=headers))
-        vectors = self._vectors(payload, n_inputs)
+        vectors = self.vectors(payload, n_inputs)
         check_vectors(vectors, n_inputs, self._dimensions, self.name)
         usage = payload.get("usage") if isinstance(payload, dict) else None
         billed = usage.get("total_tokens", usage.get("prompt_tokens")) if isinstance(usage, dict) else None
         return EmbedResult(vectors, billed if isinstance(billed, int) else None, reading)
 
-    def _vectors(self, payload: Any, n_inputs: int) -> np.ndarray:
+    def vectors(self, payload: Any, n_inputs: int) -> np.ndarray:
+        """The vectors of an answer's body (a `/v1/embeddings` one, or a batch
+        output line's), in input order, in whatever dialect it came."""
         data = payload.get("data") if isinstance(payload, dict) else None
         if not isinstance(data, list):
             raise BadResponseError("response has no 'data' list", provider=self.name)
