@@ -3,6 +3,7 @@ shards and kills, and `estimate` against a real run. Real runs (`python -m
 pipeline`) against the loopback FakeProvider, which counts what it is sent."""
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import signal
@@ -37,6 +38,7 @@ from fakeprovider import FakeProvider, vector_for
 from pipeline.cache import CACHE_FILE, VectorCache, text_keys
 from pipeline.config import EmbeddingConfig
 from pipeline.probe import PROBE_TEXTS
+from pipeline.reuse import Reuse
 from pipeline.texts import prepare
 
 DIM = 8
@@ -316,3 +318,27 @@ def test_kills_with_a_cache_and_repeats_give_the_uninterrupted_output_and_pay_ab
     assert set(sent) == set(distinct)
     in_flight_at_a_kill = 4 * 5  # max_concurrency x max_inputs_per_request: answered, never received
     assert sum(sent.values()) - len(distinct) <= kills * in_flight_at_a_kill
+
+
+def test_recent_hits_of_one_slice_keep_their_own_vectors_when_the_ring_is_full() -> None:
+    """Each hit is remembered again as it is taken, which takes the ring's next
+    slot: with the ring full, that slot may hold another hit of the same slice."""
+    dim = 2**20  # a few slots of 4 MiB: the ring is full after a handful of keys
+    reuse = Reuse("m", None, dim, None)
+    capacity = reuse._recent.capacity
+    assert 2 <= capacity < 50
+    keys = [bytes([i]) * 16 for i in range(capacity)]
+    vectors = np.random.default_rng(7).random((capacity, dim), dtype=np.float32)
+
+    async def scenario() -> list[np.ndarray]:
+        first = await reuse.claim(keys)
+        assert sorted(first.send) == list(range(capacity))
+        await reuse.answered(keys, vectors)
+        # key 1's hit takes the next slot, key 0's: key 0 must already be copied out
+        again = await reuse.claim([keys[1], keys[0], keys[2]])
+        assert again.send == [] and not again.waits
+        return [again.found[i] for i in range(3)]
+
+    found = asyncio.run(scenario())
+    for got, want in zip(found, [vectors[1], vectors[0], vectors[2]]):
+        assert np.array_equal(got, want)
