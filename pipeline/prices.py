@@ -42,4 +42,3 @@ def batch_price(job: JobConfig) -> tuple[float | None, str | None]:
 
 def cost_usd(tokens: int, price: float | None) -> float | None:
     return None if price is None else round(tokens / 1e6 * price, 8)
-

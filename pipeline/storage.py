@@ -343,4 +343,3 @@ def open_output(path: str, options: StorageConfig) -> Output:
     from .objectstore import ObjectOutput  # it builds on this module
 
     return ObjectOutput(path, options)
-
