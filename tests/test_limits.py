@@ -649,4 +649,3 @@ def test_a_probe_answered_otherwise_frees_its_place_for_another() -> None:
 def test_a_circuit_that_can_never_open_or_close_is_refused(failures: int, opens: int) -> None:
     with pytest.raises(ValueError):
         Circuit(failures_to_open=failures, first_rest_s=1.0, max_rest_s=1.0, opens_to_give_up=opens)
-
