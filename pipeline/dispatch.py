@@ -112,7 +112,13 @@ class Route:
             opens_to_give_up=CIRCUIT_OPENS_TO_GIVE_UP,
         )
         self.in_flight = 0
-        self._slot_freed = asyncio.Condition()
+        self._waiting: list[_Waiter] = []  # in arrival order
+        # Parts are written in order, so requests go out in order; but once the
+        # last are made the largest go first. A provider's time follows a
+        # request's size, and in arrival order the job's last large request,
+        # answered alone, left the other slots idle: 12% of a 20,000-document
+        # run at 16 in flight (bench latency-real).
+        self.largest_first = False
         self.rate_limited_until = 0.0  # resting out a 429 until then
         self.unusable_reason: str | None = None
         self.stats = ProviderStats()
@@ -128,15 +134,38 @@ class Route:
         """When this provider can take a request (now or later)."""
         return max(self.rate_limited_until, self.circuit.available_at(now))
 
-    async def acquire(self) -> None:
-        async with self._slot_freed:
-            await self._slot_freed.wait_for(lambda: self.in_flight < self.concurrency.allowed)
+    async def acquire(self, tokens: int) -> None:
+        """A slot for a request of `tokens`: at once if one is free and none
+        waits, else the next slot freed goes to the oldest waiting request,
+        or, once the job's last requests are made, to the largest."""
+        if not self._waiting and self.in_flight < self.concurrency.allowed:
             self.in_flight += 1
+            return
+        waiter = _Waiter(tokens, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiter)
+        try:
+            await waiter.granted
+        except asyncio.CancelledError:
+            if waiter.granted.done() and not waiter.granted.cancelled():
+                self.release()  # granted as it was cancelled: the slot goes to the next
+            else:
+                self._waiting.remove(waiter)
+            raise
 
-    async def release(self) -> None:
-        async with self._slot_freed:
-            self.in_flight -= 1
-            self._slot_freed.notify_all()
+    def release(self) -> None:
+        self.in_flight -= 1
+        while self._waiting and self.in_flight < self.concurrency.allowed:
+            chosen = 0
+            if self.largest_first:
+                chosen = max(range(len(self._waiting)), key=lambda i: self._waiting[i].tokens)  # the first of equals
+            self.in_flight += 1
+            self._waiting.pop(chosen).granted.set_result(None)
+
+
+@dataclass(frozen=True)
+class _Waiter:
+    tokens: int
+    granted: asyncio.Future[None]
 
 
 class Dispatcher:
@@ -156,6 +185,12 @@ class Dispatcher:
         self._clock = clock
         self._sleep = sleep
         self._rand = rand
+
+    def last_requests_made(self) -> None:
+        """No request but those already waiting or to come from open parts:
+        the largest go first, so the job's last round is its shortest."""
+        for route in self.routes:
+            route.largest_first = True
 
     def usable(self) -> bool:
         return any(r.unusable_reason is None for r in self.routes)
@@ -229,7 +264,7 @@ class Dispatcher:
         """One request to one provider: its result, its classified failure, or
         NotSent when something that happened while it waited for a slot or for
         room in the rate window means it must not go there now."""
-        await route.acquire()
+        await route.acquire(tokens)
         try:
             await self._wait_for_rate(route, tokens)
             # Checked after every wait and with no await before the send, so
@@ -246,7 +281,7 @@ class Dispatcher:
             finally:
                 route.circuit.release(permit)
         finally:
-            await route.release()
+            route.release()
 
     async def _send(self, route: Route, permit: Permit, texts: list[str], tokens: int, *, retry: bool) -> Outcome:
         ticket = route.rate.sent(tokens, self._clock())

@@ -206,12 +206,15 @@ class _Run:
         inputs = MemoryBudget(INPUT_WINDOW_BYTES)
         tasks: set[asyncio.Task[None]] = set()
         limit = self.opts.limit
+        last_slice: Reservation | None = None
         try:
             while not self.stop.stopping:
                 await window.acquire()
                 unit = await asyncio.to_thread(next, units, None)
                 if unit is None or self.stop.stopping or (limit is not None and unit.row_offset >= limit):
                     window.release()
+                    if last_slice is not None and not self.stop.stopping:
+                        tasks.add(asyncio.create_task(self._largest_first_after(last_slice)))
                     break
                 if unit.seq >= 10 ** self.checkpoint.part_digits:  # part names would no longer sort in input order
                     window.release()
@@ -223,6 +226,7 @@ class _Run:
                 await held.wait()
                 end = unit.table.num_rows if limit is None else min(unit.table.num_rows, limit - unit.row_offset)
                 slices, reservations = self.units.reserve(end, self.vectors)  # now, in input order
+                last_slice = reservations[-1] if reservations else last_slice
                 task = asyncio.create_task(self._unit(unit, slices, reservations))
                 tasks.add(task)
                 self.stop.track(task)
@@ -236,6 +240,15 @@ class _Run:
                 await asyncio.wait(tasks)
         if totals and self.checkpoint.meta.get("total_units") != totals["units"]:
             await asyncio.to_thread(self.checkpoint.learn, total_units=totals["units"], total_rows=totals["rows"])
+
+    async def _largest_first_after(self, last_slice: Reservation) -> None:
+        """Once the job's last slice has its bytes (granted in order), every
+        request left is made or being made: the largest may go first."""
+        try:
+            await last_slice.wait()
+        except asyncio.CancelledError:
+            return  # let go unsent: the run is stopping
+        self.dispatcher.last_requests_made()
 
     async def _unit(self, unit: Unit, slices: list[tuple[int, int]], reservations: list[Reservation]) -> None:
         try:

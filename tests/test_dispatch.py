@@ -245,6 +245,61 @@ def test_equal_priorities_share_the_load() -> None:
         assert_exact(r.vectors, [f"t{i}"], 8)
 
 
+@pytest.mark.parametrize("last", [False, True], ids=["in_order", "last_requests_largest_first"])
+def test_waiting_requests_go_in_order_until_the_last_are_made_then_the_largest_first(last: bool) -> None:
+    """Parts are written in order, so requests go in order; the job's last
+    round goes largest first, so its slowest answers do not finish alone."""
+    sizes = [5, 40, 10, 30, 20]  # tokens of the requests waiting behind the first
+
+    async def main() -> None:
+        p = provider(fp, "a", max_concurrency=1)
+        d = Dispatcher([p], RETRY)
+        await p.start()
+        try:
+            first = asyncio.create_task(d.embed(["first"], 1))
+            while fp.count() == 0:  # it holds the only slot while the others queue
+                await asyncio.sleep(0.005)
+            waiting = [asyncio.create_task(d.embed([f"size {n}"], n)) for n in sizes]
+            await asyncio.sleep(0.01)
+            if last:
+                d.last_requests_made()
+            await asyncio.gather(first, *waiting)
+        finally:
+            await p.close()
+
+    with FakeProvider(dim=8, latency_s=0.05) as fp:
+        asyncio.run(main())
+        sent = [r["input"][0] for r in fp.requests][1:]
+    expected = sorted(sizes, reverse=True) if last else sizes
+    assert sent == [f"size {n}" for n in expected]
+
+
+def test_a_request_cancelled_while_waiting_for_a_slot_gives_its_turn_to_the_next() -> None:
+    async def main() -> list[Any]:
+        p = provider(fp, "a", max_concurrency=1)
+        d = Dispatcher([p], RETRY)
+        await p.start()
+        try:
+            first = asyncio.create_task(d.embed(["first"], 1))
+            while fp.count() == 0:
+                await asyncio.sleep(0.005)
+            cancelled = asyncio.create_task(d.embed(["cancelled"], 9))
+            later = asyncio.create_task(d.embed(["later"], 1))
+            await asyncio.sleep(0.01)
+            cancelled.cancel()
+            results = await asyncio.gather(first, later)
+            assert cancelled.cancelled()
+            assert [r.in_flight for r in d.routes] == [0]
+            return results
+        finally:
+            await p.close()
+
+    with FakeProvider(dim=8, latency_s=0.05) as fp:
+        results = asyncio.run(main())
+        assert [r["input"][0] for r in fp.requests] == ["first", "later"]
+    assert_exact(results[1].vectors, ["later"], 8)
+
+
 def test_max_concurrency_bounds_requests_in_flight() -> None:
     async def main() -> list[Any]:
         p = provider(fp, "a", max_concurrency=2)
