@@ -11,10 +11,12 @@ Inputs are generated under --work (default /tmp/pipeline-bench) and reused.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -166,11 +168,19 @@ def local_model(work: Path, sizes: Sizes) -> list[Row]:
     results = json.loads(out.read_text())
     # Against sentence-transformers on torch at its best setting before (batch 16, 2 threads).
     ref = next(r for r in results if r["backend"] == "torch" and r["batch"] == 16 and r["threads"] == 2)["rows_s"]
+    from pipeline.providers.local import CPU_BATCH_SIZE  # here: the bench's own RSS is the floor of the peaks it reads
+
+    # The speed target is the default's (OpenVINO, batch 16, a thread a core); every setting keeps the cosine.
+    def judged(r: dict[str, Any]) -> tuple[str, bool | None]:
+        if r["backend"] == "torch":
+            return "", None
+        if (r["backend"], r["batch"], r["threads"]) == ("ov", CPU_BATCH_SIZE, os.cpu_count()):
+            return ">= 1.5 (the default), cosine >= 0.999", r["rows_s"] / ref >= 1.5 and r["min_cosine"] >= 0.999
+        return "cosine >= 0.999", r["min_cosine"] >= 0.999
+
     rows = [Row(f"local CPU {r['backend']}: batch {r['batch']}, {r['threads']} thread(s)",
                 f"{r['rows_s']:,.0f} rows/s, min cosine {r['min_cosine']:.5f}",
-                f"torch batch 16, 2 threads: {ref:,.0f} rows/s", r["rows_s"] / ref,
-                "" if r["backend"] == "torch" else ">= 1.5, cosine >= 0.999",
-                None if r["backend"] == "torch" else (r["rows_s"] / ref >= 1.5 and r["min_cosine"] >= 0.999))
+                f"torch batch 16, 2 threads: {ref:,.0f} rows/s", r["rows_s"] / ref, *judged(r))
             for r in results]
     rows.append(Row("local GPU", "not measured", "no GPU lent to this machine", None, "", None))
     return rows
