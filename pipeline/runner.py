@@ -207,6 +207,7 @@ class _Run:
         tasks: set[asyncio.Task[None]] = set()
         limit = self.opts.limit
         last_slice: Reservation | None = None
+        last_round: asyncio.Task[None] | None = None
         try:
             while not self.stop.stopping:
                 await window.acquire()
@@ -214,7 +215,7 @@ class _Run:
                 if unit is None or self.stop.stopping or (limit is not None and unit.row_offset >= limit):
                     window.release()
                     if last_slice is not None and not self.stop.stopping:
-                        tasks.add(asyncio.create_task(self._largest_first_after(last_slice)))
+                        last_round = asyncio.create_task(self._largest_first_after(last_slice))
                     break
                 if unit.seq >= 10 ** self.checkpoint.part_digits:  # part names would no longer sort in input order
                     window.release()
@@ -238,16 +239,15 @@ class _Run:
                 if self.stop.stopping:
                     self.stop.start_grace()
                 await asyncio.wait(tasks)
+            if last_round is not None:
+                last_round.cancel()  # its slice may never get its bytes (a failed unit lets them go unused)
         if totals and self.checkpoint.meta.get("total_units") != totals["units"]:
             await asyncio.to_thread(self.checkpoint.learn, total_units=totals["units"], total_rows=totals["rows"])
 
     async def _largest_first_after(self, last_slice: Reservation) -> None:
         """Once the job's last slice has its bytes (granted in order), every
         request left is made or being made: the largest may go first."""
-        try:
-            await last_slice.wait()
-        except asyncio.CancelledError:
-            return  # let go unsent: the run is stopping
+        await last_slice.wait()
         self.dispatcher.last_requests_made()
 
     async def _unit(self, unit: Unit, slices: list[tuple[int, int]], reservations: list[Reservation]) -> None:
