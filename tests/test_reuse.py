@@ -293,7 +293,9 @@ def test_kills_with_a_cache_and_repeats_give_the_uninterrupted_output_and_pay_ab
     write_parquet(tmp_path / "data.parquet", docs_table(texts))
     rng = random.Random(5)
     kills = 0
-    with FakeProvider(dim=DIM, latency_s=0.02) as fp, FakeProvider(dim=DIM) as ref_fp:
+    # 84 requests, 4 at a time: a run kept 0.3 s at most before its kill does a
+    # quarter of them, so at least three runs are killed before one can finish
+    with FakeProvider(dim=DIM, latency_s=0.05) as fp, FakeProvider(dim=DIM) as ref_fp:
         job = cached_job(tmp_path, fp)
         for _ in range(6):
             requests = fp.count()
