@@ -37,9 +37,11 @@ pytestmark = pytest.mark.slow  # whole runs as subprocesses, over several window
 
 MAX_REFUSED_SHARE = 0.02
 # Of the tightest limit, over the measured windows. Issue 14 asks for 0.85: the
-# runs average 0.85-0.90, but the total dips for a few seconds now and then
-# while the shares settle (79-97% over two windows in repeated runs), so 0.85
-# here would fail by chance. 0.70 still fails where sharing goes wrong (a
+# runs average 0.85-0.90, but the shards split the key as they started (the
+# first may take 2-3x the others), so one finishes early and the rest take
+# about a window to grow into its part; whether that dip falls inside the
+# measured windows gave 79-97% in repeated runs, so 0.85 here would fail by
+# chance (issue 14's note). 0.70 still fails where sharing goes wrong (a
 # process starved, shares that never grow back).
 MIN_PACE = 0.70
 
