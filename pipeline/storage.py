@@ -33,7 +33,6 @@ from .fs import HOST, is_remote, process_alive
 
 TEMP_MARK = ".tmp."
 WRITE_CHECK = "_write_check"  # written and deleted at start: a read-only bucket fails before any request
-SPOOL_PREFIX = "pipeline-spool-"  # then the pid: staged parts of an object-store output, on local disk
 LOG_CHUNK_SUFFIX = ".chunk"
 COPY_CHUNK_BYTES = 8 * 2**20  # uploads and downloads stream through this much memory
 
