@@ -46,6 +46,13 @@ MARGIN_SHARE = 0.03  # of the key's limit left unclaimed: others' requests in fl
 SHARERS_PROVIDED_FOR = 8  # steps are the margin / this, and any process may take 1/this of the key:
 #                           so many processes together stay under the limit and none is starved
 MIN_REQUEST_STEP = 1.0  # requests move by whole requests
+# Shards of one job know how many they are: one holding more than 1/N of a
+# full key while others use it too gives back part of the excess (shares
+# alone keep whatever split the shards started with, the first to start
+# taking 2-5x the others, and it finishes a window early, leaving a dip).
+SHARD_YIELD = 0.5  # of the excess over 1/N given back, on a key that is full
+SHARD_YIELD_FROM = 0.9  # a key used to this share of its limit less the margin starts to count as full
+SHARD_OTHERS_MIN = 1 / 16  # others' use under this share of the key: counts that disagree, not someone waiting
 LOG_PRUNE_AT = 64  # sends kept before the log of sends is pruned
 READING_LIFE_WINDOWS = 5  # a reading this old is dropped: the key may have changed hands since
 ANSWERS_WITHOUT_READING = 3  # answers in a row without a reading: the provider stopped sending them
@@ -83,7 +90,10 @@ class KeyShare:
     the same converges to the limit together without knowing of the others: a
     process that used more than its share sees its share shrink, and one that
     joins a busy key may take an eighth of it at once (what it then uses is
-    its share). A reading showing no more use than this process's own (a key
+    its share). Shares alone keep whatever split processes started with;
+    shards of one job know they are N, and one holding more than 1/N of a
+    full key that others use gives part of the excess back, so shards that
+    start apart end up even. A reading showing no more use than this process's own (a key
     it has to itself, a bucket refilled) leaves it the whole limit. Readings
     are ordered by when their request was sent, so a late answer to an early
     request does not overwrite a fresher one. The reset times are not needed:
@@ -97,10 +107,12 @@ class KeyShare:
             raise ValueError("shards must be at least 1")
         self.figure = figure
         self.static = None if figure is None else max(1.0, figure / shards)
+        self._shards = shards
         self._min_step = min_step
         self._seq = -1  # the request whose answer gave the current reading
         self._at = -math.inf
         self._limit = 0.0
+        self._used = 0.0  # of the key's window, everyone's use, as last read
         self._unread = 0  # answers since the last reading that carried none
         self.share = 1.0  # of the key's use that is this process's, as last measured
 
@@ -113,6 +125,7 @@ class KeyShare:
         self._unread = 0
         self._limit = reading.limit
         used = reading.limit - reading.remaining
+        self._used = used
         self.share = 1.0 if own >= used else max(0.0, own) / used
 
     def unread(self) -> None:
@@ -130,7 +143,19 @@ class KeyShare:
         limit = self._limit if self.figure is None else min(self.figure, self._limit)
         margin = MARGIN_SHARE * limit
         step = max(self._min_step, margin / SHARERS_PROVIDED_FOR)
-        return max((limit - margin) / SHARERS_PROVIDED_FOR, self.share * (limit - margin) + step)
+        return max((limit - margin) / SHARERS_PROVIDED_FOR, self._shard_share(limit - margin) * (limit - margin) + step)
+
+    def _shard_share(self, target: float) -> float:
+        """The share to take of `target` (the limit less the margin): the
+        measured one, less part of what a shard holds over its 1/N while the
+        key is full and others use it. Where nobody takes what it gives back,
+        the key is no longer full and the shard takes it again."""
+        fair = 1.0 / self._shards
+        others = self._used * (1.0 - self.share)
+        if self._shards == 1 or self.share <= fair or others < SHARD_OTHERS_MIN * target:
+            return self.share
+        full = min(1.0, max(0.0, (self._used / target - SHARD_YIELD_FROM) / (1.0 - SHARD_YIELD_FROM)))
+        return self.share - SHARD_YIELD * full * (self.share - fair)
 
 
 class RateWindow:

@@ -170,6 +170,7 @@ def _reading(limit: float, used: float) -> LimitReading:
 
 STEP = 30 / 8  # a limit of 1,000: the margin is 30, the step an eighth of it
 EIGHTH = 970 / 8  # what any process may take of it
+YIELDED = 0.5 - limits.SHARD_YIELD * (0.5 - 0.25)  # a shard of 4 with half of a full key (here, a job's figure of 120)
 
 
 @pytest.mark.parametrize(
@@ -186,7 +187,13 @@ EIGHTH = 970 / 8  # what any process may take of it
         # half of the key's use is ours: half of it
         (None, 4, [(1, 1000, 800, 400)], 1.0, 0.5 * 970 + STEP),
         (2000, 4, [(1, 1000, 800, 400)], 1.0, 0.5 * 970 + STEP),  # the provider's limit is tighter
-        (500, 4, [(1, 1000, 800, 400)], 1.0, 0.5 * 485 + 15 / 8),  # the job's figure is tighter
+        (500, 1, [(1, 1000, 800, 400)], 1.0, 0.5 * 485 + 15 / 8),  # the job's figure is tighter
+        # a shard of 4 holding more than its quarter of a full key that others use gives back half the excess
+        (None, 4, [(1, 1000, 1000, 500)], 1.0, (0.5 - 0.5 * 0.25) * 970 + STEP),
+        (None, 4, [(1, 1000, 0.95 * 970, 0.5 * 0.95 * 970)], 1.0, (0.5 - 0.25 * 0.25) * 970 + STEP),  # half full
+        (None, 1, [(1, 1000, 1000, 500)], 1.0, 0.5 * 970 + STEP),  # not a shard: its measured share
+        (None, 4, [(1, 1000, 1000, 200)], 1.0, 0.2 * 970 + STEP),  # under its quarter: nothing to give back
+        (None, 4, [(1, 1000, 970, 940)], 1.0, 940 / 970 * 970 + STEP),  # others' use is noise: nobody waits
         # little or none of it ours: an eighth, so a newcomer is not starved by those already there
         (None, 1, [(1, 1000, 1000, 0)], 1.0, EIGHTH),
         (None, 1, [(1, 1000, 800, 80)], 1.0, EIGHTH),
@@ -195,11 +202,11 @@ EIGHTH = 970 / 8  # what any process may take of it
         (None, 2, [(3, 1000, 1000, 100), (5, 1000, 800, 400)], 1.0, 0.5 * 970 + STEP),
         # a reading five windows old: back to the job's figures, split
         (120, 4, [(1, 1000, 800, 400)], 1.0 + 5 * limits.WINDOW_S, 30),
-        (120, 4, [(1, 1000, 800, 400)], 0.99 + 5 * limits.WINDOW_S, 0.5 * 116.4 + 3.6 / 8),
+        (120, 4, [(1, 1000, 800, 400)], 0.99 + 5 * limits.WINDOW_S, YIELDED * 116.4 + 3.6 / 8),
         # answers without readings: the provider stopped sending them after three
-        (120, 4, [(1, 1000, 800, 400), None, None], 1.0, 0.5 * 116.4 + 3.6 / 8),
+        (120, 4, [(1, 1000, 800, 400), None, None], 1.0, YIELDED * 116.4 + 3.6 / 8),
         (120, 4, [(1, 1000, 800, 400), None, None, None], 1.0, 30),
-        (120, 4, [(1, 1000, 800, 400), None, None, None, (2, 1000, 800, 400)], 1.0, 0.5 * 116.4 + 3.6 / 8),
+        (120, 4, [(1, 1000, 800, 400), None, None, None, (2, 1000, 800, 400)], 1.0, YIELDED * 116.4 + 3.6 / 8),
     ],
 )
 def test_a_process_takes_its_measured_share_of_a_shared_key(
@@ -296,7 +303,7 @@ def simulate_key(
     processes: int, semantics: Semantics, *, headers: bool = True, shards: int = 1, rpm: int = 100,
     tpm: int = 10_000, latency_s: float = 0.03, concurrency: int = 4, seconds: float = 40.0,
     starts: list[float] | None = None, seed: int = 1, our_count: float = 1.0,
-    job_figures: tuple[int | None, int | None] | None = None,
+    job_figures: tuple[int | None, int | None] | None = None, split_from: float = 0.0,
 ) -> tuple[float, float, list[int]]:
     """`processes` RateWindows, each naming the key's whole figures, sending
     requests of 60..200 tokens as fast as they are let, on an injected clock,
@@ -305,7 +312,8 @@ def simulate_key(
     the last start as a share of the tightest limit, tokens accepted by each).
     `our_count`: the processes' token counts are this many times the key's
     (a byte bound where no exact count was needed); answers report usage.
-    `job_figures`: the RPM and TPM each process's job names (default: the key's)."""
+    `job_figures`: the RPM and TPM each process's job names (default: the key's).
+    `split_from`: the tokens accepted by each are counted from then on."""
     window_s = limits.WINDOW_S
     rng = random.Random(seed)
     rates = [RateWindow(*(job_figures or (rpm, tpm)), shards=shards) for _ in range(processes)]
@@ -345,7 +353,10 @@ def simulate_key(
             heapq.heappush(events, (at, next(order), "wake", (i,)))
 
     def wake(i: int, now: float) -> None:
-        while now >= resting_until[i] and in_flight[i] < concurrency:
+        if now < resting_until[i]:  # a refusal came after this wake-up was set: wake when the rest is over
+            wake_at(i, resting_until[i])
+            return
+        while in_flight[i] < concurrency:
             tokens = rng.randint(60, 200)
             delay = rates[i].delay_s(int(tokens * our_count), now)
             if delay > 0:
@@ -385,7 +396,7 @@ def simulate_key(
     windows = (seconds - start) / window_s
     pace = max(sum(ok for _, ok in inside) / (rpm * windows), sum(t for t, ok in inside if ok) / (tpm * windows))
     refused = sum(1 for _, _, ok, _ in log if not ok) / len(log)
-    per_process = [sum(t for _, t, ok, who in log if ok and who == i) for i in range(processes)]
+    per_process = [sum(t for at, t, ok, who in log if ok and who == i and at >= split_from) for i in range(processes)]
     return refused, pace, per_process
 
 
@@ -428,6 +439,34 @@ def test_shards_without_headers_take_a_quarter_each_and_are_never_refused(monkey
     # and each naming the whole key without splitting it: refused all the time
     refused, _, _ = simulate_key(4, "sliding", headers=False, shards=1)
     assert refused > 0.2
+
+
+@pytest.mark.parametrize("semantics", ["sliding", "bucket"])
+@pytest.mark.parametrize("starts", [[0.0, 0.3, 0.6, 1.0], [0.0, 1.0, 2.0, 3.0]], ids=["0.3s_apart", "1s_apart"])
+def test_shards_that_start_apart_end_up_splitting_the_key_evenly(
+    monkeypatch: pytest.MonkeyPatch, semantics: Semantics, starts: list[float]
+) -> None:
+    """The first shard to start has the key to itself and takes all of it;
+    measured shares alone would keep that split (2-7x) for as long as the
+    shards run, and the first would finish early. A shard over its 1/N of a
+    full key gives part of it back: by the tenth window they are even."""
+    monkeypatch.setattr(limits, "WINDOW_S", 4.0)
+    refused, pace, per_process = simulate_key(4, semantics, shards=4, starts=starts, seconds=60.0, split_from=36.0)
+    assert refused == 0.0 and pace >= 0.88
+    assert max(per_process) <= 2.0 * min(per_process)
+    # processes that do not know of each other (not shards of one job) keep the split they started with
+    _, _, per_process = simulate_key(4, semantics, shards=1, starts=starts, seconds=60.0, split_from=36.0)
+    assert max(per_process) > 2.0 * min(per_process)
+
+
+def test_a_shard_alone_on_the_key_keeps_all_of_it_and_two_sharded_jobs_stay_under_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(limits, "WINDOW_S", 4.0)
+    refused, pace, _ = simulate_key(1, "sliding", shards=4)  # the others finished, or wait their turn
+    assert refused == 0.0 and pace >= 0.9
+    refused, pace, _ = simulate_key(8, "sliding", shards=4)  # two jobs of 4 shards: each has 1/8
+    assert refused <= 0.01 and pace >= 0.9  # as 8 processes: no shard holds on to a quarter (twice the key)
 
 
 def test_a_process_joining_a_busy_key_gets_an_eighth_of_it_at_once_and_the_key_stays_whole(

@@ -36,14 +36,12 @@ RUN_TIMEOUT_S = 120
 pytestmark = pytest.mark.slow  # whole runs as subprocesses, over several windows
 
 MAX_REFUSED_SHARE = 0.02
-# Of the tightest limit, over the measured windows. Issue 14 asks for 0.85: the
-# runs average 0.85-0.90, but the shards split the key as they started (the
-# first may take 2-3x the others), so one finishes early and the rest take
-# about a window to grow into its part; whether that dip falls inside the
-# measured windows gave 79-97% in repeated runs, so 0.85 here would fail by
-# chance (issue 14's note). 0.70 still fails where sharing goes wrong (a
-# process starved, shares that never grow back).
-MIN_PACE = 0.70
+# Of the tightest limit, over the measured windows. Issue 14 asks for 0.85:
+# with shards giving back what they hold over 1/N the split evens out, and
+# runs gave 84.7-95.8% (one of seven under 85%: the key's use still dips for
+# a second once a window after the start-up burst ages out), so 0.80 here
+# until that dip is gone (issue 14's note).
+MIN_PACE = 0.80
 
 
 def texts_for(n: int, prefix: str, seed: int) -> list[str]:
