@@ -46,12 +46,14 @@ MARGIN_SHARE = 0.03  # of the key's limit left unclaimed: others' requests in fl
 SHARERS_PROVIDED_FOR = 8  # steps are the margin / this, and any process may take 1/this of the key:
 #                           so many processes together stay under the limit and none is starved
 MIN_REQUEST_STEP = 1.0  # requests move by whole requests
-# Shards of one job know how many they are: one holding more than 1/N of a
-# full key while others use it too gives back part of the excess (shares
-# alone keep whatever split the shards started with, the first to start
-# taking 2-5x the others, and it finishes a window early, leaving a dip).
+# Shards of one job know how many they are (shares alone keep whatever split
+# processes start with: the first to start took 2-5x the others and finished
+# early, leaving a dip): a shard grows from 1/N at most SHARD_GROWTH-fold a
+# window, and one holding more than 1/N of a full key while others use it
+# too gives back part of the excess.
 SHARD_YIELD = 0.5  # of the excess over 1/N given back, on a key that is full
 SHARD_YIELD_FROM = 0.9  # a key used to this share of its limit less the margin starts to count as full
+SHARD_GROWTH = 2.0  # a shard over its 1/N at most doubles its use a window: the first to start does not take all
 SHARD_OTHERS_MIN = 1 / 16  # others' use under this share of the key: counts that disagree, not someone waiting
 LOG_PRUNE_AT = 64  # sends kept before the log of sends is pruned
 READING_LIFE_WINDOWS = 5  # a reading this old is dropped: the key may have changed hands since
@@ -91,9 +93,11 @@ class KeyShare:
     process that used more than its share sees its share shrink, and one that
     joins a busy key may take an eighth of it at once (what it then uses is
     its share). Shares alone keep whatever split processes started with;
-    shards of one job know they are N, and one holding more than 1/N of a
-    full key that others use gives part of the excess back, so shards that
-    start apart end up even. A reading showing no more use than this process's own (a key
+    shards of one job know they are N: each grows from 1/N of the key at
+    most doubling its use a window (the first to start would otherwise take
+    all of it before its siblings' first answers), and one holding more
+    than 1/N of a full key that others use gives part of the excess back,
+    so shards end up even however they started. A reading showing no more use than this process's own (a key
     it has to itself, a bucket refilled) leaves it the whole limit. Readings
     are ordered by when their request was sent, so a late answer to an early
     request does not overwrite a fresher one. The reset times are not needed:
@@ -141,9 +145,12 @@ class KeyShare:
         if not self.live(now):
             return self.static
         limit = self._limit if self.figure is None else min(self.figure, self._limit)
-        margin = MARGIN_SHARE * limit
-        step = max(self._min_step, margin / SHARERS_PROVIDED_FOR)
-        return max((limit - margin) / SHARERS_PROVIDED_FOR, self._shard_share(limit - margin) * (limit - margin) + step)
+        target = limit - MARGIN_SHARE * limit
+        step = max(self._min_step, MARGIN_SHARE * limit / SHARERS_PROVIDED_FOR)
+        cap = max(target / SHARERS_PROVIDED_FOR, self._shard_share(target) * target + step)
+        if self._shards > 1:  # siblings may be starting too: grow from 1/N, not from all of it
+            cap = min(cap, max(target / self._shards, SHARD_GROWTH * self.share * self._used + step))
+        return cap
 
     def _shard_share(self, target: float) -> float:
         """The share to take of `target` (the limit less the margin): the

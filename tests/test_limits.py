@@ -194,6 +194,10 @@ YIELDED = 0.5 - limits.SHARD_YIELD * (0.5 - 0.25)  # a shard of 4 with half of a
         (None, 1, [(1, 1000, 1000, 500)], 1.0, 0.5 * 970 + STEP),  # not a shard: its measured share
         (None, 4, [(1, 1000, 1000, 200)], 1.0, 0.2 * 970 + STEP),  # under its quarter: nothing to give back
         (None, 4, [(1, 1000, 970, 940)], 1.0, 940 / 970 * 970 + STEP),  # others' use is noise: nobody waits
+        # a shard alone on the key grows from its quarter, at most doubling its use, as its siblings may be starting
+        (None, 4, [(1, 1000, 10, 10)], 1.0, 970 / 4),
+        (None, 4, [(1, 1000, 300, 300)], 1.0, 2 * 300 + STEP),
+        (None, 4, [(1, 1000, 600, 600)], 1.0, 970 + STEP),
         # little or none of it ours: an eighth, so a newcomer is not starved by those already there
         (None, 1, [(1, 1000, 1000, 0)], 1.0, EIGHTH),
         (None, 1, [(1, 1000, 800, 80)], 1.0, EIGHTH),
