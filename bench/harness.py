@@ -62,7 +62,9 @@ class Server:
     def __init__(self, **options: Any) -> None:
         args = [PYTHON, str(REPO / "bench" / "server.py")]
         for key, value in options.items():
-            if value is not None:
+            if value is True:  # a flag
+                args.append(f"--{key.replace('_', '-')}")
+            elif value is not None and value is not False:
                 args += [f"--{key.replace('_', '-')}", str(value)]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=REPO)
         assert self.proc.stdout is not None

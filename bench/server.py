@@ -10,7 +10,9 @@ No answer is prebuilt or reused.
 
 It can add latency (fixed, plus an amount per 1,000 tokens of the request:
 a real provider's time follows the request's size), enforce RPM and TPM over
-a sliding 60-second window of arrivals (429 with Retry-After), fail a share
+a sliding 60-second window of arrivals (429 with Retry-After; with
+`--limit-headers`, every answer states the window as OpenAI does:
+`x-ratelimit-{limit,remaining,reset}-{requests,tokens}`), fail a share
 of requests with 500, and it records every request it saw so the suite
 computes its ratios from what the server measured:
 
@@ -86,6 +88,7 @@ class Bench:
         self.latency_s_per_token = args.latency_ms_per_1k_tokens / 1000.0 / 1000.0
         self.rpm: int | None = args.rpm
         self.tpm: int | None = args.tpm
+        self.limit_headers = args.limit_headers
         self.error_rate = args.error_rate
         self.rand = random.Random(args.seed)
         self.window: deque[tuple[float, int]] = deque()  # accepted (arrival, tokens)
@@ -102,6 +105,21 @@ class Bench:
             return sum(len(t.encode("utf-8")) for t in texts) // BYTES_PER_TOKEN_ESTIMATE
         encode = self._enc.encode_ordinary
         return sum(len(encode(t)) for t in texts)
+
+    def headers(self) -> dict[str, str]:
+        """The key's window as OpenAI states it on an answer (none unless asked for)."""
+        if not self.limit_headers or (self.rpm is None and self.tpm is None):
+            return {}
+        now = time.monotonic()
+        self.room(now, 0)  # ages the window out
+        reset = f"{max(0.0, self.window[-1][0] + WINDOW_S - now) if self.window else 0.0:.3f}s"
+        headers = {}
+        for kind, limit, used in (("requests", self.rpm, len(self.window)), ("tokens", self.tpm, self.window_tokens)):
+            if limit is not None:
+                headers.update({f"x-ratelimit-limit-{kind}": str(limit),
+                                f"x-ratelimit-remaining-{kind}": str(max(0, limit - used)),
+                                f"x-ratelimit-reset-{kind}": reset})
+        return headers
 
     def room(self, now: float, tokens: int) -> float:
         """0 when a request of `tokens` fits the window now, else seconds until it would."""
@@ -142,7 +160,8 @@ class Bench:
         if status == 429:
             self.arrivals.append((arrived, time.time(), len(texts), tokens, status, probe))
             err = {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}
-            return web.json_response(err, status=429, headers={"Retry-After": str(max(1, math.ceil(wait)))})
+            return web.json_response(err, status=429,
+                                     headers={"Retry-After": str(max(1, math.ceil(wait))), **self.headers()})
         if status == 500:
             self.arrivals.append((arrived, time.time(), len(texts), tokens, status, probe))
             err = {"error": {"message": "The server had an error", "type": "server_error", "code": "internal_error"}}
@@ -150,7 +169,7 @@ class Bench:
         dim = int(payload.get("dimensions") or DEFAULT_DIM)
         body = answer_body(texts, dim, payload.get("encoding_format") or "float", tokens)
         self.arrivals.append((arrived, time.time(), len(texts), tokens, status, probe))
-        return web.Response(body=body, content_type="application/json")
+        return web.Response(body=body, content_type="application/json", headers=self.headers())
 
     async def stats(self, request: web.Request) -> web.Response:
         cols = list(zip(*self.arrivals)) if self.arrivals else [[]] * 6
@@ -184,6 +203,7 @@ def main() -> None:
     parser.add_argument("--latency-ms-per-1k-tokens", type=float, default=0.0)
     parser.add_argument("--rpm", type=int, default=None)
     parser.add_argument("--tpm", type=int, default=None)
+    parser.add_argument("--limit-headers", action="store_true", help="state the key's window on every answer")
     parser.add_argument("--error-rate", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     try:

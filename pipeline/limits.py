@@ -43,6 +43,7 @@ POLL_S = 0.05  # when the window is full of requests still in flight, look again
 # limit less a margin, plus a small step: the shares of all processes add up
 # to the limit less the margin plus their steps, whatever their number.
 MARGIN_SHARE = 0.03  # of the key's limit left unclaimed: others' requests in flight that no answer shows yet
+MARGIN_ALONE = 0.01  # ... or as little as this, or what others use if less: alone, there are none to allow for
 SHARERS_PROVIDED_FOR = 8  # steps are the margin / this, and any process may take 1/this of the key:
 #                           so many processes together stay under the limit and none is starved
 MIN_REQUEST_STEP = 1.0  # requests move by whole requests
@@ -145,12 +146,13 @@ class KeyShare:
         if not self.live(now):
             return self.static
         limit = self._limit if self.figure is None else min(self.figure, self._limit)
-        target = limit - MARGIN_SHARE * limit
+        others = self._used * (1.0 - self.share)
+        target = limit - min(MARGIN_SHARE * limit, max(MARGIN_ALONE * limit, others))
         step = max(self._min_step, MARGIN_SHARE * limit / SHARERS_PROVIDED_FOR)
         cap = max(target / SHARERS_PROVIDED_FOR, self._shard_share(target) * target + step)
         if self._shards > 1:  # siblings may be starting too: grow from 1/N, not from all of it
             cap = min(cap, max(target / self._shards, SHARD_GROWTH * self.share * self._used + step))
-        return cap
+        return min(cap, limit)  # a step of a whole request is not to take a key alone past its limit
 
     def _shard_share(self, target: float) -> float:
         """The share to take of `target` (the limit less the margin): the

@@ -180,10 +180,11 @@ YIELDED = 0.5 - limits.SHARD_YIELD * (0.5 - 0.25)  # a shard of 4 with half of a
         (120, 4, [], 0.0, 30),  # split among shards
         (3, 4, [], 0.0, 1),  # never below one request
         (None, 4, [], 0.0, None),  # no figure, no readings: no limit
-        # alone on the key (own use is all of it): the limit less the margin, plus the step
-        (None, 1, [(1, 1000, 400, 400)], 1.0, 970 + STEP),
-        (None, 1, [(1, 1000, 400, 500)], 1.0, 970 + STEP),  # own above used: a count restarted, all ours
-        (None, 1, [(1, 1000, 0, 0)], 1.0, 970 + STEP),  # nothing used: all ours
+        # alone on the key (own use is all of it): the limit less the margin alone (1%), plus the step
+        (None, 1, [(1, 1000, 400, 400)], 1.0, 990 + STEP),
+        (None, 1, [(1, 1000, 400, 500)], 1.0, 990 + STEP),  # own above used: a count restarted, all ours
+        (None, 1, [(1, 1000, 0, 0)], 1.0, 990 + STEP),  # nothing used: all ours
+        (None, 1, [(1, 1000, 420, 400)], 1.0, 400 / 420 * 980 + STEP),  # others' use under 3%: the margin is theirs
         # half of the key's use is ours: half of it
         (None, 4, [(1, 1000, 800, 400)], 1.0, 0.5 * 970 + STEP),
         (2000, 4, [(1, 1000, 800, 400)], 1.0, 0.5 * 970 + STEP),  # the provider's limit is tighter
@@ -195,9 +196,9 @@ YIELDED = 0.5 - limits.SHARD_YIELD * (0.5 - 0.25)  # a shard of 4 with half of a
         (None, 4, [(1, 1000, 1000, 200)], 1.0, 0.2 * 970 + STEP),  # under its quarter: nothing to give back
         (None, 4, [(1, 1000, 970, 940)], 1.0, 940 / 970 * 970 + STEP),  # others' use is noise: nobody waits
         # a shard alone on the key grows from its quarter, at most doubling its use, as its siblings may be starting
-        (None, 4, [(1, 1000, 10, 10)], 1.0, 970 / 4),
+        (None, 4, [(1, 1000, 10, 10)], 1.0, 990 / 4),
         (None, 4, [(1, 1000, 300, 300)], 1.0, 2 * 300 + STEP),
-        (None, 4, [(1, 1000, 600, 600)], 1.0, 970 + STEP),
+        (None, 4, [(1, 1000, 600, 600)], 1.0, 990 + STEP),
         # little or none of it ours: an eighth, so a newcomer is not starved by those already there
         (None, 1, [(1, 1000, 1000, 0)], 1.0, EIGHTH),
         (None, 1, [(1, 1000, 800, 80)], 1.0, EIGHTH),
@@ -231,6 +232,8 @@ def test_a_request_share_grows_by_a_whole_request_at_least() -> None:
     share = KeyShare(None, min_step=1.0)
     share.observe(1, _reading(10, 10), 5, now=0.0)  # half of a full key of 10 requests a minute
     assert share.cap(0.0) == pytest.approx(0.5 * 9.7 + 1.0)
+    share.observe(2, _reading(10, 5), 5, now=0.0)  # alone: 9.9 and a whole request, but never over the limit
+    assert share.cap(0.0) == 10
 
 
 @pytest.mark.parametrize("figure, shards", [(0, 1), (-5, 1), (float("nan"), 1), (10, 0)])
@@ -243,9 +246,9 @@ def test_while_the_provider_speaks_requests_are_spread_over_the_window_not_burst
     window = RateWindow(None, None)
     limit = 100
     ticket = window.sent(1, 0.0)
-    window.answered(ticket, 1, 0.01, KeyReading(_reading(limit, 1), None))  # alone: 97 + a step of one request
+    window.answered(ticket, 1, 0.01, KeyReading(_reading(limit, 1), None))  # alone: 99 + a step of one request
     cap = window.requests.cap(0.01)
-    assert cap == pytest.approx(98)
+    assert cap == pytest.approx(100)  # but never more than the limit
     times = _drive_from(window, 0.01, [1] * 300, alone_limit=limit)
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert min(gaps) == pytest.approx((limits.WINDOW_S + limits.SAFETY_S) / cap)  # evenly, at the share's pace
