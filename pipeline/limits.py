@@ -43,7 +43,7 @@ POLL_S = 0.05  # when the window is full of requests still in flight, look again
 # limit less a margin, plus a small step: the shares of all processes add up
 # to the limit less the margin plus their steps, whatever their number.
 MARGIN_SHARE = 0.03  # of the key's limit left unclaimed: others' requests in flight that no answer shows yet
-MARGIN_ALONE = 0.01  # ... or as little as this, or what others use if less: alone, there are none to allow for
+MARGIN_ALONE = 0.01  # the margin is others' use, between this and MARGIN_SHARE: alone, nobody else has any in flight
 SHARERS_PROVIDED_FOR = 8  # steps are the margin / this, and any process may take 1/this of the key:
 #                           so many processes together stay under the limit and none is starved
 MIN_REQUEST_STEP = 1.0  # requests move by whole requests
@@ -98,8 +98,9 @@ class KeyShare:
     most doubling its use a window (the first to start would otherwise take
     all of it before its siblings' first answers), and one holding more
     than 1/N of a full key that others use gives part of the excess back,
-    so shards end up even however they started. A reading showing no more use than this process's own (a key
-    it has to itself, a bucket refilled) leaves it the whole limit. Readings
+    so shards end up even however they started. A reading showing no more
+    use than this process's own (a key it has to itself, a bucket refilled)
+    leaves it the whole limit, less a smaller margin. Readings
     are ordered by when their request was sent, so a late answer to an early
     request does not overwrite a fresher one. The reset times are not needed:
     shares are measured over the window itself.
@@ -118,6 +119,7 @@ class KeyShare:
         self._at = -math.inf
         self._limit = 0.0
         self._used = 0.0  # of the key's window, everyone's use, as last read
+        self._others = 0.0  # ... and the part of it that is not this process's
         self._unread = 0  # answers since the last reading that carried none
         self.share = 1.0  # of the key's use that is this process's, as last measured
 
@@ -131,6 +133,7 @@ class KeyShare:
         self._limit = reading.limit
         used = reading.limit - reading.remaining
         self._used = used
+        self._others = max(0.0, used - own)
         self.share = 1.0 if own >= used else max(0.0, own) / used
 
     def unread(self) -> None:
@@ -146,12 +149,11 @@ class KeyShare:
         if not self.live(now):
             return self.static
         limit = self._limit if self.figure is None else min(self.figure, self._limit)
-        others = self._used * (1.0 - self.share)
-        target = limit - min(MARGIN_SHARE * limit, max(MARGIN_ALONE * limit, others))
+        target = limit - min(MARGIN_SHARE * limit, max(MARGIN_ALONE * limit, self._others))
         step = max(self._min_step, MARGIN_SHARE * limit / SHARERS_PROVIDED_FOR)
         cap = max(target / SHARERS_PROVIDED_FOR, self._shard_share(target) * target + step)
         if self._shards > 1:  # siblings may be starting too: grow from 1/N, not from all of it
-            cap = min(cap, max(target / self._shards, SHARD_GROWTH * self.share * self._used + step))
+            cap = min(cap, max(target / self._shards, SHARD_GROWTH * (self._used - self._others) + step))
         return min(cap, limit)  # a step of a whole request is not to take a key alone past its limit
 
     def _shard_share(self, target: float) -> float:
@@ -160,8 +162,7 @@ class KeyShare:
         key is full and others use it. Where nobody takes what it gives back,
         the key is no longer full and the shard takes it again."""
         fair = 1.0 / self._shards
-        others = self._used * (1.0 - self.share)
-        if self._shards == 1 or self.share <= fair or others < SHARD_OTHERS_MIN * target:
+        if self._shards == 1 or self.share <= fair or self._others < SHARD_OTHERS_MIN * target:
             return self.share
         full = min(1.0, max(0.0, (self._used / target - SHARD_YIELD_FROM) / (1.0 - SHARD_YIELD_FROM)))
         return self.share - SHARD_YIELD * full * (self.share - fair)
