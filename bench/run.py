@@ -22,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from figures import FULL, QUICK, Row, Sizes, at_floor, check, fresh, table  # noqa: E402
 from harness import PYTHON, Server, job_file, make_input, output_rows, pipeline_args, run  # noqa: E402
-from realistic import cpu_real, latency_real, memory_real  # noqa: E402
+from realistic import corpus, cpu_real, latency_real, memory_real  # noqa: E402
 from scale import commit_scale, many_parts  # noqa: E402
 from stages import STAGES, split  # noqa: E402
 
@@ -34,18 +34,22 @@ PY_SPY = str(Path(PYTHON).with_name("py-spy"))
 def rate_limited(work: Path, sizes: Sizes) -> list[Row]:
     """One process against a key's RPM/TPM: once pacing by the job's figures
     (a server that states nothing), once by the x-ratelimit headers the
-    server sends (OpenAI's way), which take over from the job's figures."""
-    return _rate_run(work, sizes, headers=False) + _rate_run(work, sizes, headers=True)
+    server sends (OpenAI's way), which take over from the job's figures;
+    then by the headers again on realistic documents at 1,536 dimensions."""
+    short = make_input(work / "in-rate", int(800_000 / 17 * (sizes.rate_windows + 1)), files=4, seed=1)
+    real, _ = corpus(work, sizes.real_rows)
+    return (_rate_run(work, sizes, short, "rate-limited", headers=False, dim=64)
+            + _rate_run(work, sizes, short, "rate-limited, x-ratelimit headers", headers=True, dim=64)
+            + _rate_run(work, sizes, real, "rate-limited real text 1536, x-ratelimit headers", headers=True,
+                        dim=1536))
 
 
-def _rate_run(work: Path, sizes: Sizes, *, headers: bool) -> list[Row]:
-    rpm, tpm, rows_per_request = 600, 800_000, 100  # ~1,700 tokens a request: TPM binds first
+def _rate_run(work: Path, sizes: Sizes, inputs: Path, label: str, *, headers: bool, dim: int) -> list[Row]:
+    rpm, tpm, rows_per_request = 600, 800_000, 100  # ~1,700 tokens a short request: TPM binds first
     span_s = 60.0 * sizes.rate_windows
-    name = "rate-headers" if headers else "rate"
-    label = "rate-limited, x-ratelimit headers" if headers else "rate-limited"
-    inputs = make_input(work / "in-rate", int(tpm / 17 * (sizes.rate_windows + 1)), files=4, seed=1)
+    name = "rate-" + "".join(c if c.isalnum() else "-" for c in label)
     with Server(latency_ms=50, rpm=rpm, tpm=tpm, limit_headers=headers) as server:
-        job = job_file(work, name, inputs, server, dim=64, concurrency=16, rows_per_request=rows_per_request,
+        job = job_file(work, name, inputs, server, dim=dim, concurrency=16, rows_per_request=rows_per_request,
                        rows_per_part=5000, rpm=rpm, tpm=tpm)
         fresh(work, name)
 
