@@ -7,7 +7,9 @@ and unit N always becomes `part-N.parquet`.
 """
 from __future__ import annotations
 
+import bisect
 import glob
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,8 +189,10 @@ def iter_units(
     """Yield the units for which `wanted(seq)` is true, in order; once every
     input is read, `totals` gets the count of all units and rows.
 
-    Parquet files whose units are all unwanted are skipped from metadata; a
-    CSV must be read to know where its units fall.
+    Of a Parquet file only the row groups that wanted units lie in are read
+    (a resumed run or a recheck does not decode what is done; a file with
+    none is skipped from its metadata); a CSV must be read to know where its
+    units fall.
     """
     seq = 0
     row_offset = 0
@@ -196,16 +200,15 @@ def iter_units(
     for index, f in enumerate(files):
         try:
             if f.format == "parquet":
-                parquet = _parquet(f)
-                n_rows = parquet.metadata.num_rows
-                n_units = -(-n_rows // rows_per_part)
-                if not any(wanted(s) for s in range(seq, seq + n_units)):
-                    seq, row_offset = seq + n_units, row_offset + n_rows
-                    parquet.close()
-                    continue
-                batches = _closing(parquet, parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns))
-            else:
-                batches = _csv_batches(fs.open_stream(f.path, f.storage), f.path, columns)
+                with _parquet(f) as parquet:
+                    n_rows = parquet.metadata.num_rows
+                    n_units = -(-n_rows // rows_per_part)
+                    chosen = [j for j in range(n_units) if wanted(seq + j)]
+                    for j, table in _parquet_units(parquet, columns, rows_per_part, chosen):
+                        yield Unit(seq + j, index, j * rows_per_part, row_offset + j * rows_per_part, table)
+                seq, row_offset = seq + n_units, row_offset + n_rows
+                continue
+            batches = _csv_batches(fs.open_stream(f.path, f.storage), f.path, columns)
             for start, table in _slices(batches, rows_per_part):
                 if wanted(seq):
                     yield Unit(seq, index, start, row_offset, table)
@@ -221,9 +224,41 @@ def iter_units(
         totals.update(units=seq, rows=row_offset)
 
 
-def _closing(parquet: pq.ParquetFile, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    with parquet:
-        yield from batches
+def _parquet_units(parquet: pq.ParquetFile, columns: list[str], rows_per_part: int,
+                   chosen: list[int]) -> Iterator[tuple[int, pa.Table]]:
+    """The `chosen` units of a Parquet file (indices within it, ascending)
+    with their tables, decoding only the row groups each run of them lies in."""
+    meta = parquet.metadata
+    group_starts = list(itertools.accumulate((meta.row_group(g).num_rows for g in range(meta.num_row_groups)),
+                                             initial=0))
+    for first, last in _runs(chosen):
+        lo, hi = first * rows_per_part, min((last + 1) * rows_per_part, group_starts[-1])
+        g0 = bisect.bisect_right(group_starts, lo) - 1  # the group row `lo` is in
+        g1 = bisect.bisect_left(group_starts, hi)  # the first group starting at or after `hi`
+        batches = parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=range(g0, g1), columns=columns)
+        for start, table in _slices(_rows(batches, lo - group_starts[g0], hi - lo), rows_per_part):
+            yield first + start // rows_per_part, table
+
+
+def _runs(indices: list[int]) -> Iterator[tuple[int, int]]:
+    """(first, last) of each run of consecutive `indices` (ascending)."""
+    for _, run in itertools.groupby(enumerate(indices), key=lambda pair: pair[1] - pair[0]):
+        members = [index for _, index in run]
+        yield members[0], members[-1]
+
+
+def _rows(batches: Iterator[pa.RecordBatch], skip: int, take: int) -> Iterator[pa.RecordBatch]:
+    """`take` rows of a stream of batches, after its first `skip`."""
+    for batch in batches:
+        if skip >= batch.num_rows:
+            skip -= batch.num_rows
+            continue
+        batch = batch.slice(skip, take)
+        skip, take = 0, take - batch.num_rows
+        if batch.num_rows:
+            yield batch
+        if take <= 0:
+            return
 
 
 def _csv_batches(source: Any, path: str, columns: list[str]) -> Iterator[pa.RecordBatch]:

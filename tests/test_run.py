@@ -38,8 +38,9 @@ from conftest import (
     write_parquet,
 )
 from fakeprovider import FakeProvider, vector_for
-from pipeline.config import EmbeddingConfig
+from pipeline.config import EmbeddingConfig, InputConfig
 from pipeline.probe import PROBE_TEXTS
+from pipeline.sources import find_inputs, iter_units
 from pipeline.texts import prepare
 
 SECRET = "sk-live-SECRET-0123456789abcdef"
@@ -294,6 +295,60 @@ def test_limit_then_rerun_sends_every_row_exactly_once_and_a_complete_job_sends_
     assert parts.column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(30)]
     assert_vectors_exact(parts, texts, 8)
     assert summary(out)["job"]["rows_done"] == 30
+
+
+@pytest.mark.parametrize("group_rows, rows_per_part", [(11, 7), (7, 25), (50, 10), (10, 10)])
+@pytest.mark.parametrize("pick", ["all", "every other", "last", "a middle run", "none"])
+def test_units_of_a_parquet_file_are_the_same_whichever_of_them_are_read(
+    tmp_path: Path, group_rows: int, rows_per_part: int, pick: str
+) -> None:
+    """Only the row groups of the wanted units are read; what they make is
+    exactly what reading the whole file and cutting it would."""
+    rows = 103
+    table = docs_table(sample_texts(rows))
+    pq.write_table(table, tmp_path / "data.parquet", row_group_size=group_rows)
+    cfg = InputConfig(paths=(str(tmp_path / "data.parquet"),), text_column="body")
+    files = find_inputs(cfg)
+    n_units = -(-rows // rows_per_part)
+    wanted = {"all": set(range(n_units)), "every other": set(range(0, n_units, 2)), "last": {n_units - 1},
+              "a middle run": set(range(n_units // 3, 2 * n_units // 3 + 1)), "none": set()}[pick]
+    totals: dict[str, int] = {}
+    units = list(iter_units(files, cfg, rows_per_part, wanted.__contains__, totals))
+    assert [u.seq for u in units] == sorted(wanted)
+    whole = table.select(list(cfg.read_columns))
+    for u in units:
+        assert (u.file_start_row, u.row_offset) == (u.seq * rows_per_part, u.seq * rows_per_part)
+        assert u.table.equals(whole.slice(u.seq * rows_per_part, rows_per_part))
+    assert totals == {"units": n_units, "rows": rows}
+
+
+def test_a_resumed_run_reads_only_the_row_groups_of_the_units_it_has_left(tmp_path: Path) -> None:
+    """A backfill of one large Parquet file resumes without decoding what is
+    done: here the done units' row groups are overwritten with garbage (same
+    size and mtime, so the input counts as unchanged) and the rerun does not notice."""
+    texts = sample_texts(60)
+    data = tmp_path / "data.parquet"
+    pq.write_table(docs_table(texts), data, row_group_size=10)
+    with FakeProvider(dim=8) as fp:
+        job = write_job(tmp_path, [provider_entry(fp)], rows_per_part=10)
+        assert run(job, "--limit", "30").returncode == 0
+        meta = pq.ParquetFile(data).metadata
+        stat = data.stat()
+        with open(data, "r+b") as fh:
+            for group in range(3):  # units 0-2, done
+                for column in range(meta.num_columns):
+                    chunk = meta.row_group(group).column(column)
+                    fh.seek(chunk.dictionary_page_offset or chunk.data_page_offset)
+                    fh.write(b"\xff" * chunk.total_compressed_size)
+        os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        with pytest.raises(OSError):  # the file really is damaged there
+            pq.read_table(data)
+        second = run(job)
+        assert second.returncode == 0, second.stderr
+        assert rows_sent(fp) == Counter(texts)
+    parts = read_parts(tmp_path / "out")
+    assert parts.column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(60)]
+    assert_vectors_exact(parts, texts, 8)
 
 
 def change_model(tmp_path: Path, fp: FakeProvider) -> tuple[Path, list[str]]:
