@@ -227,24 +227,37 @@ def iter_units(
 def _parquet_units(parquet: pq.ParquetFile, columns: list[str], rows_per_part: int,
                    chosen: list[int]) -> Iterator[tuple[int, pa.Table]]:
     """The `chosen` units of a Parquet file (indices within it, ascending)
-    with their tables, decoding only the row groups each run of them lies in."""
+    with their tables, decoding only the row groups they lie in, each once:
+    units next to each other, or sharing a row group, are read in one pass
+    (a shard's every N-th unit of a file with large row groups decodes each
+    group once, not once per unit)."""
     meta = parquet.metadata
     group_starts = list(itertools.accumulate((meta.row_group(g).num_rows for g in range(meta.num_row_groups)),
                                              initial=0))
-    for first, last in _runs(chosen):
-        lo, hi = first * rows_per_part, min((last + 1) * rows_per_part, group_starts[-1])
-        g0 = bisect.bisect_right(group_starts, lo) - 1  # the group row `lo` is in
-        g1 = bisect.bisect_left(group_starts, hi)  # the first group starting at or after `hi`
-        batches = parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=range(g0, g1), columns=columns)
-        for start, table in _slices(_rows(batches, lo - group_starts[g0], hi - lo), rows_per_part):
-            yield first + start // rows_per_part, table
+    n_rows = group_starts[-1]
 
+    def rows_of(j: int) -> tuple[int, int]:
+        return j * rows_per_part, min((j + 1) * rows_per_part, n_rows)
 
-def _runs(indices: list[int]) -> Iterator[tuple[int, int]]:
-    """(first, last) of each run of consecutive `indices` (ascending)."""
-    for _, run in itertools.groupby(enumerate(indices), key=lambda pair: pair[1] - pair[0]):
-        members = [index for _, index in run]
-        yield members[0], members[-1]
+    def groups_of(lo: int, hi: int) -> tuple[int, int]:
+        """The row groups rows [lo, hi) lie in: first, and one past the last."""
+        return bisect.bisect_right(group_starts, lo) - 1, bisect.bisect_left(group_starts, hi)
+
+    passes: list[list[int]] = []
+    for j in chosen:
+        if passes and (j == passes[-1][-1] + 1 or groups_of(*rows_of(j))[0] < groups_of(*rows_of(passes[-1][-1]))[1]):
+            passes[-1].append(j)
+        else:
+            passes.append([j])
+    for units in passes:
+        lo, hi = rows_of(units[0])[0], rows_of(units[-1])[1]
+        first_group, end_group = groups_of(lo, hi)
+        batches = parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=range(first_group, end_group),
+                                       columns=columns)
+        wanted = set(units)
+        for start, table in _slices(_rows(batches, lo - group_starts[first_group], hi - lo), rows_per_part):
+            if units[0] + start // rows_per_part in wanted:
+                yield units[0] + start // rows_per_part, table
 
 
 def _rows(batches: Iterator[pa.RecordBatch], skip: int, take: int) -> Iterator[pa.RecordBatch]:

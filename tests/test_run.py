@@ -298,7 +298,7 @@ def test_limit_then_rerun_sends_every_row_exactly_once_and_a_complete_job_sends_
 
 
 @pytest.mark.parametrize("group_rows, rows_per_part", [(11, 7), (7, 25), (50, 10), (10, 10)])
-@pytest.mark.parametrize("pick", ["all", "every other", "last", "a middle run", "none"])
+@pytest.mark.parametrize("pick", ["all", "every other", "every fourth", "last", "a middle run", "none"])
 def test_units_of_a_parquet_file_are_the_same_whichever_of_them_are_read(
     tmp_path: Path, group_rows: int, rows_per_part: int, pick: str
 ) -> None:
@@ -310,7 +310,8 @@ def test_units_of_a_parquet_file_are_the_same_whichever_of_them_are_read(
     cfg = InputConfig(paths=(str(tmp_path / "data.parquet"),), text_column="body")
     files = find_inputs(cfg)
     n_units = -(-rows // rows_per_part)
-    wanted = {"all": set(range(n_units)), "every other": set(range(0, n_units, 2)), "last": {n_units - 1},
+    wanted = {"all": set(range(n_units)), "every other": set(range(0, n_units, 2)),
+              "every fourth": set(range(1, n_units, 4)), "last": {n_units - 1},
               "a middle run": set(range(n_units // 3, 2 * n_units // 3 + 1)), "none": set()}[pick]
     totals: dict[str, int] = {}
     units = list(iter_units(files, cfg, rows_per_part, wanted.__contains__, totals))
