@@ -244,20 +244,23 @@ def _parquet_units(parquet: pq.ParquetFile, columns: list[str], rows_per_part: i
         return bisect.bisect_right(group_starts, lo) - 1, bisect.bisect_left(group_starts, hi)
 
     passes: list[list[int]] = []
+    end_group = 0  # one past the last row group the current pass reads
     for j in chosen:
-        if passes and (j == passes[-1][-1] + 1 or groups_of(*rows_of(j))[0] < groups_of(*rows_of(passes[-1][-1]))[1]):
+        first_group, next_end = groups_of(*rows_of(j))
+        if passes and (j == passes[-1][-1] + 1 or first_group < end_group):
             passes[-1].append(j)
         else:
             passes.append([j])
+        end_group = next_end
     for units in passes:
         lo, hi = rows_of(units[0])[0], rows_of(units[-1])[1]
-        first_group, end_group = groups_of(lo, hi)
-        batches = parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=range(first_group, end_group),
-                                       columns=columns)
+        g0, g1 = groups_of(lo, hi)
+        batches = parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=range(g0, g1), columns=columns)
         wanted = set(units)
-        for start, table in _slices(_rows(batches, lo - group_starts[first_group], hi - lo), rows_per_part):
-            if units[0] + start // rows_per_part in wanted:
-                yield units[0] + start // rows_per_part, table
+        for start, table in _slices(_rows(batches, lo - group_starts[g0], hi - lo), rows_per_part):
+            j = units[0] + start // rows_per_part
+            if j in wanted:  # a unit between wanted ones, in a row group they share
+                yield j, table
 
 
 def _rows(batches: Iterator[pa.RecordBatch], skip: int, take: int) -> Iterator[pa.RecordBatch]:
