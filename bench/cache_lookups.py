@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.cache import VectorCache, text_keys  # noqa: E402
+from pipeline.cache.vectors import VectorCache, text_keys  # noqa: E402
 
 LIMIT_ROWS_PER_S = 100_000  # rows/s: 6M rows a minute, beyond the TPM of any provider tier
 UNIT_ROWS = 10_000  # keys per lookup: the default output.rows_per_part

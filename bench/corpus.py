@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pipeline.texts import encoding  # noqa: E402  (the client's own cl100k)
+from pipeline.inputs.texts import encoding  # noqa: E402  (the client's own cl100k)
 
 VERSION = 1  # bump when the generator changes: a cached corpus of another version is rebuilt
 MEDIAN_TOKENS = 65

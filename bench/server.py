@@ -44,7 +44,7 @@ import numpy as np
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.probe import PROBE_TEXTS  # noqa: E402
+from pipeline.core.probe import PROBE_TEXTS  # noqa: E402
 
 WINDOW_S = 60.0  # what "per minute" means to the server: any 60 s of arrivals
 DEFAULT_DIM = 1536
@@ -96,7 +96,7 @@ class Bench:
         self.arrivals: list[tuple[float, float, int, int, int, bool]] = []
         self._enc = None
         if self.tpm is not None or self.latency_s_per_token:
-            from pipeline.texts import encoding
+            from pipeline.inputs.texts import encoding
 
             self._enc = encoding()  # the client's own count: TPM means the same to both
 

@@ -8,11 +8,11 @@ import re
 import sys
 from typing import Sequence
 
-from .allocators import settle_allocators
+from .cli.allocators import settle_allocators
 
 settle_allocators()  # before pyarrow loads, which everything below brings in
 
-from .arrowstart import skip_pandas_probe  # noqa: E402
+from .cli.arrowstart import skip_pandas_probe  # noqa: E402
 
 skip_pandas_probe()
 
@@ -116,8 +116,8 @@ def _positive(text: str) -> int:
 def _run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .config import load_job
-    from .runner import RunOptions, run_job
+    from .config.job import load_job
+    from .engine.runner import RunOptions, run_job
 
     job = load_job(args.job)
     options = RunOptions(shard=args.shard, limit=args.limit, restart=args.restart, progress=args.progress)
@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .checks import validate_job
+    from .commands.checks import validate_job
 
     for line in validate_job(args.job):
         print(line)
@@ -135,7 +135,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from .checks import estimate_job, estimate_lines
+    from .commands.checks import estimate_job, estimate_lines
 
     report = estimate_job(args.job)
     print(json.dumps(report, indent=1) if args.json else "\n".join(estimate_lines(report)))
@@ -143,7 +143,7 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .checks import job_status, status_lines
+    from .commands.checks import job_status, status_lines
 
     report = job_status(args.job)
     print(json.dumps(report, indent=1) if args.json else "\n".join(status_lines(report)), flush=True)

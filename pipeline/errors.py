@@ -14,7 +14,7 @@ from typing import Literal, Mapping
 
 import aiohttp
 
-from .limits import KeyReading, LimitReading
+from .core.limits import KeyReading, LimitReading
 
 EXIT_OK = 0
 EXIT_WORK_LEFT = 1  # a rerun continues

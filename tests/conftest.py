@@ -20,7 +20,7 @@ if str(REPO) not in sys.path:  # `pipeline` is imported from the checkout, insta
     sys.path.insert(0, str(REPO))
 
 from fakeprovider import FakeProvider, vector_for  # noqa: E402
-from pipeline.probe import PROBE_TEXTS  # noqa: E402
+from pipeline.core.probe import PROBE_TEXTS  # noqa: E402
 KEY_VAR = "EMB_TEST_KEY"
 KEY = "sk-test-key"  # FakeProvider's default key
 MODEL = "text-embedding-3-small"
@@ -168,8 +168,8 @@ def rows_sent(fp: FakeProvider) -> Counter[str]:
 
 def read_checkpoint(out: Path) -> Any:
     """The output's checkpoint as every reader takes it (snapshots and records), or None."""
-    from pipeline.manifest import Checkpoint
-    from pipeline.storage import LocalOutput
+    from pipeline.checkpoint.manifest import Checkpoint
+    from pipeline.storage.output import LocalOutput
 
     return Checkpoint.read(LocalOutput(str(out)))
 

@@ -34,8 +34,8 @@ from conftest import (
 )
 from fakebatch import FakeBatchAPI
 from fakeprovider import FakeProvider
-from pipeline.probe import PROBE_TEXTS
-from pipeline.storage import TEMP_MARK
+from pipeline.core.probe import PROBE_TEXTS
+from pipeline.storage.output import TEMP_MARK
 from test_durability import _assert_same_output as assert_same_output
 
 pytestmark = pytest.mark.slow  # subprocess runs: not in the `-m "not slow"` inner loop (conftest.SLOW_MODULES)
@@ -194,8 +194,8 @@ def test_a_full_queue_is_waited_out_and_enqueued_tokens_limit_keeps_under_it(tmp
 
 def _pieces(texts: list[str]) -> set[str]:
     """The texts a job sends for these rows (chunks of the long ones)."""
-    from pipeline.config import EmbeddingConfig
-    from pipeline.texts import prepare
+    from pipeline.config.job import EmbeddingConfig
+    from pipeline.inputs.texts import prepare
 
     cfg = EmbeddingConfig(model="text-embedding-3-small", dimensions=DIM, max_input_tokens=MAX_TOKENS, too_long="chunk_mean")
     return set(prepare(list(texts), cfg, list(range(len(texts)))).pieces)

@@ -12,14 +12,14 @@ import pytest
 import yaml
 
 from conftest import KEY, KEY_VAR
-from pipeline.batchfile import (FIRST_POLL_FACTOR, MAX_POLL_FACTOR, PROBE_ID, BatchFile, BatchLimits, KeySet,
+from pipeline.batch.files import (FIRST_POLL_FACTOR, MAX_POLL_FACTOR, PROBE_ID, BatchFile, BatchLimits, KeySet,
                                 custom_id, keys_array, poll_delay_s, request_index, results)
-from pipeline.cache import KEY_BYTES
-from pipeline.config import load_job
+from pipeline.cache.vectors import KEY_BYTES
+from pipeline.config.job import load_job
 from pipeline.errors import ConfigError, classify
-from pipeline.prices import batch_price, job_price
-from pipeline.records import BatchRecord, BatchRequest, parse_requests, requests_bytes
-from pipeline.spend import BudgetExceededError, Spend
+from pipeline.core.pricing import batch_price, job_price
+from pipeline.checkpoint.records import BatchRecord, BatchRequest, parse_requests, requests_bytes
+from pipeline.core.spend import BudgetExceededError, Spend
 
 
 # ------------------------------------------------------------------ polling

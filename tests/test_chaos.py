@@ -36,8 +36,8 @@ from conftest import (
     write_parquet,
 )
 from fakeprovider import FakeProvider
-from pipeline.dispatch import CIRCUIT_FAILURES, CIRCUIT_OPENS_TO_GIVE_UP
-from pipeline.probe import PROBE_TEXTS
+from pipeline.engine.dispatch import CIRCUIT_FAILURES, CIRCUIT_OPENS_TO_GIVE_UP
+from pipeline.core.probe import PROBE_TEXTS
 
 DIM = 8
 ROWS_PER_PART = 10

@@ -29,13 +29,15 @@ from conftest import (
     write_parquet,
 )
 from fakeprovider import FakeProvider
-from pipeline import journal, layout, records
-from pipeline.budget import MemoryBudget
-from pipeline.config import load_job
+from pipeline.checkpoint import journal
+from pipeline.checkpoint import layout
+from pipeline.checkpoint import records
+from pipeline.engine.inflight import MemoryBudget
+from pipeline.config.job import load_job
 from pipeline.errors import ConfigError
-from pipeline.records import Ledger, UnitRecord, merge_meta, parse_snapshot, snapshot_json
-from pipeline.runner import RunOptions, run_job
-from pipeline.storage import LocalOutput
+from pipeline.checkpoint.records import Ledger, UnitRecord, merge_meta, parse_snapshot, snapshot_json
+from pipeline.engine.runner import RunOptions, run_job
+from pipeline.storage.output import LocalOutput
 
 DIM = 8
 
@@ -244,7 +246,7 @@ def test_a_commit_reads_nothing_so_its_cost_does_not_grow_with_the_parts_done(
 
 def test_shards_write_only_their_own_records_and_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_VAR, KEY)
-    monkeypatch.setattr("pipeline.manifest.COMPACT_EVERY_RECORDS", 10**9)
+    monkeypatch.setattr("pipeline.checkpoint.manifest.COMPACT_EVERY_RECORDS", 10**9)
     texts = sample_texts(24)
     write_parquet(tmp_path / "data.parquet", docs_table(texts))
     out = tmp_path / "out"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.config import STORAGE_SECRET_KEYS, load_job
+from pipeline.config.job import STORAGE_SECRET_KEYS, load_job
 from pipeline.errors import ConfigError
 
 KEY_VAR = "CFG_TEST_RELAY_KEY"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from fakeprovider import FakeProvider, vector_for
-from pipeline.config import ProviderConfig, RetryConfig
-from pipeline.dispatch import CIRCUIT_FAILURES, CIRCUIT_OPENS_TO_GIVE_UP, Dispatcher
+from pipeline.config.job import ProviderConfig, RetryConfig
+from pipeline.engine.dispatch import CIRCUIT_FAILURES, CIRCUIT_OPENS_TO_GIVE_UP, Dispatcher
 from pipeline.errors import BadInputError, WorkLeftError
 from pipeline.providers.openai import OpenAIProvider
 
@@ -371,7 +371,7 @@ def test_a_provider_whose_probes_keep_failing_is_given_up_and_the_job_stops_with
 
 
 # ------------------------------------------------------------------ a key shared with others
-import pipeline.limits as limits  # noqa: E402
+import pipeline.core.limits as limits  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 
 

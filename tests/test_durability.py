@@ -39,12 +39,12 @@ from conftest import (
     write_parquet,
 )
 from fakeprovider import FakeProvider
-from pipeline import layout
-from pipeline.config import load_job
+from pipeline.checkpoint import layout
+from pipeline.config.job import load_job
 from pipeline.errors import WorkLeftError
-from pipeline.storage import TEMP_MARK, LocalOutput
-from pipeline.runner import GRACE_S as DEFAULT_GRACE_S
-from pipeline.runner import RunOptions, run_job
+from pipeline.storage.output import TEMP_MARK, LocalOutput
+from pipeline.engine.runner import GRACE_S as DEFAULT_GRACE_S
+from pipeline.engine.runner import RunOptions, run_job
 
 DIM = 8
 KEEP = ["title"]

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from pipeline.config import RetryConfig
-from pipeline.dispatch import MAX_RETRY_AFTER_S, backoff_s, retry_delay_s
+from pipeline.config.job import RetryConfig
+from pipeline.engine.dispatch import MAX_RETRY_AFTER_S, backoff_s, retry_delay_s
 from pipeline.errors import (
     BadInputError,
     BadResponseError,

@@ -12,11 +12,11 @@ from typing import Any, Literal
 
 import pytest
 
-import pipeline.limits as limits
+import pipeline.core.limits as limits
 from fakeprovider import FakeProvider, vector_for
-from pipeline.config import ProviderConfig, RetryConfig
-from pipeline.dispatch import Dispatcher
-from pipeline.limits import RateWindow
+from pipeline.config.job import ProviderConfig, RetryConfig
+from pipeline.engine.dispatch import Dispatcher
+from pipeline.core.limits import RateWindow
 from pipeline.providers.openai import OpenAIProvider
 
 W = limits.WINDOW_S + limits.SAFETY_S
@@ -133,7 +133,7 @@ def test_provider_rpm_holds_over_real_http_as_the_server_counts_it(monkeypatch: 
 
 # ---------------------------------------------------------------- the provider's readings
 from pipeline.errors import key_reading  # noqa: E402
-from pipeline.limits import KeyReading, KeyShare, LimitReading  # noqa: E402
+from pipeline.core.limits import KeyReading, KeyShare, LimitReading  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -488,7 +488,7 @@ def test_a_process_joining_a_busy_key_gets_an_eighth_of_it_at_once_and_the_key_s
 
 
 # ---------------------------------------------------------------- adaptive concurrency
-from pipeline.limits import LATENCY_MIN_SAMPLES, AdaptiveConcurrency  # noqa: E402
+from pipeline.core.limits import LATENCY_MIN_SAMPLES, AdaptiveConcurrency  # noqa: E402
 
 
 def test_rate_limits_halve_concurrency_down_to_one_and_successes_grow_it_back_to_the_maximum() -> None:
@@ -536,7 +536,7 @@ def test_a_maximum_below_one_is_refused() -> None:
 
 
 # ---------------------------------------------------------------- latency judged against request size
-from pipeline.limits import LATENCY_FAST_ALPHA, LATENCY_RISE_FACTOR, LATENCY_SLOW_ALPHA, LatencyModel  # noqa: E402
+from pipeline.core.limits import LATENCY_FAST_ALPHA, LATENCY_RISE_FACTOR, LATENCY_SLOW_ALPHA, LatencyModel  # noqa: E402
 
 
 def realistic_request_sizes(n: int, seed: int = 3) -> list[int]:
@@ -615,7 +615,7 @@ def test_the_usual_latency_for_a_size_is_fitted_from_recent_answers(
 
 
 # ---------------------------------------------------------------- circuit
-from pipeline.limits import HALF_OPEN_POLL_S, Circuit  # noqa: E402
+from pipeline.core.limits import HALF_OPEN_POLL_S, Circuit  # noqa: E402
 
 FIRST_REST_S, MAX_REST_S = 2.0, 10.0
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ProviderConfig
+from pipeline.config.job import ProviderConfig
 from pipeline.providers import local_onnx
 from pipeline.providers.local import LocalProvider
 

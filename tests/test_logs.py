@@ -21,7 +21,7 @@ from conftest import (KEY, REPO, cli_env, docs_table, error_lines, provider_entr
                       write_parquet)
 from fakeprovider import FakeProvider
 from pipeline import logfmt
-from pipeline.progress import LOG_INTERVAL_S, Progress
+from pipeline.engine.progress import LOG_INTERVAL_S, Progress
 
 N_ROWS = 30
 

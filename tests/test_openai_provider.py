@@ -9,7 +9,7 @@ import pytest
 import tiktoken
 
 from fakeprovider import FakeProvider, vector_for
-from pipeline.config import ProviderConfig
+from pipeline.config.job import ProviderConfig
 from pipeline.errors import (
     BadInputError,
     BadResponseError,

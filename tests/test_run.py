@@ -38,10 +38,10 @@ from conftest import (
     write_parquet,
 )
 from fakeprovider import FakeProvider, vector_for
-from pipeline.config import EmbeddingConfig, InputConfig
-from pipeline.probe import PROBE_TEXTS
-from pipeline.sources import find_inputs, iter_units
-from pipeline.texts import prepare
+from pipeline.config.job import EmbeddingConfig, InputConfig
+from pipeline.core.probe import PROBE_TEXTS
+from pipeline.inputs.sources import find_inputs, iter_units
+from pipeline.inputs.texts import prepare
 
 SECRET = "sk-live-SECRET-0123456789abcdef"
 

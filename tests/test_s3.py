@@ -43,10 +43,10 @@ from conftest import (
     sample_texts,
 )
 from fakeprovider import FakeProvider
-from pipeline.config import StorageConfig
-from pipeline.fs import glob_regex
-from pipeline.manifest import Checkpoint
-from pipeline.objectstore import ObjectOutput
+from pipeline.config.job import StorageConfig
+from pipeline.storage.fs import glob_regex
+from pipeline.checkpoint.manifest import Checkpoint
+from pipeline.storage.objectstore import ObjectOutput
 
 DIM = 8
 ACCESS_KEY = "AKIATESTS3PIPELINE"  # moto accepts any key; this one must never be printed

@@ -27,10 +27,10 @@ from conftest import (
     write_parquet,
 )
 from fakeprovider import FakeProvider, vector_for
-from pipeline import segments
-from pipeline.cache import text_keys
-from pipeline.config import StorageConfig
-from pipeline.segments import SegmentedCache
+from pipeline.cache import segments
+from pipeline.cache.vectors import text_keys
+from pipeline.config.job import StorageConfig
+from pipeline.cache.segments import SegmentedCache
 from test_s3 import ACCESS_KEY, SECRET_KEY, _aws_env, _free_port, _fs, _keys, _start, bucket, kill_during_upload, s3_endpoint  # noqa: F401
 
 DIM = 8

@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 import pytest
 
-from pipeline.config import JobConfig, ProviderConfig
+from pipeline.config.job import JobConfig, ProviderConfig
 from pipeline.errors import ConfigError
-from pipeline.schema import Invalid, Reader, at, check_fields, file_fields, rules, setting
+from pipeline.config.schema import Invalid, Reader, at, check_fields, file_fields, rules, setting
 
 Mode = Literal["fast", "slow"]
 BASE = Path("/jobs/here")

@@ -20,8 +20,8 @@ import pytest
 
 from conftest import REPO, cli_env, docs_table, provider_entry, read_parts, write_job, write_parquet
 from fakeprovider import FakeProvider
-from pipeline.limits import TEST_WINDOW_ENV
-from pipeline.probe import PROBE_TEXTS
+from pipeline.core.limits import TEST_WINDOW_ENV
+from pipeline.core.probe import PROBE_TEXTS
 
 WINDOW_S = 5.0  # what "per minute" means to the server and to the runs here
 RPM = 100  # requests a window, for the whole key

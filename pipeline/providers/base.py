@@ -6,9 +6,9 @@ from typing import Protocol
 
 import numpy as np
 
-from ..config import ProviderConfig
+from ..config.job import ProviderConfig
 from ..errors import BadResponseError
-from ..limits import KeyReading
+from ..core.limits import KeyReading
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from typing import Any, Awaitable, Callable, Literal, TypeVar, get_args
 
 import aiohttp
 
-from ..config import ProviderConfig, RetryConfig
-from ..dispatch import retry_delay_s
+from ..config.job import ProviderConfig, RetryConfig
+from ..engine.dispatch import retry_delay_s
 from ..errors import BadResponseError, EndpointMissingError, ProviderError, classify
 from .openai import CONNECT_TIMEOUT_S, REDACTED, USER_AGENT
 

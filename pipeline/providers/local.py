@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from ..config import ProviderConfig
+from ..config.job import ProviderConfig
 from ..errors import ConfigError
 from . import local_onnx
 from .base import EmbedResult, check_vectors

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import storage
-from ..models import LOCAL_MODEL
+from ..storage import output
+from ..core.models import LOCAL_MODEL
 
 log = logging.getLogger("pipeline")
 
@@ -173,7 +173,7 @@ def _cached_or_exported(model_dir: Path, openvino: Any) -> Any:
     graph = export(model_dir, openvino)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        storage.write_atomic(path, graph)
+        output.write_atomic(path, graph)
     except OSError as err:
         log.info("local model: cannot cache the ONNX graph in %s (%s); it is kept for this run only "
                  "(set %s to a writable folder)", path.parent, err.strerror or err, CACHE_ENV)

@@ -16,9 +16,9 @@ import aiohttp
 import numpy as np
 import pybase64  # SIMD base64: 0.3 us a 1536-dim vector where the standard library takes 9
 
-from ..config import ProviderConfig
+from ..config.job import ProviderConfig
 from ..errors import BadResponseError, ProviderError, classify, key_reading
-from ..limits import KeyReading
+from ..core.limits import KeyReading
 from .base import EmbedResult, check_vectors
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""The Batch API strategy: batch files, submission, polling and collection."""

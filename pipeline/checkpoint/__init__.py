@@ -1,0 +1,1 @@
+"""What is done: the output's names, unit records, the manifest, journals, the part writer."""

@@ -1,0 +1,326 @@
+"""The checkpoint's schema: unit records, the snapshot, and the ledger that
+holds them in memory.
+
+A *record* is one small immutable file per unit, written after its part:
+`committed` (the part holds all its rows) or `partial` (a `--limit` run cut
+it short: the part holds its first `rows` rows). A *snapshot* compacts the
+records of one writer (`_manifest.json`, or a shard's own) with what the job
+has learned (vector length, probe vectors, totals, run history). Readers take
+every snapshot plus the records not yet compacted; a unit in both is the same
+unit, so the merge is a union.
+
+Format 1 (one manifest rewritten whole at every commit) is read too: its
+committed units carry over, its partial units are redone.
+
+A *batch record* (a job with an `openai_batch` provider, batches.py) is one
+small JSON file per batch, rewritten atomically as the batch moves on, beside
+an immutable binary *requests* file: what each request line covers (its unit,
+attempt, tokens and the keys of its texts). Both are written before anything
+waits on the batch, so no submitted text is ever submitted again.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import struct
+from array import array
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Iterator, Literal, Mapping, get_args
+
+from ..cache.vectors import KEY_BYTES
+from ..inputs.texts import RejectReason
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MAX_RUNS_KEPT = 50  # run history in a snapshot stays small
+V1_PART_DIGITS = 5  # format 1 named parts part-00000.parquet, and never went past 99,999
+
+UnitState = Literal["committed", "partial"]
+REJECT_REASONS: tuple[str, ...] = get_args(RejectReason)
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    seq: int
+    state: UnitState
+    rows: int  # rows in the part: all of the unit's when committed
+    embedded: int
+    tokens: int  # paid for this unit's own requests, over every run that worked on it
+    deduped: int = 0  # rows embedded without a request: a repeat of a text the run had
+    from_cache: int = 0  # ... and rows found in the vector cache
+    rejected_empty: int = 0
+    rejected_too_long: int = 0
+    rejected_provider_rejected: int = 0
+
+    def __post_init__(self) -> None:
+        if self.state not in get_args(UnitState):
+            raise ValueError(f"unit state {self.state!r}")
+        if min(self.values()) < 0 or self.seq < 0:
+            raise ValueError("negative counter in a unit record")
+
+    def values(self) -> tuple[int, ...]:
+        return tuple(getattr(self, name) for name in UNIT_FIELDS)
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        return {reason: n for reason in REJECT_REASONS if (n := getattr(self, f"rejected_{reason}"))}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> UnitRecord:
+        return cls(**_fields_of(cls, obj, "unit record"))
+
+    @classmethod
+    def from_values(cls, seq: int, state: UnitState, values: list[int]) -> UnitRecord:
+        return cls(seq, state, *values)
+
+
+UNIT_FIELDS = tuple(f.name for f in fields(UnitRecord) if f.name not in ("seq", "state"))
+
+
+def _fields_of(cls: Any, obj: Any, what: str) -> dict[str, Any]:
+    """A record's fields from its JSON; ValueError if it is not one of this format."""
+    if not isinstance(obj, dict) or obj.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"not a {what} of this format")
+    return {f.name: obj[f.name] for f in fields(cls) if f.name in obj}
+
+
+class Ledger:
+    """The units done, compact enough for millions of parts: a bitmap by seq
+    for `is_done`, committed units' counters in flat integer arrays, and
+    running totals. Partial units (few: only --limit makes them) as records."""
+
+    def __init__(self) -> None:
+        self._done = bytearray()
+        self._seqs = array("q")
+        self._values = array("q")  # len(UNIT_FIELDS) per committed unit, in commit order
+        self._totals = [0] * len(UNIT_FIELDS)
+        self.partial: dict[int, UnitRecord] = {}
+
+    def add(self, record: UnitRecord) -> None:
+        """Take a record; the same unit seen twice (a snapshot and its record) counts once,
+        and a committed unit supersedes a partial one."""
+        if self.is_done(record.seq):
+            return
+        if record.state == "partial":
+            known = self.partial.get(record.seq)
+            if known is None or record.rows > known.rows:
+                self.partial[record.seq] = record
+            return
+        self.partial.pop(record.seq, None)
+        byte, bit = divmod(record.seq, 8)
+        if byte >= len(self._done):
+            self._done.extend(bytes(byte + 1 - len(self._done) + len(self._done) // 2))
+        self._done[byte] |= 1 << bit
+        self._seqs.append(record.seq)
+        values = record.values()
+        self._values.extend(values)
+        self._totals = [t + v for t, v in zip(self._totals, values)]
+
+    def is_done(self, seq: int) -> bool:
+        byte, bit = divmod(seq, 8)
+        return byte < len(self._done) and bool(self._done[byte] >> bit & 1)
+
+    @property
+    def committed(self) -> int:
+        return len(self._seqs)
+
+    def committed_seqs(self) -> Iterator[int]:
+        return iter(self._seqs)
+
+    def records(self) -> Iterator[UnitRecord]:
+        width = len(UNIT_FIELDS)
+        for i, seq in enumerate(self._seqs):
+            yield UnitRecord.from_values(seq, "committed", list(self._values[i * width:(i + 1) * width]))
+        yield from self.partial.values()
+
+    def counters(self) -> dict[str, Any]:
+        totals = list(self._totals)
+        for record in self.partial.values():
+            totals = [t + v for t, v in zip(totals, record.values())]
+        named = dict(zip(UNIT_FIELDS, totals))
+        return {
+            "units_done": self.committed,
+            "rows_done": named["rows"],
+            "rows_embedded": named["embedded"],
+            "rows_rejected": {r: named[f"rejected_{r}"] for r in REJECT_REASONS if named[f"rejected_{r}"]},
+            "tokens": named["tokens"],
+            "rows_deduped": named["deduped"],
+            "rows_from_cache": named["from_cache"],
+        }
+
+    def units_json(self, keep: Callable[[int], bool]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        """(committed, partial) as {seq: [values in UNIT_FIELDS order]} for the units `keep` says."""
+        width = len(UNIT_FIELDS)
+        values = self._values.tolist()
+        committed = {str(seq): values[i * width:(i + 1) * width] for i, seq in enumerate(self._seqs) if keep(seq)}
+        partial = {str(seq): list(r.values()) for seq, r in self.partial.items() if keep(seq)}
+        return committed, partial
+
+
+# -- snapshots -------------------------------------------------------------------------
+
+LEARNED_KEYS = ("dimensions", "probes", "total_units", "total_rows")
+
+
+def new_meta(job: str, fingerprint: dict[str, Any], part_digits: int, now: str) -> dict[str, Any]:
+    """What a snapshot says besides its units: the job, what produced it, what it learned."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "job": job,
+        "created_at": now,
+        "updated_at": now,
+        "fingerprint": fingerprint,
+        "part_digits": part_digits,
+        "dimensions": None,  # learned from the first answer
+        "probes": None,
+        "total_units": None,  # known once a run has read every input
+        "total_rows": None,
+        "runs": [],
+    }
+
+
+def snapshot_json(meta: dict[str, Any], ledger: Ledger, keep: Callable[[int], bool]) -> dict[str, Any]:
+    committed, partial = ledger.units_json(keep)
+    return {**meta, "format_version": FORMAT_VERSION, "counters": ledger.counters(),
+            "unit_fields": list(UNIT_FIELDS), "units": committed, "partial": partial}
+
+
+def parse_snapshot(obj: Any) -> tuple[dict[str, Any], list[UnitRecord]]:
+    """(meta, unit records) of a snapshot of either format; ValueError if it is none."""
+    if not isinstance(obj, dict) or obj.get("format_version") not in READABLE_VERSIONS:
+        version = obj.get("format_version") if isinstance(obj, dict) else None
+        raise ValueError(f"manifest format {version!r} is not one of {READABLE_VERSIONS}")
+    meta = {k: copy.deepcopy(v) for k, v in obj.items() if k not in ("units", "partial", "counters", "unit_fields")}
+    meta.setdefault("runs", [])
+    for key in LEARNED_KEYS:
+        meta.setdefault(key, None)
+    if obj["format_version"] == 1:
+        meta["format_version"] = FORMAT_VERSION
+        meta["part_digits"] = V1_PART_DIGITS
+        records = [_v1_unit(int(seq), unit) for seq, unit in obj.get("units", {}).items()]
+        return meta, records  # a format-1 partial unit is redone: its rows kept no journal
+    names = obj.get("unit_fields")
+    if not isinstance(names, list) or set(names) - set(UNIT_FIELDS):
+        raise ValueError("manifest unit_fields unknown")
+    records = []
+    for state, units in (("committed", obj.get("units", {})), ("partial", obj.get("partial", {}))):
+        for seq, values in units.items():
+            named = dict(zip(names, values))
+            records.append(UnitRecord(int(seq), state, **named))  # type: ignore[arg-type]
+    return meta, records
+
+
+def _v1_unit(seq: int, unit: Mapping[str, Any]) -> UnitRecord:
+    rejected = unit.get("rejected", {})
+    return UnitRecord(
+        seq, "committed", unit["rows"], unit["embedded"], unit["tokens"], unit.get("deduped", 0),
+        unit.get("from_cache", 0), **{f"rejected_{r}": rejected.get(r, 0) for r in REJECT_REASONS},
+    )
+
+
+def merge_meta(into: dict[str, Any], other: Mapping[str, Any]) -> None:
+    """Learned values another writer has and `into` lacks, and its runs (a union, by finish time)."""
+    for key in LEARNED_KEYS:
+        if into.get(key) is None and other.get(key) is not None:
+            into[key] = copy.deepcopy(other[key])
+    runs = {json.dumps(r, sort_keys=True): r for r in [*into.get("runs", []), *other.get("runs", [])]}
+    into["runs"] = sorted(runs.values(), key=lambda r: r.get("finished_at") or "")[-MAX_RUNS_KEPT:]
+    into["updated_at"] = max(into.get("updated_at") or "", other.get("updated_at") or "")
+
+
+# -- batches -----------------------------------------------------------------------------
+
+# submitting: recorded before upload and create (a kill there is resolved by
+# listing the provider's files and batches at the next start); submitted: the
+# provider has it, it is polled; collected: its answers are in its journal;
+# failed: it never ran (refused at validation): its units are sent again.
+BatchState = Literal["submitting", "submitted", "collected", "failed"]
+OPEN_BATCH_STATES: tuple[BatchState, ...] = ("submitting", "submitted")
+REQUESTS_MAGIC = b"EBR1\n"
+REQUEST_HEAD = struct.Struct("<QIIQ")  # unit, attempt, pieces, tokens; then the pieces' keys
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    sub: str  # our submission id: names the record, its requests, its journal, and goes into the metadata
+    writer: str  # layout.writer_name: the shard (or unsharded run) that polls and collects it
+    provider: str
+    state: BatchState
+    created_at: str
+    requests: int
+    inputs: int
+    tokens: int  # submitted, counted as the run counts them
+    units: tuple[int, ...]  # units with requests in it
+    examined_through: int  # the last unit the run had examined when it built this batch
+    probe: bool = False  # holds the one-vector-space probe texts (no synchronous endpoint)
+    input_file_id: str | None = None
+    batch_id: str | None = None
+    status: str | None = None  # the provider's last word
+    request_counts: tuple[int, int, int] = (0, 0, 0)  # total, completed, failed, as the provider counts them
+    answered: tuple[tuple[int, int], ...] = ()  # (unit, tokens paid) of its answered lines, once collected
+    failed: tuple[tuple[int, int], ...] = ()  # (unit, attempt) of its lines that failed
+    isolate: tuple[int, ...] = ()  # units with a refused line of several texts: sent again one text a line
+    error: str | None = None  # why it failed or what its failed lines said
+    files: tuple[str, ...] = ()  # the provider's files of a closed batch, until they are deleted
+
+    def __post_init__(self) -> None:
+        if self.state not in get_args(BatchState):
+            raise ValueError(f"batch state {self.state!r}")
+
+    @property
+    def open(self) -> bool:
+        return self.state in OPEN_BATCH_STATES
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> BatchRecord:
+        values = _fields_of(cls, obj, "batch record")
+        for name in ("units", "isolate", "request_counts", "files"):
+            values[name] = tuple(values.get(name, ()))
+        for name in ("answered", "failed"):
+            values[name] = tuple((int(a), int(b)) for a, b in values.get(name, ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One request line of a batch: texts of one unit, by key."""
+
+    unit: int
+    attempt: int  # 1 for the first time its texts are sent
+    tokens: int
+    keys: bytes  # KEY_BYTES per text, in the line's order
+
+    @property
+    def pieces(self) -> int:
+        return len(self.keys) // KEY_BYTES
+
+
+def requests_bytes(requests: list[BatchRequest]) -> bytes:
+    out = [REQUESTS_MAGIC]
+    for r in requests:
+        out += [REQUEST_HEAD.pack(r.unit, r.attempt, r.pieces, r.tokens), r.keys]
+    return b"".join(out)
+
+
+def parse_requests(data: bytes) -> list[BatchRequest]:
+    """The requests file back; ValueError when it is not one (written atomically, so never torn)."""
+    if not data.startswith(REQUESTS_MAGIC):
+        raise ValueError("not a batch requests file")
+    pos, out = len(REQUESTS_MAGIC), []
+    while pos < len(data):
+        if pos + REQUEST_HEAD.size > len(data):
+            raise ValueError("batch requests file cut short")
+        unit, attempt, pieces, tokens = REQUEST_HEAD.unpack_from(data, pos)
+        pos += REQUEST_HEAD.size
+        keys = data[pos:pos + pieces * KEY_BYTES]
+        if len(keys) != pieces * KEY_BYTES:
+            raise ValueError("batch requests file cut short")
+        out.append(BatchRequest(unit, attempt, tokens, keys))
+        pos += len(keys)
+    return out

@@ -1,0 +1,1 @@
+"""The commands that are not a run: validate, estimate, status."""

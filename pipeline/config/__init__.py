@@ -1,0 +1,1 @@
+"""The job file: YAML read into frozen dataclasses that check themselves."""

@@ -1,0 +1,1 @@
+"""Reading the inputs: files found and fingerprinted, units streamed, texts prepared."""

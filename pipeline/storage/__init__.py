@@ -1,0 +1,1 @@
+"""The output behind one interface (local or object store), its locks, and filesystems by URI."""

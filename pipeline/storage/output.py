@@ -1,0 +1,344 @@
+"""The output directory behind one interface: `Output`, and its local implementation.
+
+`Output` is the output seen as named files: write one atomically, stage a
+large one (a part) and publish it, append to a log (a unit's journal), read,
+list, delete, and take the run's writer lock. Callers (the checkpoint, the
+sink, the locks, the cache's segments) call these methods and never ask
+which kind of store they have.
+
+- `LocalOutput` (here): a file is written under a temp name, fsynced,
+  renamed and its folder fsynced; a log is a file appended with one writev
+  (a SIGKILL keeps what the kernel has); the writer lock is a kernel flock.
+- `ObjectOutput` (objectstore.py): whole-object PUTs, a renewed lease.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import mmap
+import os
+import shutil
+import tempfile
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config.job import StorageConfig
+from ..errors import ConfigError
+from .fs import HOST, is_remote, process_alive
+
+TEMP_MARK = ".tmp."
+WRITE_CHECK = "_write_check"  # written and deleted at start: a read-only bucket fails before any request
+LOG_CHUNK_SUFFIX = ".chunk"
+COPY_CHUNK_BYTES = 8 * 2**20  # uploads and downloads stream through this much memory
+
+
+# -- local durable writes -----------------------------------------------------------
+
+
+def temp_path(final: Path) -> Path:
+    """A name no reader globs for, that tells which process wrote it."""
+    return final.with_name(f".{final.name}{TEMP_MARK}{HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fsync_file(path)  # a folder is fsynced through a read-only descriptor too
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write and fsync `path` itself: a temp name, renamed into place by the caller."""
+    try:
+        with open(path, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)  # a full disk must not leave half a file behind
+        raise
+
+
+def write_atomic(final: Path, data: bytes) -> None:
+    tmp = temp_path(final)
+    write_durable(tmp, data)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(final.parent)
+
+
+def private_temp_dir(kind: str) -> Path:
+    """A temp folder of this process (`pipeline-KIND-PID-...`); those of dead
+    processes of this host are removed first (a killed run leaves its own)."""
+    prefix = f"pipeline-{kind}-"
+    for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*-*"):
+        pid = folder.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+
+
+# -- staged files ---------------------------------------------------------------------
+
+
+class Staged(ABC):
+    """A file being written at `path` (a local path), that appears under its
+    final name only at `publish`; `discard` leaves nothing behind."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @abstractmethod
+    def publish(self) -> None: ...
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class _LocalStaged(Staged):
+    def __init__(self, final: Path) -> None:
+        super().__init__(temp_path(final))
+        self._final = final
+
+    def publish(self) -> None:
+        try:
+            fsync_file(self.path)
+            os.replace(self.path, self._final)
+        except BaseException:
+            self.discard()
+            raise
+        fsync_dir(self._final.parent)
+
+
+# -- the output directory -----------------------------------------------------------
+
+
+class Output(ABC):
+    """The output directory: files by name relative to it ("_rejects.d/part-00001.parquet")."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def __str__(self) -> str:
+        return self.root
+
+    def display(self, rel: str) -> str:
+        return f"{self.root.rstrip('/')}/{rel}"
+
+    @abstractmethod
+    def prepare(self, folders: tuple[str, ...] = ()) -> None:
+        """Create it (and `folders` in it) if need be; a ConfigError (exit 2) if it cannot be written."""
+
+    @abstractmethod
+    def exists(self, rel: str) -> bool: ...
+
+    @abstractmethod
+    def read_bytes(self, rel: str) -> bytes:
+        """Raises FileNotFoundError when absent."""
+
+    def read_table(self, rel: str, schema: pa.Schema | None = None) -> pa.Table:
+        return pq.read_table(pa.BufferReader(self.read_bytes(rel)), schema=schema)
+
+    def read_metadata(self, rel: str) -> pq.FileMetaData:
+        return pq.read_metadata(pa.BufferReader(self.read_bytes(rel)))
+
+    @abstractmethod
+    def write(self, rel: str, data: bytes) -> None:
+        """Atomically: the file is seen whole or not at all."""
+
+    @abstractmethod
+    def stage(self, rel: str) -> Staged:
+        """A local file to write `rel` into; it appears at `publish`."""
+
+    @abstractmethod
+    def delete(self, rel: str) -> None:
+        """Gone afterwards; absent already is fine."""
+
+    @abstractmethod
+    def list(self, folder: str, pattern: str) -> list[str]:
+        """Names (relative to the output) of the files in `folder` matching `pattern`, sorted."""
+
+    # -- logs: append-only, read whole; what was appended before a kill stays ----
+
+    @abstractmethod
+    def append(self, rel: str, buffers: Sequence[bytes | memoryview]) -> None:
+        """Add the buffers, in order, to the log `rel` as one piece: a kill mid-write
+        can tear it (locally), so readers check each piece."""
+
+    @abstractmethod
+    def read_log(self, rel: str) -> bytes | mmap.mmap:
+        """Everything appended to `rel`, b"" when there is no such log."""
+
+    @abstractmethod
+    def delete_log(self, rel: str) -> None: ...
+
+    @abstractmethod
+    def list_logs(self, folder: str) -> list[str]: ...
+
+    # -- whole files to and from local disk (the cache's segments) -------------------
+
+    @abstractmethod
+    def put_file(self, local: Path, rel: str) -> None: ...
+
+    @abstractmethod
+    def get_file(self, rel: str, local: Path) -> None:
+        """Raises FileNotFoundError when absent."""
+
+    # -- housekeeping and the writer lock --------------------------------------------
+
+    def clean_temp_files(self, folders: tuple[str, ...] = ()) -> list[str]:
+        """Remove temp files that dead processes of this host left; the removed paths."""
+        return []
+
+    @abstractmethod
+    def writer_lock(self, shard: tuple[int, int] | None) -> contextlib.AbstractContextManager[object]:
+        """One writer per output, or per shard of it; OutputLockedError when taken."""
+
+    @abstractmethod
+    def running_shards(self) -> tuple[bool | None, list[tuple[int, int]]]:
+        """Whether a run holds the output now (None: cannot tell), and which shards run."""
+
+    def close(self) -> None:
+        """Release what this process holds locally for the output (an object store's spool)."""
+
+
+class LocalOutput(Output):
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.dir = Path(root)
+
+    def path(self, rel: str) -> Path:
+        return self.dir / rel
+
+    def prepare(self, folders: tuple[str, ...] = ()) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for folder in folders:
+                (self.dir / folder).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"output.path: cannot create {self.dir} ({err.strerror})") from None
+        if not os.access(self.dir, os.W_OK):
+            raise ConfigError(f"output.path: {self.dir} is not writable")
+
+    def exists(self, rel: str) -> bool:
+        return (self.dir / rel).exists()
+
+    def read_bytes(self, rel: str) -> bytes:
+        return (self.dir / rel).read_bytes()
+
+    def read_table(self, rel: str, schema: pa.Schema | None = None) -> pa.Table:
+        return pq.read_table(self.dir / rel, schema=schema)
+
+    def read_metadata(self, rel: str) -> pq.FileMetaData:
+        return pq.read_metadata(self.dir / rel)
+
+    def write(self, rel: str, data: bytes) -> None:
+        write_atomic(self.dir / rel, data)
+
+    def stage(self, rel: str) -> Staged:
+        return _LocalStaged(self.dir / rel)
+
+    def delete(self, rel: str) -> None:
+        (self.dir / rel).unlink(missing_ok=True)
+
+    def list(self, folder: str, pattern: str) -> list[str]:
+        base = self.dir / folder if folder else self.dir
+        try:
+            names = [entry.name for entry in os.scandir(base) if entry.is_file() and fnmatch.fnmatchcase(entry.name, pattern)]
+        except FileNotFoundError:
+            return []
+        return sorted(f"{folder}/{name}" if folder else name for name in names)
+
+    def append(self, rel: str, buffers: Sequence[bytes | memoryview]) -> None:
+        fd = os.open(self.dir / rel, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            left = [memoryview(b).cast("B") for b in buffers if len(b)]
+            while left:  # one writev; a short one (a full disk, a signal) continues where it stopped
+                written = os.writev(fd, left)
+                while left and written >= len(left[0]):
+                    written -= len(left[0])
+                    left.pop(0)
+                if left:
+                    left[0] = left[0][written:]
+        finally:
+            os.close(fd)
+
+    def read_log(self, rel: str) -> bytes | mmap.mmap:
+        """Mapped, not read: a reader touches only the pages it uses (a journal's keys
+        and the vectors it takes), so a large log costs no memory up front."""
+        try:
+            with open(self.dir / rel, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                return mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) if size else b""
+        except FileNotFoundError:
+            return b""
+
+    def delete_log(self, rel: str) -> None:
+        self.delete(rel)
+
+    def list_logs(self, folder: str) -> list[str]:
+        return self.list(folder, "*")
+
+    def put_file(self, local: Path, rel: str) -> None:
+        final = self.dir / rel
+        tmp = temp_path(final)
+        try:
+            shutil.copyfile(local, tmp)
+            fsync_file(tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(final.parent)
+
+    def get_file(self, rel: str, local: Path) -> None:
+        shutil.copyfile(self.dir / rel, local)
+
+    def clean_temp_files(self, folders: tuple[str, ...] = ()) -> list[str]:
+        """A live process's temp file may still be written: only dead ones' go."""
+        removed = []
+        for folder in (self.dir, *(self.dir / f for f in folders)):
+            if not folder.is_dir():
+                continue
+            for entry in os.scandir(folder):
+                name = entry.name
+                if not name.startswith(".") or TEMP_MARK not in name:
+                    continue
+                owner = name.rsplit(TEMP_MARK, 1)[1]
+                host, _, rest = owner.partition(".")
+                pid = rest.split(".", 1)[0]
+                if host == HOST and pid.isdigit() and not process_alive(int(pid)):
+                    Path(entry.path).unlink(missing_ok=True)
+                    removed.append(entry.path)
+        return removed
+
+    def writer_lock(self, shard: tuple[int, int] | None) -> contextlib.AbstractContextManager[object]:
+        from .locks import FlockLock
+
+        return FlockLock(self.dir, shard)
+
+    def running_shards(self) -> tuple[bool | None, list[tuple[int, int]]]:
+        from .locks import flock_holders
+
+        return flock_holders(self.dir)
+
+
+def open_output(path: str, options: StorageConfig) -> Output:
+    if not is_remote(path):
+        return LocalOutput(path.removeprefix("file://"))
+    from .objectstore import ObjectOutput  # it builds on this module
+
+    return ObjectOutput(path, options)
