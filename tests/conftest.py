@@ -169,7 +169,7 @@ def rows_sent(fp: FakeProvider) -> Counter[str]:
 def read_checkpoint(out: Path) -> Any:
     """The output's checkpoint as every reader takes it (snapshots and records), or None."""
     from pipeline.checkpoint.manifest import Checkpoint
-    from pipeline.storage.output import LocalOutput
+    from pipeline.storage import LocalOutput
 
     return Checkpoint.read(LocalOutput(str(out)))
 

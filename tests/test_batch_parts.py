@@ -16,7 +16,8 @@ from pipeline.batch.files import (FIRST_POLL_FACTOR, MAX_POLL_FACTOR, PROBE_ID, 
                                 custom_id, keys_array, poll_delay_s, request_index, results)
 from pipeline.cache.vectors import KEY_BYTES
 from pipeline.config.job import load_job
-from pipeline.errors import ConfigError, classify
+from pipeline.errors import ConfigError
+from pipeline.providers.classify import classify
 from pipeline.core.pricing import batch_price, job_price
 from pipeline.checkpoint.records import BatchRecord, BatchRequest, parse_requests, requests_bytes
 from pipeline.core.spend import BudgetExceededError, Spend

@@ -37,7 +37,7 @@ from pipeline.config.job import load_job
 from pipeline.errors import ConfigError
 from pipeline.checkpoint.records import Ledger, UnitRecord, merge_meta, parse_snapshot, snapshot_json
 from pipeline.engine.runner import RunOptions, run_job
-from pipeline.storage.output import LocalOutput
+from pipeline.storage import LocalOutput
 
 DIM = 8
 

@@ -371,7 +371,6 @@ def test_a_provider_whose_probes_keep_failing_is_given_up_and_the_job_stops_with
 
 
 # ------------------------------------------------------------------ a key shared with others
-import pipeline.core.limits as limits  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 
 
@@ -395,17 +394,14 @@ def test_limits_per_shard_must_be_true_or_false() -> None:
 
 @pytest.mark.slow  # a few windows of real time
 @pytest.mark.parametrize("headers", [True, False])
-def test_a_providers_limit_headers_pace_a_job_that_names_no_limits(
-    monkeypatch: pytest.MonkeyPatch, headers: bool
-) -> None:
+def test_a_providers_limit_headers_pace_a_job_that_names_no_limits(headers: bool) -> None:
     """The job names no RPM; the provider allows 5 requests a (2-second)
     window and says so: paced by what it says, nothing is refused. The same
     provider keeping quiet refuses what the job sends too fast."""
-    monkeypatch.setattr(limits, "WINDOW_S", 2.0)
     n = 15
 
     async def main(fp: FakeProvider) -> list[Any]:
-        p = provider(fp, "a", max_concurrency=4)
+        p = provider(fp, "a", max_concurrency=4, rate_window_s=2.0)
         d = Dispatcher([p], RetryConfig(max_attempts=20, initial_backoff_s=0.05, max_backoff_s=0.2))
         await p.start()
         try:

@@ -42,7 +42,8 @@ from fakeprovider import FakeProvider
 from pipeline.checkpoint import layout
 from pipeline.config.job import load_job
 from pipeline.errors import WorkLeftError
-from pipeline.storage.output import TEMP_MARK, LocalOutput
+from pipeline.storage import LocalOutput
+from pipeline.storage.output import TEMP_MARK
 from pipeline.engine.runner import GRACE_S as DEFAULT_GRACE_S
 from pipeline.engine.runner import RunOptions, run_job
 

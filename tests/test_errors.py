@@ -14,7 +14,7 @@ import pytest
 from multidict import CIMultiDict
 
 from pipeline.config.job import RetryConfig
-from pipeline.engine.dispatch import MAX_RETRY_AFTER_S, backoff_s, retry_delay_s
+from pipeline.core.retry import MAX_RETRY_AFTER_S, backoff_s, retry_delay_s
 from pipeline.errors import (
     BadInputError,
     BadResponseError,
@@ -22,9 +22,8 @@ from pipeline.errors import (
     ProviderUnusableError,
     RateLimitedError,
     TransientError,
-    classify,
-    retry_after_seconds,
 )
+from pipeline.providers.classify import classify, retry_after_seconds
 
 NOW_S = 1_700_000_000.0  # a fixed "now" so HTTP dates are deterministic
 KIND_CLASS = {

@@ -132,7 +132,7 @@ def test_provider_rpm_holds_over_real_http_as_the_server_counts_it(monkeypatch: 
 
 
 # ---------------------------------------------------------------- the provider's readings
-from pipeline.errors import key_reading  # noqa: E402
+from pipeline.providers.classify import key_reading  # noqa: E402
 from pipeline.core.limits import KeyReading, KeyShare, LimitReading  # noqa: E402
 
 

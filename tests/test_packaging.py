@@ -75,7 +75,7 @@ def test_the_wheel_holds_the_package_and_declares_the_extras(installed: tuple[Pa
     packages = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert packages == {"pipeline"}
     assert {"pipeline/__main__.py", "pipeline/providers/openai.py", "pipeline/logfmt.py"} <= set(names)
-    assert "embedding-pipeline = pipeline.__main__:main" in entry_points
+    assert "embedding-pipeline = pipeline.cli.main:main" in entry_points
     extras = set(metadata.get_all("Provides-Extra"))
     assert {"local", "test"} <= extras
     requires = metadata.get_all("Requires-Dist")

@@ -20,7 +20,6 @@ import pytest
 
 from conftest import REPO, cli_env, docs_table, provider_entry, read_parts, write_job, write_parquet
 from fakeprovider import FakeProvider
-from pipeline.core.limits import TEST_WINDOW_ENV
 from pipeline.core.probe import PROBE_TEXTS
 
 WINDOW_S = 5.0  # what "per minute" means to the server and to the runs here
@@ -50,6 +49,7 @@ def make_job(directory: Path, fp: FakeProvider, name: str, rows: int, seed: int)
     directory.mkdir(parents=True, exist_ok=True)
     write_parquet(directory / "data.parquet", docs_table(texts_for(rows, name, seed)))
     provider = provider_entry(fp, requests_per_minute=RPM, tokens_per_minute=TPM, max_concurrency=CONCURRENCY,
+                              rate_window_s=WINDOW_S,
                               timeout_s=10)
     return write_job(directory, [provider], rows_per_part=ROWS_PER_PART, job_name=name,
                      batching={"max_inputs_per_request": ROWS_PER_REQUEST},
@@ -57,8 +57,8 @@ def make_job(directory: Path, fp: FakeProvider, name: str, rows: int, seed: int)
 
 
 def run_together(runs: list[tuple[Path, list[str]]]) -> list[subprocess.CompletedProcess[str]]:
-    """Start every `run JOB ARGS` at once, each told the short window; wait for all."""
-    env = cli_env(env_extra={TEST_WINDOW_ENV: str(WINDOW_S)})
+    """Start every `run JOB ARGS` at once (their providers count over the short window); wait for all."""
+    env = cli_env()
     procs = [subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job), "--no-progress", *args],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for job, args in runs]

@@ -36,7 +36,8 @@ from .state import BatchJournal, delete_requests, write_record
 from .submit import OpenBatch, Stopped, Submitter, Waker
 from ..cache.vectors import KEY_BYTES
 from ..config.job import JobConfig
-from ..errors import BadResponseError, ProviderError, classify
+from ..errors import BadResponseError, ProviderError
+from ..providers.classify import classify
 from ..checkpoint.journal import JournalContents
 from ..engine.progress import RunCounters
 from ..providers.base import check_vectors

@@ -18,9 +18,7 @@ from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
-from ..config.job import StorageConfig
 from ..errors import ConfigError
-from ..storage.fs import is_remote
 
 log = logging.getLogger("pipeline")
 
@@ -167,16 +165,3 @@ class VectorCache:
             marks = ",".join("?" * len(batch))
             with self._lock:
                 yield self._db.execute(f"SELECT {columns} FROM vectors WHERE key IN ({marks})", batch).fetchall()
-
-
-def open_cache(path: str | None, options: StorageConfig, *, readonly: bool = False) -> Cache | None:
-    """The job's cache: a local folder, or segments on an object store (segments.py).
-    `readonly` (for `estimate`): nothing is created, and None when a local cache does not exist yet."""
-    if not path:
-        return None
-    if is_remote(path):
-        from .segments import SegmentedCache  # it builds on this module
-
-        return SegmentedCache(path, options, readonly=readonly)
-    folder = Path(path.removeprefix("file://"))
-    return VectorCache.open_if_present(folder) if readonly else VectorCache(folder)

@@ -14,7 +14,8 @@ import pyarrow as pa
 from ..checkpoint import layout
 from ..batch.files import MAX_REQUESTS_PER_BATCH
 from ..batch.state import read_records
-from ..cache.vectors import open_cache, text_keys
+from ..cache import open_cache
+from ..cache.vectors import text_keys
 from ..config.job import JobConfig, load_job
 from ..errors import ConfigError, JobChangedError
 from ..storage.fs import is_remote, store_error
@@ -26,7 +27,7 @@ from ..engine.progress import rejects_text
 from ..engine.reuse import RecentKeys, memory_entries, plan_keys
 from ..inputs.sources import check_columns, find_inputs, iter_units
 from ..core.spend import Spend
-from ..storage.output import LocalOutput, open_output
+from ..storage import LocalOutput, open_output
 from ..inputs.texts import prepare, row_texts
 
 

@@ -142,6 +142,7 @@ class ProviderConfig:
     max_concurrency: int = setting(8, low=1, high=1024)
     requests_per_minute: int | None = setting(None, low=1, high=10**12)
     tokens_per_minute: int | None = setting(None, low=1, high=10**12)
+    rate_window_s: float = setting(60.0, low=1, high=86_400)  # what the RPM/TPM figures (and the key's headers) count over
     limits_per_shard: bool = False  # the key's RPM/TPM are each shard's own, not split among `--shard K/N` runs
     timeout_s: float = setting(60.0, low=0.001, high=3600)
     priority: int = setting(0, low=-10**6, high=10**6)

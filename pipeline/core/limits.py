@@ -19,23 +19,11 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-TEST_WINDOW_ENV = "EMBEDDING_PIPELINE_TEST_WINDOW_S"  # tests only: a short "minute" for subprocess runs
-
-
-def _window_s() -> float:
-    try:
-        value = float(os.environ.get(TEST_WINDOW_ENV, ""))
-    except ValueError:
-        return 60.0
-    return value if 0 < value < math.inf else 60.0
-
-
-WINDOW_S = _window_s()  # what "per minute" means: RPM/TPM and the providers' x-ratelimit figures
+WINDOW_S = 60.0  # what "per minute" means: RPM/TPM and the providers' x-ratelimit figures (a provider's rate_window_s)
 SAFETY_S = 0.05  # clock granularity between us and the provider
 POLL_S = 0.05  # when the window is full of requests still in flight, look again this soon
 
@@ -106,7 +94,8 @@ class KeyShare:
     shares are measured over the window itself.
     """
 
-    def __init__(self, figure: float | None, shards: int = 1, *, min_step: float = 0.0) -> None:
+    def __init__(self, figure: float | None, shards: int = 1, *, min_step: float = 0.0,
+                 window_s: float | None = None) -> None:
         if figure is not None and not figure >= 1:
             raise ValueError("a rate limit must be at least 1")
         if shards < 1:
@@ -115,6 +104,7 @@ class KeyShare:
         self.static = None if figure is None else max(1.0, figure / shards)
         self._shards = shards
         self._min_step = min_step
+        self._window_s = WINDOW_S if window_s is None else window_s
         self._seq = -1  # the request whose answer gave the current reading
         self._at = -math.inf
         self._limit = 0.0
@@ -142,7 +132,7 @@ class KeyShare:
 
     def live(self, now: float) -> bool:
         """The provider speaks for the key: its answers carry readings, the latest a recent one."""
-        return self._unread < ANSWERS_WITHOUT_READING and now - self._at < READING_LIFE_WINDOWS * WINDOW_S
+        return self._unread < ANSWERS_WITHOUT_READING and now - self._at < READING_LIFE_WINDOWS * self._window_s
 
     def cap(self, now: float) -> float | None:
         """How much of this limit this process may have in a window now (None: no limit)."""
@@ -183,9 +173,11 @@ class RateWindow:
     provider reports on its answers.
     """
 
-    def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None, *, shards: int = 1) -> None:
-        self.requests = KeyShare(requests_per_minute, shards, min_step=MIN_REQUEST_STEP)
-        self.tokens = KeyShare(tokens_per_minute, shards)
+    def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None, *, shards: int = 1,
+                 window_s: float | None = None) -> None:
+        self._window_s = WINDOW_S if window_s is None else window_s
+        self.requests = KeyShare(requests_per_minute, shards, min_step=MIN_REQUEST_STEP, window_s=self._window_s)
+        self.tokens = KeyShare(tokens_per_minute, shards, window_s=self._window_s)
         self._done: deque[tuple[float, int]] = deque()  # (completed at, tokens), in completion order
         self._done_tokens = 0
         self._in_flight = 0
@@ -222,7 +214,7 @@ class RateWindow:
             # until it is answered) rather than sent in bursts, whose pattern
             # the window would repeat, and which others could not see coming.
             sent_at, _, _, last_tokens = self._log[-1]
-            spacing = (WINDOW_S + SAFETY_S + self._latency_s) * (min(last_tokens * scale, cap) if by_tokens else 1) / cap
+            spacing = (self._window_s + SAFETY_S + self._latency_s) * (min(last_tokens * scale, cap) if by_tokens else 1) / cap
             wait = max(wait, sent_at + spacing - now)
         return wait
 
@@ -265,14 +257,14 @@ class RateWindow:
         if not 0 <= i < len(self._log):
             return None
         sent_at, requests_before, tokens_before, tokens = self._log[i]
-        first = bisect.bisect_right(self._log, sent_at - WINDOW_S, hi=i, key=lambda entry: entry[0])
+        first = bisect.bisect_right(self._log, sent_at - self._window_s, hi=i, key=lambda entry: entry[0])
         _, first_requests_before, first_tokens_before, _ = self._log[first]
         return requests_before + 1 - first_requests_before, tokens_before + tokens - first_tokens_before
 
     def _prune_log(self, now: float) -> None:
         """Forget sends older than two windows, half the log at a time (amortised O(1))."""
         half = len(self._log) // 2
-        if len(self._log) >= LOG_PRUNE_AT and self._log[half][0] < now - 2 * WINDOW_S:
+        if len(self._log) >= LOG_PRUNE_AT and self._log[half][0] < now - 2 * self._window_s:
             del self._log[:half]
             self._log_base += half
 
@@ -282,11 +274,11 @@ class RateWindow:
         for done_at, tokens in self._done:
             freed += tokens if by_tokens else 1
             if freed >= amount:
-                return max(0.0, done_at + WINDOW_S + SAFETY_S - now)
+                return max(0.0, done_at + self._window_s + SAFETY_S - now)
         return POLL_S  # the rest is still in flight: wait for answers
 
     def _expire(self, now: float) -> None:
-        while self._done and self._done[0][0] + WINDOW_S + SAFETY_S <= now:
+        while self._done and self._done[0][0] + self._window_s + SAFETY_S <= now:
             self._done_tokens -= self._done.popleft()[1]
 
 

@@ -22,13 +22,14 @@ from typing import Awaitable, Callable, Literal
 import numpy as np
 
 from ..config.job import RetryConfig
-from ..errors import BadResponseError, ProviderError, ProviderUnusableError, WorkLeftError, classify
+from ..errors import BadResponseError, ProviderError, ProviderUnusableError, WorkLeftError
+from ..providers.classify import classify
 from ..core.limits import AdaptiveConcurrency, Circuit, Permit, RateWindow
+from ..core.retry import retry_delay_s
 from ..providers import EmbedResult, Provider
 
 log = logging.getLogger(__name__)
 
-MAX_RETRY_AFTER_S = 120.0  # beyond this, fail over or give up instead of sleeping
 LATENCY_SAMPLES = 2048  # latencies kept per provider for p50/p95
 CIRCUIT_FAILURES = 5  # consecutive failed answers that open a provider's circuit
 CIRCUIT_COOLDOWN_BACKOFFS = 4  # an open circuit rests this many initial backoffs, doubling per reopening
@@ -47,24 +48,6 @@ class NotSent:
 
 
 Outcome = EmbedResult | ProviderError | NotSent
-
-
-def backoff_s(attempt: int, initial_s: float, cap_s: float, rand: Callable[[], float] = random.random) -> float:
-    """Full-jitter exponential backoff for the `attempt`-th retry (1-based)."""
-    if attempt < 1 or initial_s <= 0 or cap_s <= 0:
-        return 0.0
-    ceiling = min(cap_s, initial_s * 2.0 ** min(attempt - 1, 60))
-    return ceiling * rand()
-
-
-def retry_delay_s(
-    attempt: int, err: ProviderError, retry: RetryConfig, rand: Callable[[], float] = random.random
-) -> float:
-    """Backoff, but never shorter than what the provider asked for (up to a cap)."""
-    delay = backoff_s(attempt, retry.initial_backoff_s, retry.max_backoff_s, rand)
-    if err.retry_after_s is not None:
-        delay = max(delay, min(err.retry_after_s, MAX_RETRY_AFTER_S))
-    return delay
 
 
 @dataclass
@@ -104,7 +87,7 @@ class Route:
         self.concurrency = AdaptiveConcurrency(cfg.max_concurrency)
         # A key's figures are shared by the job's shards unless each shard has a key of its own.
         self.rate = RateWindow(cfg.requests_per_minute, cfg.tokens_per_minute,
-                               shards=1 if cfg.limits_per_shard else shards)
+                               shards=1 if cfg.limits_per_shard else shards, window_s=cfg.rate_window_s)
         self.circuit = Circuit(
             failures_to_open=CIRCUIT_FAILURES,
             first_rest_s=retry.initial_backoff_s * CIRCUIT_COOLDOWN_BACKOFFS,

@@ -19,7 +19,8 @@ from ..checkpoint import parts
 from ..batch.run import NO_REQUESTS, BatchRun
 from ..batch.submit import cancel_open_batches, warn_open_batches
 from .inflight import MemoryBudget, Reservation
-from ..cache.vectors import Cache, open_cache
+from ..cache import open_cache
+from ..cache.vectors import Cache
 from ..config.job import JobConfig
 from .dispatch import Dispatcher
 from .embedder import Embedder
@@ -33,7 +34,7 @@ from .reuse import Reuse
 from ..inputs.sources import InputFile, Unit, check_columns, find_inputs, iter_units, max_units, parquet_rows
 from ..core.spend import Spend
 from .stopper import Stopper
-from ..storage.output import open_output
+from ..storage import open_output
 from ..inputs.texts import encoding
 from .units import UnitWork
 

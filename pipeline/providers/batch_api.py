@@ -22,8 +22,9 @@ from typing import Any, Awaitable, Callable, Literal, TypeVar, get_args
 import aiohttp
 
 from ..config.job import ProviderConfig, RetryConfig
-from ..engine.dispatch import retry_delay_s
-from ..errors import BadResponseError, EndpointMissingError, ProviderError, classify
+from ..core.retry import retry_delay_s
+from ..errors import BadResponseError, EndpointMissingError, ProviderError
+from .classify import classify
 from .openai import CONNECT_TIMEOUT_S, REDACTED, USER_AGENT
 
 log = logging.getLogger(__name__)

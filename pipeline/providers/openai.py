@@ -17,7 +17,8 @@ import numpy as np
 import pybase64  # SIMD base64: 0.3 us a 1536-dim vector where the standard library takes 9
 
 from ..config.job import ProviderConfig
-from ..errors import BadResponseError, ProviderError, classify, key_reading
+from ..errors import BadResponseError, ProviderError
+from .classify import classify, key_reading
 from ..core.limits import KeyReading
 from .base import EmbedResult, check_vectors
 

@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 from ..config.job import StorageConfig
 from ..errors import ConfigError
 from .fs import HOST, filesystem, store_error
+from .locks import Lease, lease_holders
 from .output import COPY_CHUNK_BYTES, LOG_CHUNK_SUFFIX, WRITE_CHECK, Output, Staged, private_temp_dir
 
 
@@ -147,11 +148,7 @@ class ObjectOutput(Output):
             raise
 
     def writer_lock(self, shard: tuple[int, int] | None) -> contextlib.AbstractContextManager[object]:
-        from .locks import Lease
-
         return Lease(self, shard)
 
     def running_shards(self) -> tuple[bool | None, list[tuple[int, int]]]:
-        from .locks import lease_holders
-
         return lease_holders(self)

@@ -1,0 +1,75 @@
+"""Importing the package changes nothing in the importing process (an Airflow
+worker, a notebook); the CLI's `main()` applies its process settings to its
+own process only, and `EMBEDDING_PIPELINE_PROCESS_SETTINGS=off` keeps them off."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, cli_env
+
+# What a process looks like: its environment, Arrow's default pool, and
+# whether pyarrow was told pandas is absent (pandas is installed here, so
+# pyarrow's own answer is True). glibc's settings cannot be read back.
+PROBE = r"""
+import json, os, sys
+env_before = dict(os.environ)
+{action}
+import pyarrow as pa
+state = {{
+    "env_changed": sorted(k for k in set(os.environ) | set(env_before) if os.environ.get(k) != env_before.get(k)),
+    "pool": pa.default_memory_pool().backend_name,
+    "pandas_loaded": "pandas" in sys.modules,
+}}
+state["pandas_probe_done"] = not pa.lib._pandas_api.have_pandas  # asks, unless it was asked already
+print(json.dumps(state))
+"""
+
+IMPORT_ALL = """
+import pipeline, pipeline.__main__, pipeline.cli.main, pipeline.engine.runner, pipeline.batch.run
+import pipeline.commands.checks, pipeline.providers.openai
+"""
+RUN_MAIN = """
+import pipeline.cli.main
+try:
+    pipeline.cli.main.main(["validate", "/nonexistent/job.yaml"])
+except SystemExit:
+    pass
+"""
+
+
+def probe(action: str, **env: str) -> dict[str, object]:
+    result = subprocess.run([sys.executable, "-c", PROBE.format(action=action)], cwd=REPO, env=cli_env(env_extra=env),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_importing_every_layer_changes_nothing_in_the_process() -> None:
+    baseline = probe("")
+    imported = probe(IMPORT_ALL)
+    assert imported["env_changed"] == []
+    assert imported["pool"] == baseline["pool"] != "system"  # Arrow's own default (mimalloc or jemalloc)
+    assert imported["pandas_probe_done"] is False
+
+
+def test_the_clis_main_applies_its_settings_to_its_own_process_without_touching_the_environment() -> None:
+    state = probe(RUN_MAIN)
+    assert state["pool"] == "system"
+    assert state["pandas_probe_done"] is True and state["pandas_loaded"] is False
+    assert state["env_changed"] == []  # nothing a child process would inherit
+
+
+@pytest.mark.parametrize("value", ["off", "0"])
+def test_the_process_settings_have_an_opt_out(value: str) -> None:
+    state = probe(RUN_MAIN, EMBEDDING_PIPELINE_PROCESS_SETTINGS=value)
+    assert state["pool"] != "system"
+    assert state["pandas_probe_done"] is False
+
+
+def test_a_users_own_arrow_pool_is_kept() -> None:
+    state = probe(RUN_MAIN, ARROW_DEFAULT_MEMORY_POOL="jemalloc")
+    assert state["pool"] == "jemalloc"
