@@ -36,7 +36,8 @@ from pipeline.engine.inflight import MemoryBudget
 from pipeline.config.job import load_job
 from pipeline.errors import ConfigError
 from pipeline.checkpoint.records import Ledger, UnitRecord, merge_meta, parse_snapshot, snapshot_json
-from pipeline.engine.runner import RunOptions, run_job
+from pipeline.commands.run import RunOptions
+from pipeline.commands.run import run as run_job
 from pipeline.storage import LocalOutput
 
 DIM = 8

@@ -45,7 +45,8 @@ from pipeline.errors import WorkLeftError
 from pipeline.storage import LocalOutput
 from pipeline.storage.output import TEMP_MARK
 from pipeline.engine.runner import GRACE_S as DEFAULT_GRACE_S
-from pipeline.engine.runner import RunOptions, run_job
+from pipeline.commands.run import RunOptions
+from pipeline.commands.run import run as run_job
 
 DIM = 8
 KEEP = ["title"]

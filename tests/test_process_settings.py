@@ -29,8 +29,8 @@ print(json.dumps(state))
 """
 
 IMPORT_ALL = """
-import pipeline, pipeline.__main__, pipeline.cli.main, pipeline.engine.runner, pipeline.batch.run
-import pipeline.commands.checks, pipeline.providers.openai
+import pipeline, pipeline.__main__, pipeline.cli.main, pipeline.engine.runner, pipeline.batch.strategy
+import pipeline.commands.checks, pipeline.commands.run, pipeline.providers.openai
 """
 RUN_MAIN = """
 import pipeline.cli.main

@@ -6,8 +6,12 @@ import json
 import math
 import re
 import sys
+from dataclasses import replace
 from typing import Sequence
 
+from ..commands.checks import estimate_job, estimate_lines, job_status, status_lines, validate_job
+from ..commands.run import RunOptions, run
+from ..config.job import load_job
 from ..errors import EXIT_OK, EXIT_WORK_LEFT, PipelineError
 from ..logfmt import LOG_FORMATS, configure, error_line
 from .process import apply_process_settings
@@ -108,37 +112,27 @@ def _positive(text: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from ..config.job import load_job
-    from ..engine.runner import RunOptions, run_job
 
     job = load_job(args.job)
     options = RunOptions(shard=args.shard, limit=args.limit, restart=args.restart, progress=args.progress)
     if args.grace_seconds is not None:
         options = replace(options, grace_s=args.grace_seconds)
-    return run_job(job, options)
+    return run(job, options)
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from ..commands.checks import validate_job
-
     for line in validate_job(args.job):
         print(line)
     return EXIT_OK
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from ..commands.checks import estimate_job, estimate_lines
-
     report = estimate_job(args.job)
     print(json.dumps(report, indent=1) if args.json else "\n".join(estimate_lines(report)))
     return EXIT_OK
 
 
 def _status(args: argparse.Namespace) -> int:
-    from ..commands.checks import job_status, status_lines
-
     report = job_status(args.job)
     print(json.dumps(report, indent=1) if args.json else "\n".join(status_lines(report)), flush=True)
     if args.check and report["state"] != "complete":

@@ -18,7 +18,7 @@ import pyarrow as pa
 from ..checkpoint import parts
 from ..config.job import JobConfig
 from .dispatch import Dispatcher
-from ..errors import BadInputError
+from ..errors import BadInputError, WorkLeftError
 from ..checkpoint.journal import Journal, Known
 from ..core.packing import pack
 from .reuse import ORIGIN_CODE, Claim, Origin, Refused, Reuse, origin_counts
@@ -43,10 +43,10 @@ class Embedded:
 
 
 class Embedder:
-    def __init__(self, job: JobConfig, dispatcher: Dispatcher, reuse: Reuse, dim: int,
+    def __init__(self, job: JobConfig, dispatcher: Dispatcher | None, reuse: Reuse, dim: int,
                  on_progress: ProgressCallback, spend: Spend | None = None) -> None:
         self.job = job
-        self.dispatcher = dispatcher
+        self.dispatcher = dispatcher  # None: every text comes known (a batch job's answers), none is sent
         self.reuse = reuse
         self.dim = dim
         self.on_progress = on_progress
@@ -178,8 +178,12 @@ class _Sending:
         tokens = int(self.counts[a:b].sum())
         texts = [self.prepared.pieces[i] for i in pieces]
         try:
+            dispatcher = self.embedder.dispatcher
+            if dispatcher is None:
+                raise WorkLeftError(f"internal error: {len(texts)} text(s) of a part had no collected answer; "
+                                    f"rerun to continue")
             with self.embedder.spend.holding(tokens) as paid:  # budget_usd: held before it is sent
-                result = await self.embedder.dispatcher.embed(texts, tokens)
+                result = await dispatcher.embed(texts, tokens)
                 # What the provider says it billed; else our count, exact.
                 if result.usage_tokens is not None:
                     billed = result.usage_tokens

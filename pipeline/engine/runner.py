@@ -1,47 +1,47 @@
-"""Wires the stages together: sources -> texts -> packing -> dispatch -> sink -> manifest.
+"""The one unit engine: a run of a job, whichever way its vectors are got.
 
-Owns the event loop, the bounded window of work in flight (units by count
-and input bytes; their slices by the bytes their vectors take, units.py),
-the start-up probe, and the closing summary.
+Opens the output (its writer lock, the checkpoint), walks the units this
+writer owns in input order with the `--limit` cut and the part-name check,
+learns the job's totals, settles the vector space, maps every failure to
+the run's one error, and writes the closing summary, `_SUCCESS` included.
+How a unit's vectors are got is the strategy's (strategy.py): requests.py
+for synchronous requests, pipeline/batch/ for the Batch API; both write
+through `unit_work` (units.py).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable, Iterator
 
-from ..checkpoint import layout
-from ..core import probe
-from ..checkpoint import parts
-from ..batch.run import NO_REQUESTS, BatchRun
-from ..batch.submit import cancel_open_batches, warn_open_batches
-from .inflight import MemoryBudget, Reservation
+import numpy as np
+
 from ..cache import open_cache
 from ..cache.vectors import Cache
+from ..checkpoint import layout, parts
+from ..checkpoint.manifest import Checkpoint, job_fingerprint
 from ..config.job import JobConfig
+from ..core import probe
+from ..core.pricing import cost_usd, job_price
+from ..core.spend import Spend
+from ..errors import EXIT_OK, ConfigError, PipelineError, WorkLeftError
+from ..inputs.sources import InputFile, Unit, check_columns, find_inputs, iter_units, max_units, parquet_rows
+from ..storage import open_output
+from ..storage.fs import store_error
+from ..storage.output import Output
 from .dispatch import Dispatcher
 from .embedder import Embedder
-from ..errors import EXIT_OK, ConfigError, PipelineError, ProviderError, WorkLeftError
-from ..storage.fs import store_error
-from ..checkpoint.manifest import Checkpoint, job_fingerprint
-from ..core.pricing import cost_usd, job_price
+from .inflight import MemoryBudget
 from .progress import Progress, RunCounters, log_summary
-from ..providers import Provider, build_provider
 from .reuse import Reuse
-from ..inputs.sources import InputFile, Unit, check_columns, find_inputs, iter_units, max_units, parquet_rows
-from ..core.spend import Spend
 from .stopper import Stopper
-from ..storage import open_output
-from ..inputs.texts import encoding
+from .strategy import Strategy
 from .units import UnitWork
 
 log = logging.getLogger("pipeline")
 
-MAX_UNITS_IN_FLIGHT = 16  # units open at once (each holds its input rows and an open part file)
-INPUT_WINDOW_BYTES = 128 * 2**20  # ... and at most this much input among them (one unit always fits)
 VECTOR_WINDOW_BYTES = 48 * 2**20  # vectors of slices in flight: claimed, sent or waiting to be written (24 full answers)
 GRACE_S = 20.0  # after SIGTERM/SIGINT, in-flight units get this long; inside Airflow's/k8s' 30 s
 
@@ -55,13 +55,23 @@ class RunOptions:
     grace_s: float = GRACE_S
 
 
-def run_job(job: JobConfig, options: RunOptions) -> int:
+@dataclass(frozen=True)
+class Plan:
+    """What the command layer chooses for a run: its strategy, and what to do
+    with what earlier runs of another strategy left (batches still open)."""
+
+    strategy: Callable[[Engine], Strategy]
+    before_restart: Callable[[Output, JobConfig, str], Awaitable[object]]  # given the discarded epoch
+    on_open: Callable[[Output, JobConfig, str], None]  # given the checkpoint's epoch
+
+
+def run_job(job: JobConfig, options: RunOptions, plan: Plan) -> int:
     """Run a job to completion or to a clean stop. Returns the exit status;
     raises PipelineError for the one-line errors."""
-    return asyncio.run(_Run(job, options).main())
+    return asyncio.run(Engine(job, options).main(plan))
 
 
-class _Run:
+class Engine:
     def __init__(self, job: JobConfig, options: RunOptions) -> None:
         self.job = job
         self.opts = options
@@ -70,82 +80,138 @@ class _Run:
         self.stop = Stopper(options.grace_s)
         self.files: list[InputFile] = []
         self.checkpoint: Checkpoint
-        self.dispatcher: Dispatcher
         self.cache: Cache | None = None
-        self.units: UnitWork
         self.progress: Progress
-        self.vectors: MemoryBudget
+        self.vectors = MemoryBudget(VECTOR_WINDOW_BYTES)
         self.spend: Spend
-        self.batches: BatchRun | None = None  # a job with an openai_batch provider (batches.py)
+        self.units: UnitWork | None = None
         self.dim = 0
 
-    async def main(self) -> int:
+    async def main(self, plan: Plan) -> int:
         self.files = find_inputs(self.job.input)
         check_columns(self.files, self.job.input)
         self.output.prepare(layout.FOLDERS)
         try:
             with self.output.writer_lock(self.opts.shard):
                 if self.opts.restart and (earlier := Checkpoint.read(self.output)) is not None:
-                    await cancel_open_batches(self.output, self.job, earlier.epoch)  # before their records go
+                    await plan.before_restart(self.output, self.job, earlier.epoch)  # before their records go
                 self.checkpoint = Checkpoint.open(
                     self.output, self.job, job_fingerprint(self.job, self.files), restart=self.opts.restart,
                     shard=self.opts.shard, max_units=max_units(self.files, self.job.output.rows_per_part),
                 )
                 self.checkpoint.clean()
-                if self.job.batch_provider is None:
-                    warn_open_batches(self.output, self.checkpoint.epoch)
+                plan.on_open(self.output, self.job, self.checkpoint.epoch)
                 if self.checkpoint.complete() and self.output.exists(layout.SUCCESS):
                     rows = self.checkpoint.counters()["rows_done"]
                     log.info("job %s is already complete: %s rows in %s (--restart redoes it)", self.job.name, f"{rows:,}", self.output)
                     return EXIT_OK
                 self.cache = open_cache(self.job.cache, self.job.cache_storage)
-                providers = [build_provider(cfg, self.job) for cfg in self.job.providers]
                 try:
-                    return await self._with_providers(providers)
+                    return await self._run(plan.strategy)
                 finally:
-                    await asyncio.gather(*(p.close() for p in providers), return_exceptions=True)
                     if self.cache is not None:
                         self.cache.close()
         finally:
             self.output.close()
 
-    async def _with_providers(self, providers: list[Provider]) -> int:
-        self.dispatcher = Dispatcher(providers, self.job.retry, shards=self.opts.shard[1] if self.opts.shard else 1)
+    async def _run(self, make_strategy: Callable[[Engine], Strategy]) -> int:
         self.progress = Progress(self._rows_to_do(), self.opts.progress)
         self.spend = Spend(self.job.budget_usd, job_price(self.job)[0], self.checkpoint.counters()["tokens"])
-        self.vectors = MemoryBudget(VECTOR_WINDOW_BYTES)
+        strategy = make_strategy(self)
         self.stop.install()
         try:
-            await asyncio.gather(*(p.start() for p in providers))
-            if self.job.batch_provider is not None:
-                self.batches = BatchRun(
-                    self.job, self.output, self.checkpoint, files=self.files, shard=self.opts.shard,
-                    limit=self.opts.limit, stop=self.stop, counters=self.counters, cache=self.cache, spend=self.spend,
-                    vectors=self.vectors, sync=providers[0],  # type: ignore[arg-type]
-                    make_units=lambda dim: self._unit_work(dim, NO_REQUESTS),  # type: ignore[arg-type]
-                )
-                await self.batches.run()
-            else:
-                dim = await self.stop.abandonable(self._vector_space())
-                self.dispatcher.dimensions = dim
-                self._unit_work(dim, self.dispatcher)
-                await self._process_units()
-        except PipelineError as err:
-            self.stop.fail(err)
-        except OSError as err:
-            self.stop.fail(self._disk_error(err))
+            totals: dict[str, int] = {}  # filled once the walk has read every input
+            try:
+                try:
+                    await strategy.open()
+                    await self._walk(strategy, totals)
+                except BaseException as err:  # stops the run before the strategy drains what is in flight
+                    self.stop.fail(self.failure(err, "while taking units"))
+                    if not isinstance(err, Exception):
+                        raise
+                finally:
+                    await strategy.drain()
+                # Learnt after the units in flight are committed: learning compacts the checkpoint.
+                if totals and self.checkpoint.meta.get("total_units") != totals["units"]:
+                    await asyncio.to_thread(self.checkpoint.learn, total_units=totals["units"], total_rows=totals["rows"])
+            except (PipelineError, OSError) as err:
+                self.stop.fail(self.failure(err, "while learning the job's totals"))
         finally:
+            await strategy.close()
             self.stop.uninstall()
             self.progress.close()
-        return self._finish()
+        return self._finish(strategy.report())
 
-    def _unit_work(self, dim: int, dispatcher: Dispatcher) -> UnitWork:
-        """The unit code both paths write with, once the vectors' length is known."""
+    # -- what the strategies share -------------------------------------------
+
+    def unit_work(self, dim: int, dispatcher: Dispatcher | None) -> UnitWork:
+        """The unit code both strategies write with, once the vectors' length
+        is known. Without a dispatcher, every text must come known (a batch's)."""
         self.dim = dim
         reuse = Reuse(self.job.embedding.model, self.job.embedding.dimensions, dim, self.cache)
         embedder = Embedder(self.job, dispatcher, reuse, dim, self.progress.advance, self.spend)
         self.units = UnitWork(self.job, self.output, self.checkpoint, embedder, self.stop, self.counters)
         return self.units
+
+    def owned(self, seq: int) -> bool:
+        """A unit this writer owns and nobody has committed."""
+        return layout.owns(self.opts.shard, seq) and not self.checkpoint.is_done(seq)
+
+    def end_of(self, unit: Unit) -> int:
+        """How many of the unit's rows this run takes (the `--limit` cut)."""
+        limit = self.opts.limit
+        return unit.table.num_rows if limit is None else max(0, min(unit.table.num_rows, limit - unit.row_offset))
+
+    def units_of(self, wanted: Callable[[int], bool], totals: dict[str, int] | None = None) -> Iterator[Unit]:
+        """The wanted units, in input order, read from the inputs."""
+        return iter_units(self.files, self.job.input, self.job.output.rows_per_part, wanted, totals)
+
+    async def settle_space(self, answers: list[np.ndarray]) -> list[str | None]:
+        """Each provider's probe vectors (in priority order) against this
+        output's vector space: the probes recorded by the run that started it,
+        else the first answer's, then recorded. None where one agrees, else why not."""
+        recorded = self.checkpoint.meta.get("probes")
+        reference = probe.decode(recorded) if recorded else (answers[0] if answers else None)
+        verdicts = [probe.mismatch(reference, a) if reference is not None else None for a in answers]
+        if not recorded and reference is not None:
+            await asyncio.to_thread(self.checkpoint.learn, dimensions=int(reference.shape[1]),
+                                    probes=probe.encode(reference))
+        return verdicts
+
+    def disk_error(self, err: OSError) -> WorkLeftError:
+        return WorkLeftError(f"cannot write to {self.output}: {err.strerror or store_error(err)}; what is done is kept, "
+                             f"fix it and rerun to continue")
+
+    def failure(self, err: BaseException, where: str) -> PipelineError:
+        """The run's error for whatever stopped a piece of work (`where`: "in part 12")."""
+        if isinstance(err, PipelineError):
+            return err
+        if isinstance(err, OSError):  # a full disk or a lost permission: what is committed stays committed
+            return self.disk_error(err)
+        if isinstance(err, asyncio.CancelledError):
+            return WorkLeftError("stopped before in-flight work finished; rerun to continue")
+        if isinstance(err, KeyboardInterrupt):
+            return WorkLeftError("interrupted; rerun to continue")
+        log.debug("failure %s", where, exc_info=err)  # a bug: stop cleanly, keep what is done, say so
+        return WorkLeftError(f"internal error {where}: {type(err).__name__}: {err}")
+
+    # -- the unit loop ------------------------------------------------------
+
+    async def _walk(self, strategy: Strategy, totals: dict[str, int]) -> None:
+        units = self.units_of(self.owned, totals)
+        limit = self.opts.limit
+        while not self.stop.stopping:
+            unit = await asyncio.to_thread(next, units, None)
+            if unit is None or self.stop.stopping or (limit is not None and unit.row_offset >= limit):
+                break
+            if unit.seq >= 10 ** self.checkpoint.part_digits:  # part names would no longer sort in input order
+                raise ConfigError(
+                    f"output.rows_per_part: {self.job.output.rows_per_part} makes more parts than this output's "
+                    f"names allow ({10 ** self.checkpoint.part_digits:,}); raise it and rerun with --restart"
+                )
+            await strategy.take(unit, self.end_of(unit))
+        if not self.stop.stopping:
+            await strategy.after_last()
 
     def _rows_to_do(self) -> int | None:
         """Rows this run has left, when known without reading the inputs (for the ETA)."""
@@ -160,127 +226,14 @@ class _Run:
             total = min(total, self.opts.limit)
         return max(0, total - self.checkpoint.counters()["rows_done"])
 
-    def _disk_error(self, err: OSError) -> WorkLeftError:
-        return WorkLeftError(f"cannot write to {self.output}: {err.strerror or store_error(err)}; what is done is kept, "
-                             f"fix it and rerun to continue")
-
-    async def _vector_space(self) -> int:
-        """Probe every provider; keep those whose vectors agree with this
-        output's (recorded by the run that started it, else the first
-        provider's by priority). Returns the vectors' length."""
-        recorded = self.checkpoint.meta.get("probes")
-        reference = probe.decode(recorded) if recorded else None
-        routes = sorted(self.dispatcher.routes, key=lambda r: r.priority)
-        texts = list(probe.PROBE_TEXTS)
-        tokens = sum(len(t) for t in encoding().encode_ordinary_batch(texts))
-        answers = await asyncio.gather(
-            *(self.dispatcher.embed_on(r, texts, tokens) for r in routes), return_exceptions=True
-        )
-        for route, answer in zip(routes, answers):
-            if isinstance(answer, ProviderError):
-                self.dispatcher.mark_unusable(route, f"start-up probe failed: {answer.message or answer.kind}")
-            elif isinstance(answer, BaseException):
-                raise answer
-            elif reference is None:
-                reference = answer.vectors
-            elif (why := probe.mismatch(reference, answer.vectors)) is not None:
-                self.dispatcher.mark_unusable(route, why)
-        if reference is None:
-            raise WorkLeftError(self.dispatcher.no_provider_message())
-        dim = int(reference.shape[1])
-        if not recorded:
-            await asyncio.to_thread(self.checkpoint.learn, dimensions=dim, probes=probe.encode(reference))
-        return dim
-
-    # -- the unit loop ------------------------------------------------------
-
-    def _wanted(self, seq: int) -> bool:
-        return layout.owns(self.opts.shard, seq) and not self.checkpoint.is_done(seq)
-
-    def _window(self) -> int:
-        slots = sum(p.max_concurrency for p in self.job.providers)
-        rows_in_flight = slots * self.job.request_limits(self.dim or None)[0]  # requests as sent, answers kept small
-        return max(2, min(MAX_UNITS_IN_FLIGHT, math.ceil(rows_in_flight / self.job.output.rows_per_part) + 1))
-
-    async def _process_units(self) -> None:
-        totals: dict[str, int] = {}
-        units = iter_units(self.files, self.job.input, self.job.output.rows_per_part, self._wanted, totals)
-        window = asyncio.Semaphore(self._window())
-        inputs = MemoryBudget(INPUT_WINDOW_BYTES)
-        tasks: set[asyncio.Task[None]] = set()
-        limit = self.opts.limit
-        last_slice: Reservation | None = None
-        last_round: asyncio.Task[None] | None = None
-        try:
-            while not self.stop.stopping:
-                await window.acquire()
-                unit = await asyncio.to_thread(next, units, None)
-                if unit is None or self.stop.stopping or (limit is not None and unit.row_offset >= limit):
-                    window.release()
-                    if last_slice is not None and not self.stop.stopping:
-                        last_round = asyncio.create_task(self._largest_first_after(last_slice))
-                    break
-                if unit.seq >= 10 ** self.checkpoint.part_digits:  # part names would no longer sort in input order
-                    window.release()
-                    raise ConfigError(
-                        f"output.rows_per_part: {self.job.output.rows_per_part} makes more parts than this output's "
-                        f"names allow ({10 ** self.checkpoint.part_digits:,}); raise it and rerun with --restart"
-                    )
-                held = inputs.reserve(unit.table.nbytes)
-                await held.wait()
-                end = unit.table.num_rows if limit is None else min(unit.table.num_rows, limit - unit.row_offset)
-                slices, reservations = self.units.reserve(end, self.vectors)  # now, in input order
-                last_slice = reservations[-1] if reservations else last_slice
-                task = asyncio.create_task(self._unit(unit, slices, reservations))
-                tasks.add(task)
-                self.stop.track(task)
-                task.add_done_callback(lambda t, held=held: (tasks.discard(t), held.release(), window.release()))
-        except PipelineError as err:
-            self.stop.fail(err)
-        finally:
-            if tasks:
-                if self.stop.stopping:
-                    self.stop.start_grace()
-                await asyncio.wait(tasks)
-            if last_round is not None:
-                last_round.cancel()  # its slice may never get its bytes (a failed unit lets them go unused)
-        if totals and self.checkpoint.meta.get("total_units") != totals["units"]:
-            await asyncio.to_thread(self.checkpoint.learn, total_units=totals["units"], total_rows=totals["rows"])
-
-    async def _largest_first_after(self, last_slice: Reservation) -> None:
-        """Once the job's last slice has its bytes (granted in order), every
-        request left is made or being made: the largest may go first."""
-        await last_slice.wait()
-        self.dispatcher.last_requests_made()
-
-    async def _unit(self, unit: Unit, slices: list[tuple[int, int]], reservations: list[Reservation]) -> None:
-        try:
-            await self.units.run(unit, slices, reservations)
-        except PipelineError as err:
-            self.stop.fail(err)
-        except OSError as err:  # a full disk or a lost permission: what is committed stays committed
-            self.stop.fail(self._disk_error(err))
-        except Exception as err:  # a bug: stop cleanly, keep what is done, say so
-            log.debug("unit %d failed", unit.seq, exc_info=True)
-            self.stop.fail(WorkLeftError(f"internal error in part {unit.seq}: {type(err).__name__}: {err}"))
-        except asyncio.CancelledError:
-            self.stop.fail(WorkLeftError("stopped before in-flight work finished; rerun to continue"))
-            raise
-        finally:
-            for reservation in reservations:
-                reservation.release()
-
     # -- the end --------------------------------------------------------------
 
-    def _finish(self) -> int:
+    def _finish(self, providers: dict[str, dict[str, Any]]) -> int:
         """Record the run, write the summary, and `_SUCCESS` if the whole job
         is done, judged on the latest checkpoint: another shard may have just
         finished the last part."""
         error = self.stop.error
         done_here = error is None and not self.stop.stopping
-        providers = self.dispatcher.provider_report()
-        if self.batches is not None:
-            self.batches.report(providers)
         try:
             self.checkpoint.refresh()
             complete = done_here and self.opts.limit is None and self.checkpoint.complete()
@@ -288,13 +241,13 @@ class _Run:
             summary = self._summary(status, providers)
             self.checkpoint.record_run(summary["run"], whole=complete)
             parts.merge_rejects(self.output, [*self.checkpoint.ledger.committed_seqs(), *self.checkpoint.ledger.partial],
-                               self.checkpoint.part_digits)
+                                self.checkpoint.part_digits)
             parts.write_json(self.output, layout.SUMMARY, summary)
             if complete:
                 self.output.write(layout.SUCCESS, b"")
         except OSError as err:  # the disk that stopped the run may not take its record either
             if error is None:
-                raise self._disk_error(err) from err
+                raise self.disk_error(err) from err
             log.warning("could not record this run in %s: %s", self.output, err.strerror or store_error(err))
             raise error
         log_summary(summary)

@@ -1,16 +1,17 @@
-"""`type: openai_batch`: a job's texts go through the Files + Batches API, at half price.
+"""`type: openai_batch`: the engine's Batch API strategy. A job's texts go
+through the Files + Batches API, at half price.
 
 Batches fill journals; units finish from them. Three tasks share the state:
 
-- *first sight* walks the units this writer owns and has not committed, in
-  order, once. *Examining* a unit prepares its texts as a slice does, keys
+- *first sight* is the engine's walk over the units this writer owns and
+  has not committed, in order, once (`take`). *Examining* a unit prepares its texts as a slice does, keys
   them, and sorts each distinct key: answered (its own journal, a collected
   batch's, the cache), pending in a batch (open, being uploaded or being
   built: in-run dedupe), or missing. Missing ones go into the batch being
-  built (batchsubmit.py). A unit with nothing pending is finished at once
-  through units.py, the synchronous path's own code, with the answers as its
+  built (submit.py). A unit with nothing pending is finished at once
+  through the engine's unit code (engine/units.py), with the answers as its
   `Known`: its part is bit-identical to a synchronous run's.
-- the *poller* polls open batches and collects finished ones (batchcollect.py):
+- the *poller* polls open batches and collects finished ones (collect.py):
   answers to the batch's journal and the cache, failures classified; then the
   batch is marked collected in the checkpoint and its files deleted.
 - *rechecks* examine again the units whose batches were collected: finished
@@ -22,10 +23,12 @@ it (or waited for them) is committed; a rerun keeps them until its first
 sight has passed the units earlier runs examined, so a kill never makes a
 text that was submitted go again.
 
-Over 400 lines: the three tasks share one state (which batch holds or
-answered which key, which unit waits on which batch, which journals are still
-needed), and BatchRun is that state; its pieces without it are the modules
-batchsubmit.py, batchcollect.py, batchfile.py and batchstate.py.
+The bookkeeping is plain data, each piece with one owner: the answers of
+kept batches (state.Answers), the units tied to batches (links.Links: the
+batches a unit waits on, the kept batches a unit takes answers from), what
+is being built, uploaded and open (submit.Submitter). Over 400 lines: the
+three tasks share that state; its pieces without it are submit.py,
+collect.py, files.py, state.py and links.py.
 """
 from __future__ import annotations
 
@@ -34,68 +37,51 @@ import logging
 import shutil
 from collections import Counter
 from dataclasses import replace
-from typing import Any, Callable, Coroutine, Iterable
+from pathlib import Path
+from typing import Any, Coroutine, Iterable
 
 import numpy as np
 
-from ..checkpoint import layout
-from ..core import probe
-from ..checkpoint import parts
-from .collect import Collector, delete_files
-from .files import keys_array
-from .state import Answers, BatchJournal, UnitKnown, delete_batch, delete_requests, orphan_files, read_records, read_requests
-from .submit import Stopped, Submitter, Waker
-from ..engine.inflight import MemoryBudget
-from ..cache.vectors import Cache, text_keys
-from ..config.job import JobConfig
-from ..errors import ConfigError, EndpointMissingError, PipelineError, ProviderError, WorkLeftError
+from ..cache.vectors import text_keys
+from ..checkpoint import layout, parts
 from ..checkpoint.journal import Journal, JournalContents
-from ..checkpoint.manifest import Checkpoint
+from ..checkpoint.records import BatchRecord, BatchRequest
+from ..core import probe
 from ..core.packing import pack
-from ..engine.progress import RunCounters
+from ..engine.dispatch import ProviderStats
+from ..engine.reuse import first_pieces
+from ..engine.runner import Engine
+from ..engine.units import UnitWork
+from ..errors import EndpointMissingError, PipelineError, ProviderError, WorkLeftError
+from ..inputs.sources import Unit
+from ..inputs.texts import PreparedTexts, prepare, row_texts
 from ..providers.batch_api import BatchClient
 from ..providers.openai import OpenAIProvider
-from ..checkpoint.records import BatchRecord, BatchRequest
-from ..engine.reuse import first_pieces
-from ..inputs.sources import InputFile, Unit, iter_units
-from ..core.spend import Spend
-from ..engine.stopper import Stopper
-from ..storage.output import Output, private_temp_dir
-from ..inputs.texts import PreparedTexts, prepare, row_texts
-from ..engine.units import UnitWork
+from ..storage.output import private_temp_dir
+from .collect import Collector, delete_files
+from .files import keys_array
+from .links import Links
+from .state import Answers, BatchJournal, UnitKnown, delete_batch, delete_requests, orphan_files, read_records, read_requests
+from .submit import Stopped, Submitter, Waker
 
 log = logging.getLogger("pipeline")
 
 
-class _NoRequests:
-    """The dispatcher of a batch job's units: they finish from collected answers
-    only, so a text without one is a bug, never a synchronous request."""
-
-    dimensions: int | None = None
-
-    async def embed(self, texts: list[str], tokens: int) -> Any:
-        raise WorkLeftError(f"internal error: {len(texts)} text(s) of a part had no collected answer; rerun to continue")
-
-
-NO_REQUESTS = _NoRequests()
-
-
-class BatchRun:
-    def __init__(self, job: JobConfig, output: Output, checkpoint: Checkpoint, *, files: list[InputFile],
-                 shard: layout.Shard | None, limit: int | None, stop: Stopper, counters: RunCounters,
-                 cache: Cache | None, spend: Spend, vectors: MemoryBudget, sync: OpenAIProvider,
-                 make_units: Callable[[int], UnitWork]) -> None:
+class BatchStrategy:
+    def __init__(self, engine: Engine) -> None:
+        job = engine.job
         cfg = job.batch_provider
         assert cfg is not None
-        self.job, self.cfg, self.output, self.checkpoint = job, cfg, output, checkpoint
-        self.files, self.shard, self.limit = files, shard, limit
-        self.stop, self.counters, self.cache, self.spend, self.vectors = stop, counters, cache, spend, vectors
-        self.sync = sync  # the synchronous endpoint: the probe, and the one decoder of answers
-        self.make_units = make_units
+        self.engine = engine
+        self.job, self.cfg, self.output, self.checkpoint = job, cfg, engine.output, engine.checkpoint
+        self.shard = engine.opts.shard
+        self.stop, self.counters, self.cache, self.spend = engine.stop, engine.counters, engine.cache, engine.spend
+        # the synchronous endpoint: the probe, and the one decoder of answers
+        self.sync = OpenAIProvider(cfg, job.embedding.dimensions)
         self.client = BatchClient(cfg, job.retry)
-        self.writer = layout.writer_name(shard)
-        self.waker = Waker(stop)
-        self.submit: Submitter  # made in run(), with the temp folder
+        self.writer = layout.writer_name(self.shard)
+        self.waker = Waker(self.stop)
+        self.submit: Submitter  # made in open(), with the temp folder
         self.dim = 0
         self.units: UnitWork | None = None
         self.space_checked = False  # the one-vector-space probe passed (synchronously, or in a batch)
@@ -103,10 +89,8 @@ class BatchRun:
         self.answers = Answers()
         self.earlier: set[str] = set()  # kept batches an earlier run collected (their rows count as from the journal)
         self.paid: Counter[int] = Counter()  # unit -> tokens of its answered lines in kept batches
-        self.waits: dict[int, set[str]] = {}  # unit -> batches it waits on
-        self.waiters: dict[str, set[int]] = {}
-        self.users: dict[str, set[int]] = {}  # kept batch -> uncommitted units that take answers from it
-        self.uses: dict[int, set[str]] = {}
+        self.waits = Links()  # unit <-> the batches it waits on
+        self.uses = Links()  # uncommitted unit <-> the kept batches it takes answers from
         self.recheck: set[int] = set()
         self.rechecking = False
         self.examining: set[int] = set()  # one examination of a unit at a time (first sight or a recheck)
@@ -122,40 +106,75 @@ class BatchRun:
         self.last_error: str | None = None  # what the last failed line or batch said
         self._lock = asyncio.Lock()  # one unit's texts are sorted and added at a time: each text once
         self._unit_tasks: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Future[None]] = []  # the rechecks and the poller
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._tmp: Path | None = None
 
     # -- the run ------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        tmp = private_temp_dir("batch")
+    async def open(self) -> None:
+        self._tmp = private_temp_dir("batch")
         self._loop = asyncio.get_running_loop()
         self.submit = Submitter(self.job, self.output, self.checkpoint.epoch, self.writer, self.client, self.spend,
-                                self.waker, tmp, needs_probe=lambda: not self.space_checked, cursor=lambda: self.cursor)
+                                self.waker, self._tmp, needs_probe=lambda: not self.space_checked,
+                                cursor=lambda: self.cursor)
         collector = Collector(self, self.job, self.output, self.checkpoint.epoch, self.client, self.submit, self.waker,
                               self.spend, self.counters, decode=self.sync.vectors, store=self._store)
+        await self.sync.start()
         await self.client.start()
+        await self._probe()
+        await self._adopt()
+        if not self.space_checked and self.submit.probe_sub is None and self.submit.open:
+            self.submit.probe_batch()  # batches of earlier runs wait for the probe: it goes first, alone
+            await self.submit.flush()
+        for work in (self._rechecks(), collector.poll()):
+            task = asyncio.ensure_future(self._guard(work))
+            self.stop.track(task)
+            self._tasks.append(task)
+
+    async def take(self, unit: Unit, end: int) -> None:
+        """First sight of a unit."""
         try:
-            await self._probe()
-            await self._adopt()
-            if not self.space_checked and self.submit.probe_sub is None and self.submit.open:
-                self.submit.probe_batch()  # batches of earlier runs wait for the probe: it goes first, alone
-                await self.submit.flush()
-            tasks = [asyncio.ensure_future(self._guard(work)) for work in
-                     (self._first_sight(), self._rechecks(), collector.poll())]
-            for task in tasks:
-                self.stop.track(task)
-            try:
-                await asyncio.wait(tasks)
-            finally:
-                if self.stop.stopping:
-                    self.stop.start_grace()
-                for outcome in await asyncio.gather(*self._unit_tasks, return_exceptions=True):
-                    if isinstance(outcome, PipelineError):
-                        self.stop.fail(outcome)
+            await self._examine(unit, end)
+            self.cursor = unit.seq
+            if self.deferred and self.cursor >= self.gate:
+                for sub in list(self.deferred):
+                    await self._release(sub)
+        except Stopped:
+            pass
+        except ProviderError as err:
+            raise self._provider_failed(err) from None
         finally:
+            self.waker.notify()
+
+    async def after_last(self) -> None:
+        self.first_done = True
+        await self._guard(self._after_first_sight())
+
+    async def _after_first_sight(self) -> None:
+        for sub in list(self.deferred):
+            await self._release(sub)
+        await self._flush_if_idle()
+
+    async def drain(self) -> None:
+        self.waker.notify()  # the walk may have stopped the run: the rechecks and the poller look again
+        try:
+            if self._tasks:
+                await asyncio.wait(self._tasks)
+        finally:
+            if self.stop.stopping:
+                self.stop.start_grace()
+            for outcome in await asyncio.gather(*self._unit_tasks, return_exceptions=True):
+                if isinstance(outcome, PipelineError):
+                    self.stop.fail(outcome)
+
+    async def close(self) -> None:
+        if hasattr(self, "submit"):
             self.submit.discard()
-            await self.client.close()
-            shutil.rmtree(tmp, ignore_errors=True)
+        await self.client.close()
+        await self.sync.close()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
     async def _guard(self, work: Coroutine[Any, Any, None]) -> None:
         try:
@@ -164,16 +183,11 @@ class BatchRun:
             pass
         except ProviderError as err:
             self.stop.fail(self._provider_failed(err))
-        except PipelineError as err:
-            self.stop.fail(err)
-        except OSError as err:
-            self.stop.fail(WorkLeftError(f"cannot write to {self.output}: {err.strerror or err}; what is done is kept, "
-                                         f"fix it and rerun to continue"))
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as err:
             self.stop.fail(WorkLeftError("stopped while batches were being submitted or collected; rerun to continue"))
-        except Exception as err:  # a bug: stop cleanly, keep what is done, say so
-            log.debug("batch task failed", exc_info=True)
-            self.stop.fail(WorkLeftError(f"internal error in batches: {type(err).__name__}: {err}"))
+            raise err
+        except Exception as err:  # noqa: BLE001 - PipelineError, a disk error, or a bug: the engine words it
+            self.stop.fail(self.engine.failure(err, "in batches"))
         finally:
             self.waker.notify()
 
@@ -206,18 +220,16 @@ class BatchRun:
         await self.check_space(answer.vectors)
 
     async def check_space(self, vectors: np.ndarray) -> None:
-        recorded = self.checkpoint.meta.get("probes")
-        if recorded and (why := probe.mismatch(probe.decode(recorded), vectors)) is not None:
+        (why,) = await self.engine.settle_space([vectors])
+        if why is not None:
             raise self._unusable(why)
-        if not recorded:
-            await asyncio.to_thread(self.checkpoint.learn, dimensions=int(vectors.shape[1]), probes=probe.encode(vectors))
         self._learn_dim(int(vectors.shape[1]))
         self.space_checked = True
 
     def _learn_dim(self, dim: int) -> None:
         if not self.dim:
             self.dim = dim
-            self.units = self.make_units(dim)
+            self.units = self.engine.unit_work(dim, None)
 
     # -- start: what earlier runs left ---------------------------------------------------
 
@@ -262,34 +274,6 @@ class BatchRun:
 
     # -- first sight and rechecks ---------------------------------------------------------
 
-    def _wanted(self, seq: int) -> bool:
-        return layout.owns(self.shard, seq) and not self.checkpoint.is_done(seq)
-
-    async def _first_sight(self) -> None:
-        totals: dict[str, int] = {}
-        units = iter_units(self.files, self.job.input, self.job.output.rows_per_part, self._wanted, totals)
-        while not self.stop.stopping:
-            unit = await asyncio.to_thread(next, units, None)
-            if unit is None or (self.limit is not None and unit.row_offset >= self.limit):
-                break
-            if unit.seq >= 10 ** self.checkpoint.part_digits:
-                raise ConfigError(f"output.rows_per_part: {self.job.output.rows_per_part} makes more parts than "
-                                  f"this output's names allow ({10 ** self.checkpoint.part_digits:,}); raise it and "
-                                  f"rerun with --restart")
-            await self._examine(unit)
-            self.cursor = unit.seq
-            if self.deferred and self.cursor >= self.gate:
-                for sub in list(self.deferred):
-                    await self._release(sub)
-        if self.stop.stopping:
-            return
-        if totals and self.checkpoint.meta.get("total_units") != totals["units"]:
-            await asyncio.to_thread(self.checkpoint.learn, total_units=totals["units"], total_rows=totals["rows"])
-        self.first_done = True
-        for sub in list(self.deferred):
-            await self._release(sub)
-        await self._flush_if_idle()
-
     async def _rechecks(self) -> None:
         while True:
             await self.waker.wait(lambda: bool(self.recheck) or self.finished())
@@ -298,14 +282,14 @@ class BatchRun:
             seqs, self.recheck = self.recheck, set()
             self.rechecking = True
             try:
-                last = max((s for s in seqs if self._wanted(s)), default=-1)
-                units = iter_units(self.files, self.job.input, self.job.output.rows_per_part,
-                                   lambda s: s in seqs and self._wanted(s))
+                owned = self.engine.owned
+                last = max((s for s in seqs if owned(s)), default=-1)
+                units = self.engine.units_of(lambda s: s in seqs and owned(s))
                 while last >= 0 and not self.stop.stopping:
                     unit = await asyncio.to_thread(next, units, None)
                     if unit is None:
                         break
-                    await self._examine(unit)
+                    await self._examine(unit, self.engine.end_of(unit))
                     if unit.seq >= last:
                         break
             finally:
@@ -317,7 +301,7 @@ class BatchRun:
         if self.first_done and not self.rechecking and not self.recheck:
             await self.submit.flush()
 
-    async def _examine(self, unit: Unit) -> None:
+    async def _examine(self, unit: Unit, end: int) -> None:
         """Finish the unit if every text is answered; else send what is missing and wait.
         A unit whose batches all closed while it was examined is examined again."""
         seq = unit.seq
@@ -326,16 +310,15 @@ class BatchRun:
         self.examining.add(seq)
         self.waited.discard(seq)
         try:
-            await self._examine_once(unit)
+            await self._examine_once(unit, end)
         finally:
             self.examining.discard(seq)
-        if seq in self.waited and not self.waits.get(seq) and not self.checkpoint.is_done(seq):
+        if seq in self.waited and not self.waits.batches_of(seq) and not self.checkpoint.is_done(seq):
             self.recheck.add(seq)
             self.waker.notify()
 
-    async def _examine_once(self, unit: Unit) -> None:
+    async def _examine_once(self, unit: Unit, end: int) -> None:
         seq = unit.seq
-        end = unit.table.num_rows if self.limit is None else min(unit.table.num_rows, self.limit - unit.row_offset)
         earlier = self.checkpoint.partial(seq)
         if end <= 0 or (earlier is not None and earlier.rows >= end):
             return
@@ -370,7 +353,7 @@ class BatchRun:
 
     def _unanswered(self, seq: int, keys: list[bytes], pieces: list[int]) -> list[int]:
         """The pieces no kept batch answers; the unit keeps the batches that answer the others."""
-        self._use(seq, {s for i in pieces if (s := self.answers.batch_of(keys[i])) is not None})
+        self.uses.add(seq, {s for i in pieces if (s := self.answers.batch_of(keys[i])) is not None})
         return [i for i in pieces if not self._answered(keys[i])]
 
     async def _cached(self, keys: list[bytes]) -> set[bytes]:
@@ -410,26 +393,19 @@ class BatchRun:
             self._wait_on(seq, {await self.submit.add(request, [prepared.pieces[i] for i in chosen])})
             self.stats["lines_resubmitted"] += int(attempt > 1)
 
-    def _use(self, seq: int, subs: Iterable[str]) -> None:
-        for sub in subs:
-            self.users.setdefault(sub, set()).add(seq)
-            self.uses.setdefault(seq, set()).add(sub)
-
     def _wait_on(self, seq: int, subs: Iterable[str]) -> None:
         self.waited.add(seq)
-        for sub in subs:
-            self.waits.setdefault(seq, set()).add(sub)
-            self.waiters.setdefault(sub, set()).add(seq)
+        self.waits.add(seq, subs)
 
     async def _finish(self, unit: Unit, end: int, own: JournalContents) -> None:
         """Write and commit the unit through the synchronous path's code, from the answers."""
         units = self.units
         assert units is not None
-        self.waits.pop(unit.seq, None)
+        self.waits.drop_unit(unit.seq)
         known = UnitKnown(own, self.answers, own.tokens + self.paid[unit.seq], self.earlier)
         earlier = self.checkpoint.partial(unit.seq)  # paid by a synchronous run before the job moved to batches
         self.spend.settle(0, max(0, own.tokens - (earlier.tokens if earlier else 0)))
-        slices, reservations = units.reserve(end, self.vectors)
+        slices, reservations = units.reserve(end, self.engine.vectors)
 
         async def write() -> None:
             try:
@@ -444,8 +420,7 @@ class BatchRun:
         task.add_done_callback(self._unit_tasks.discard)
         await asyncio.shield(task)  # a unit committing is left to finish when the grace period ends
         self.paid.pop(unit.seq, None)
-        for sub in self.uses.pop(unit.seq, set()):
-            self.users.get(sub, set()).discard(unit.seq)
+        for sub in self.uses.drop_unit(unit.seq):
             await self._release(sub)
         for sub, record in list(self.live.items()):
             if unit.seq in record.units:
@@ -454,7 +429,7 @@ class BatchRun:
     async def _release(self, sub: str) -> None:
         """Delete a kept batch once every unit that needs it is committed."""
         record = self.live.get(sub)
-        if record is None or self.users.get(sub) or any(not self.checkpoint.is_done(u) for u in record.units):
+        if record is None or self.uses.units_of(sub) or any(not self.checkpoint.is_done(u) for u in record.units):
             return
         if not self.first_done and self.cursor < self.gate:
             self.deferred.add(sub)  # a unit earlier runs examined may still need it: wait until first sight is past them
@@ -464,7 +439,7 @@ class BatchRun:
         contents = self.answers.drop(sub)
         if contents is not None and self.units is not None:  # in-run dedupe keeps the latest of them, as a synchronous run would
             self.units.embedder.reuse.remember(contents)
-        self.users.pop(sub, None)
+        self.uses.drop_batch(sub)
         await asyncio.to_thread(delete_batch, self.output, record)
 
     async def closed(self, record: BatchRecord, contents: JournalContents | None) -> None:
@@ -481,15 +456,11 @@ class BatchRun:
         for unit, attempt in record.failed:
             self.attempts[unit] = max(self.attempts.get(unit, 0), attempt)
         self.isolate.update(record.isolate)
-        for seq in self.waiters.pop(sub, set()):
+        for seq in self.waits.drop_batch(sub):
             if contents is not None:
-                self._use(seq, {sub})  # it waited for answers in there: they are kept until it commits
-            waiting = self.waits.get(seq)
-            if waiting is not None:
-                waiting.discard(sub)
-                if not waiting:
-                    del self.waits[seq]
-                    self.recheck.add(seq)
+                self.uses.add(seq, {sub})  # it waited for answers in there: they are kept until it commits
+            if not self.waits.batches_of(seq):
+                self.recheck.add(seq)
         self.waker.notify()
         await self._release(sub)
 
@@ -500,19 +471,19 @@ class BatchRun:
 
     # -- the summary ------------------------------------------------------------------------
 
-    def report(self, providers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def report(self) -> dict[str, dict[str, Any]]:
         """The batch provider's line of the summary: request lines for requests."""
-        s = self.stats + self.submit.stats
-        providers[self.cfg.name] = {
-            "state": "unusable" if self.reason else "ready", "reason": self.reason,
-            "requests": s["lines"], "inputs": s["inputs"], "tokens": s["tokens"], "usage_tokens": s["usage_tokens"],
-            "retries": s["lines_resubmitted"], "rate_limited": s["queue_full"],
-            "failures": {k.removeprefix("failures_"): n for k, n in sorted(s.items()) if k.startswith("failures_")},
-            "latency_p50_s": None, "latency_p95_s": None,
+        s = self.stats + self.submit.stats if hasattr(self, "submit") else self.stats
+        stats = ProviderStats(
+            requests=s["lines"], inputs=s["inputs"], tokens=s["tokens"], usage_tokens=s["usage_tokens"],
+            retries=s["lines_resubmitted"], rate_limited=s["queue_full"],
+            failures=Counter({k.removeprefix("failures_"): n for k, n in s.items() if k.startswith("failures_")}),
+        )
+        return {self.cfg.name: {
+            "state": "unusable" if self.reason else "ready", "reason": self.reason, **stats.to_json(),
             "batches_submitted": s["batches_submitted"], "batches_collected": s["batches_collected"],
             "batches_failed": s["batches_failed"],
-        }
-        return providers
+        }}
 
 
-__all__ = ["NO_REQUESTS", "BatchRun"]
+__all__ = ["BatchStrategy"]
