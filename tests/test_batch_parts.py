@@ -18,9 +18,9 @@ from pipeline.cache.vectors import KEY_BYTES
 from pipeline.config.job import load_job
 from pipeline.errors import ConfigError
 from pipeline.providers.classify import classify
-from pipeline.core.pricing import batch_price, job_price
+from pipeline.core.money import batch_price, job_price
 from pipeline.checkpoint.records import BatchRecord, BatchRequest, parse_requests, requests_bytes
-from pipeline.core.spend import BudgetExceededError, Spend
+from pipeline.core.money import BudgetExceededError, Spend
 
 
 # ------------------------------------------------------------------ polling

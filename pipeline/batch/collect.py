@@ -15,7 +15,7 @@ failure counts as a failed attempt of all its lines.
 
 Once its answers are journaled the batch is recorded `collected` (or
 `failed`), then its requests file and the provider's files are deleted, and
-the owner (batches.py) takes the answers and looks again at the units
+the owner (strategy.py) takes the answers and looks again at the units
 waiting on them.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from ..engine.progress import RunCounters
 from ..providers.base import check_vectors
 from ..providers.batch_api import RESULT_STATUSES, BatchClient, BatchInfo
 from ..checkpoint.records import BatchRecord, BatchRequest
-from ..core.spend import Spend
+from ..core.money import Spend
 from ..storage.output import Output
 
 log = logging.getLogger("pipeline")
@@ -159,7 +159,7 @@ def batch_errors(info: BatchInfo, provider: str) -> tuple[list[ProviderError], b
 
 
 class Owner(Protocol):
-    """What the collector needs of the run it serves (batches.BatchRun)."""
+    """What the collector needs of the run it serves (strategy.BatchStrategy)."""
 
     space_checked: bool  # the one-vector-space probe passed
     dim: int

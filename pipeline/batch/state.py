@@ -4,12 +4,12 @@ Each writer (layout.writer_name) owns its batches' files: a record
 (`_manifest.d/batches/W.S.json`, rewritten atomically as the batch moves on),
 its requests (`W.S.requests`, immutable, deleted once collected) and, once
 collected, a journal of its answers (`_journal.d/batch.W.S.journal`,
-journal.py's format). A journal goes when every unit it serves is
+checkpoint/journal.py's format). A journal goes when every unit it serves is
 committed, then its record.
 
 `Answers` indexes the kept journals by key, and `UnitKnown` shows a unit
 the answers it may take (its own journal's, then the batches'), with the
-tokens paid for its own lines: the `Known` that units.py finishes a unit from,
+tokens paid for its own lines: the `Known` that engine/units.py finishes a unit from,
 exactly as it takes a journal after a kill.
 """
 from __future__ import annotations

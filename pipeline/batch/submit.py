@@ -31,7 +31,7 @@ from ..config.job import JobConfig
 from ..errors import EndpointMissingError, PipelineError, WorkLeftError
 from ..providers.batch_api import RESULT_STATUSES, BatchClient
 from ..checkpoint.records import BatchRecord, BatchRequest
-from ..core.spend import Spend
+from ..core.money import Spend
 from ..engine.stopper import Stopper
 from ..storage.output import Output
 
@@ -92,7 +92,7 @@ class Submitter:
         self.job, self.cfg, self.output, self.epoch, self.writer = job, cfg, output, epoch, writer
         self.client, self.spend, self.waker, self.tmp = client, spend, waker, tmp
         self.needs_probe = needs_probe  # the vector space is unchecked: new batches carry the probe line
-        self.cursor = cursor  # the last unit examined, recorded with each batch (batches.py keeps journals by it)
+        self.cursor = cursor  # the last unit examined, recorded with each batch (strategy.py keeps journals by it)
         self.open: dict[str, OpenBatch] = {}
         self.flushing: dict[str, BatchFile] = {}  # being uploaded and created: their texts are pending already
         self.file: BatchFile | None = None  # being built

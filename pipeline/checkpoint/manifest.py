@@ -316,7 +316,7 @@ def discard_outputs(output: Output) -> None:
     output.delete(layout.MANIFEST)
     for rel in output.list(layout.MANIFEST_DIR, "*.json"):
         output.delete(rel)
-    for folder in (layout.RECORDS_DIR, layout.BATCHES_DIR):  # batches: cancelled first by the run (batches.py)
+    for folder in (layout.RECORDS_DIR, layout.BATCHES_DIR):  # batches: cancelled first by the run (commands/run.py)
         for rel in output.list(folder, "*"):
             output.delete(rel)
     for name in (layout.SUMMARY, layout.REJECTS):

@@ -1,7 +1,7 @@
 """Parquet parts and the job's other files, in the output layout.
 
 A part is written as its rows come, in input order: one row group per slice
-of the unit, streamed to a staged file (storage.py) that appears under its
+of the unit, streamed to a staged file (storage/output.py) that appears under its
 final name only when the checkpoint commits it. Memory holds one slice's
 vectors, never a whole part.
 """

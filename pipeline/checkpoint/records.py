@@ -12,7 +12,7 @@ unit, so the merge is a union.
 Format 1 (one manifest rewritten whole at every commit) is read too: its
 committed units carry over, its partial units are redone.
 
-A *batch record* (a job with an `openai_batch` provider, batches.py) is one
+A *batch record* (a job with an `openai_batch` provider, batch/strategy.py) is one
 small JSON file per batch, rewritten atomically as the batch moves on, beside
 an immutable binary *requests* file: what each request line covers (its unit,
 attempt, tokens and the keys of its texts). Both are written before anything

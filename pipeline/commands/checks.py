@@ -22,11 +22,10 @@ from ..storage.fs import is_remote, store_error
 from ..checkpoint.manifest import Checkpoint, describe_change, job_fingerprint
 from ..core.packing import pack
 from ..core.models import expected_dimensions, list_price
-from ..core.pricing import BATCH_WINDOW_H, batch_price, cost_usd, job_price
+from ..core.money import BATCH_WINDOW_H, Spend, batch_price, cost_usd, job_price
 from ..engine.progress import rejects_text
 from ..engine.reuse import RecentKeys, memory_entries, plan_keys
 from ..inputs.sources import check_columns, find_inputs, iter_units
-from ..core.spend import Spend
 from ..storage import LocalOutput, open_output
 from ..inputs.texts import prepare, row_texts
 

@@ -154,7 +154,7 @@ class ProviderConfig:
     batch_size: int | None = setting(None, low=1, high=100_000)
     # USD, for `estimate`; default: OpenAI's list price (half of it through the Batch API)
     price_per_million_tokens: float | None = setting(None, low=0, high=10**6)
-    # openai_batch only (batches.py): inputs across one batch, how often a running one is checked,
+    # openai_batch only (batch/strategy.py): inputs across one batch, how often a running one is checked,
     # the org's queue limit for the model, and whether to leave the files on the provider
     max_inputs_per_batch: int = setting(MAX_INPUTS_PER_BATCH, low=1, high=MAX_INPUTS_PER_BATCH)
     poll_interval_s: float = setting(60.0, low=0.01, high=86_400)
@@ -218,7 +218,7 @@ class JobConfig:
     providers: tuple[ProviderConfig, ...] = field(metadata=rules(expect="a list of one or more providers"))
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
-    cache: str | None = setting(None, custom=_read_cache)  # a local folder, or a URI (s3://bucket/prefix): segments.py
+    cache: str | None = setting(None, custom=_read_cache)  # a local folder, or a URI (s3://bucket/prefix): cache/segments.py
     cache_storage: StorageConfig = setting(StorageConfig(), in_file=False)  # `cache: {path: ..., storage: {...}}`
     env_missing: tuple[str, ...] = setting((), in_file=False)  # ${VAR}s that were unset (only when not required)
     budget_usd: float | None = setting(None, low=0, high=10**9)  # stop before the job's spend would pass it
@@ -245,7 +245,7 @@ class JobConfig:
 
     @property
     def batch_provider(self) -> ProviderConfig | None:
-        """The provider that goes through the Files + Batches API, if this job has one (batches.py)."""
+        """The provider that goes through the Files + Batches API, if this job has one (batch/strategy.py)."""
         return next((p for p in self.providers if p.type == "openai_batch"), None)
 
     @property

@@ -1,6 +1,6 @@
 """What is known of the models users name: list price and vector length.
 
-One table, read where a job does not say: prices.py prices tokens with it,
+One table, read where a job does not say: money.py prices tokens with it,
 `estimate` sizes the run's memory of recent texts with the vector length
 (reuse.memory_entries), the local provider checks `embedding.dimensions`.
 """

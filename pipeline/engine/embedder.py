@@ -22,7 +22,7 @@ from ..errors import BadInputError, WorkLeftError
 from ..checkpoint.journal import Journal, Known
 from ..core.packing import pack
 from .reuse import ORIGIN_CODE, Claim, Origin, Refused, Reuse, origin_counts
-from ..core.spend import Spend
+from ..core.money import Spend
 from ..inputs.texts import PreparedTexts, combine, count_tokens, request_tokens
 
 ProgressCallback = Callable[[int, int], None]  # (rows finished, tokens paid)

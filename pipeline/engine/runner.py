@@ -24,8 +24,7 @@ from ..checkpoint import layout, parts
 from ..checkpoint.manifest import Checkpoint, job_fingerprint
 from ..config.job import JobConfig
 from ..core import probe
-from ..core.pricing import cost_usd, job_price
-from ..core.spend import Spend
+from ..core.money import Spend, cost_usd, job_price
 from ..errors import EXIT_OK, ConfigError, PipelineError, WorkLeftError
 from ..inputs.sources import InputFile, Unit, check_columns, find_inputs, iter_units, max_units, parquet_rows
 from ..storage import open_output

@@ -16,7 +16,7 @@ def build_provider(cfg: ProviderConfig, job: JobConfig) -> Provider:
         return LocalProvider(cfg, job.embedding.dimensions)
     from .openai import OpenAIProvider
 
-    # openai_batch too: its synchronous /embeddings serves the probe (batches.py drives the Batch API)
+    # openai_batch too: its synchronous /embeddings serves the probe (batch/strategy.py drives the Batch API)
     return OpenAIProvider(cfg, job.embedding.dimensions)
 
 

@@ -1,4 +1,4 @@
-"""OpenAI's Files + Batches API: the HTTP of an `openai_batch` provider (batches.py drives it).
+"""OpenAI's Files + Batches API: the HTTP of an `openai_batch` provider (batch/strategy.py drives it).
 
 Upload a JSONL input file (`POST /files`, purpose `batch`), create a batch
 (`POST /batches`, endpoint `/v1/embeddings`, window `24h`, our metadata),
