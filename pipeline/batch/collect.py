@@ -163,8 +163,6 @@ class Owner(Protocol):
 
     space_checked: bool  # the one-vector-space probe passed
     dim: int
-    last_error: str | None
-    stats: Counter[str]
 
     def finished(self) -> bool: ...
     async def check_space(self, vectors: np.ndarray) -> None: ...
@@ -180,6 +178,8 @@ class Collector:
         self.owner, self.job, self.cfg, self.output, self.epoch = owner, job, cfg, output, epoch
         self.client, self.submit, self.waker, self.spend, self.counters = client, submit, waker, spend, counters
         self.decode, self.store = decode, store
+        self.stats: Counter[str] = Counter()  # polls, batches collected and failed, tokens, failures by kind
+        self.last_error: str | None = None  # what the last failed line or batch said
 
     async def poll(self) -> None:
         """Until the run is finished: look at each open batch when it is due."""
@@ -202,7 +202,7 @@ class Collector:
     async def _look(self, batch: OpenBatch) -> None:
         assert batch.record.batch_id is not None
         info = await self.client.get(batch.record.batch_id)
-        self.owner.stats["polls"] += 1
+        self.stats["polls"] += 1
         if (info.status, info.request_counts) != (batch.record.status, batch.record.request_counts):
             batch.record = replace(batch.record, status=info.status, request_counts=info.request_counts)
             await asyncio.to_thread(write_record, self.output, batch.record, self.epoch)  # for `status`
@@ -246,12 +246,12 @@ class Collector:
         paid = sum(outcome.answered.values())
         self.spend.settle(record.tokens, paid)
         self.counters.tokens += paid
-        self.owner.stats.update(batches_collected=1, tokens=paid, usage_tokens=outcome.usage)
-        self.owner.stats.update({f"failures_{kind}": n for kind, n in outcome.kinds.items()})
+        self.stats.update(batches_collected=1, tokens=paid, usage_tokens=outcome.usage)
+        self.stats.update({f"failures_{kind}": n for kind, n in outcome.kinds.items()})
         log.info("%s: collected batch %s (%s): %s of %s lines answered, %s tokens", self.cfg.name, info.id, info.status,
                  f"{len(batch.requests) - outcome.lines_failed:,}", f"{len(batch.requests):,}", f"{paid:,}")
         if outcome.lines_failed:
-            self.owner.last_error = outcome.error
+            self.last_error = outcome.error
             log.warning("%s: batch %s (%s): %d line(s) not answered; their texts are sent again (last: %s)",
                         self.cfg.name, info.id, info.status, outcome.lines_failed, outcome.error)
         await self.owner.closed(record, await asyncio.to_thread(journal.read, self.owner.dim))
@@ -266,17 +266,17 @@ class Collector:
         failed: dict[int, int] = {}
         if queue_full:
             self.submit.queue_full(batch.record, str(errors[0]))
-            self.owner.stats["queue_full"] += 1
+            self.stats["queue_full"] += 1
         else:
             for request in batch.requests:
                 failed[request.unit] = max(failed.get(request.unit, 0), request.attempt)
-            self.owner.last_error = str(errors[0])
+            self.last_error = str(errors[0])
             log.warning("%s: batch %s failed (%s); its texts are sent again", self.cfg.name, info.id, errors[0])
         record = replace(batch.record, state="failed", status=info.status, request_counts=info.request_counts,
                          failed=tuple(sorted(failed.items())), error=str(errors[0]))
         record = await self._tidy(record, info)
         self.spend.settle(record.tokens, 0)
-        self.owner.stats["batches_failed"] += 1
+        self.stats["batches_failed"] += 1
         if record.sub == self.submit.probe_sub:
             self.submit.probe_sub = None  # the next batch carries the probe
         await self.owner.closed(record, None)

@@ -37,7 +37,6 @@ import logging
 import shutil
 from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Coroutine, Iterable
 
 import numpy as np
@@ -81,7 +80,6 @@ class BatchStrategy:
         self.client = BatchClient(cfg, job.retry)
         self.writer = layout.writer_name(self.shard)
         self.waker = Waker(self.stop)
-        self.submit: Submitter  # made in open(), with the temp folder
         self.dim = 0
         self.units: UnitWork | None = None
         self.space_checked = False  # the one-vector-space probe passed (synchronously, or in a batch)
@@ -103,23 +101,21 @@ class BatchStrategy:
         self.deferred: set[str] = set()
         self.stats: Counter[str] = Counter()
         self.reason: str | None = None  # why the provider cannot be used, for the summary
-        self.last_error: str | None = None  # what the last failed line or batch said
         self._lock = asyncio.Lock()  # one unit's texts are sorted and added at a time: each text once
         self._unit_tasks: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Future[None]] = []  # the rechecks and the poller
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tmp: Path | None = None
+        self._tmp = private_temp_dir("batch")  # the batch being built; removed by close()
+        self.submit = Submitter(self.job, self.output, self.checkpoint.epoch, self.writer, self.client, self.spend,
+                                self.waker, self._tmp, needs_probe=lambda: not self.space_checked,
+                                cursor=lambda: self.cursor)
+        self.collector = Collector(self, self.job, self.output, self.checkpoint.epoch, self.client, self.submit,
+                                   self.waker, self.spend, self.counters, decode=self.sync.vectors, store=self._store)
 
     # -- the run ------------------------------------------------------------------------
 
     async def open(self) -> None:
-        self._tmp = private_temp_dir("batch")
         self._loop = asyncio.get_running_loop()
-        self.submit = Submitter(self.job, self.output, self.checkpoint.epoch, self.writer, self.client, self.spend,
-                                self.waker, self._tmp, needs_probe=lambda: not self.space_checked,
-                                cursor=lambda: self.cursor)
-        collector = Collector(self, self.job, self.output, self.checkpoint.epoch, self.client, self.submit, self.waker,
-                              self.spend, self.counters, decode=self.sync.vectors, store=self._store)
         await self.sync.start()
         await self.client.start()
         await self._probe()
@@ -127,7 +123,7 @@ class BatchStrategy:
         if not self.space_checked and self.submit.probe_sub is None and self.submit.open:
             self.submit.probe_batch()  # batches of earlier runs wait for the probe: it goes first, alone
             await self.submit.flush()
-        for work in (self._rechecks(), collector.poll()):
+        for work in (self._rechecks(), self.collector.poll()):
             task = asyncio.ensure_future(self._guard(work))
             self.stop.track(task)
             self._tasks.append(task)
@@ -169,12 +165,10 @@ class BatchStrategy:
                     self.stop.fail(outcome)
 
     async def close(self) -> None:
-        if hasattr(self, "submit"):
-            self.submit.discard()
+        self.submit.discard()
         await self.client.close()
         await self.sync.close()
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     async def _guard(self, work: Coroutine[Any, Any, None]) -> None:
         try:
@@ -380,7 +374,7 @@ class BatchStrategy:
         attempt = self.attempts.get(seq, 0) + 1
         if attempt > self.job.retry.max_attempts:
             raise WorkLeftError(f"texts of part {seq} failed in {attempt - 1} batches (retry.max_attempts); "
-                                f"last: {self.last_error or 'no answer'}")
+                                f"last: {self.collector.last_error or 'no answer'}")
         max_inputs, max_tokens = self.job.request_limits()
         limit = self.submit.queue_limit()
         order = np.asarray(pieces, dtype=np.int64)
@@ -473,7 +467,7 @@ class BatchStrategy:
 
     def report(self) -> dict[str, dict[str, Any]]:
         """The batch provider's line of the summary: request lines for requests."""
-        s = self.stats + self.submit.stats if hasattr(self, "submit") else self.stats
+        s = self.stats + self.submit.stats + self.collector.stats
         stats = ProviderStats(
             requests=s["lines"], inputs=s["inputs"], tokens=s["tokens"], usage_tokens=s["usage_tokens"],
             retries=s["lines_resubmitted"], rate_limited=s["queue_full"],
