@@ -92,6 +92,10 @@ class RequestStrategy:
             held.release()
             self.window.release()
             raise
+        if self.engine.stop.stopping:  # while it waited for room, the run stopped: nothing new starts
+            held.release()
+            self.window.release()
+            return
         slices, reservations = self.units.reserve(end, self.engine.vectors)  # now, in input order
         self.last_slice = reservations[-1] if reservations else self.last_slice
         task = asyncio.create_task(self._unit(unit, slices, reservations))
