@@ -100,7 +100,7 @@ def estimate_job(job_file: str) -> dict[str, Any]:
             rows += prepared.n_rows
             pieces += len(prepared.pieces)
             rejected.update(r for r in prepared.reasons if r)
-            keys = text_keys(prepared.pieces, job.embedding.model, job.embedding.dimensions)
+            keys = text_keys(prepared.pieces, job.embedding.model, job.embedding.dimensions, job.vector_options)
             plan = plan_keys(keys, recent)  # as the run plans them
             for key in plan.first_of:  # seen or not, a key is the most recent now
                 recent.add(key)

@@ -142,7 +142,7 @@ class _Run:
     def _unit_work(self, dim: int, dispatcher: Dispatcher) -> UnitWork:
         """The unit code both paths write with, once the vectors' length is known."""
         self.dim = dim
-        reuse = Reuse(self.job.embedding.model, self.job.embedding.dimensions, dim, self.cache)
+        reuse = Reuse(self.job.embedding.model, self.job.embedding.dimensions, dim, self.cache, self.job.vector_options)
         embedder = Embedder(self.job, dispatcher, reuse, dim, self.progress.advance, self.spend)
         self.units = UnitWork(self.job, self.output, self.checkpoint, embedder, self.stop, self.counters)
         return self.units
