@@ -76,6 +76,9 @@ class _NoRequests:
     async def embed(self, texts: list[str], tokens: int) -> Any:
         raise WorkLeftError(f"internal error: {len(texts)} text(s) of a part had no collected answer; rerun to continue")
 
+    def input_cap(self, max_inputs: int) -> int:
+        return max_inputs  # nothing is sent from here: no cap to learn
+
 
 NO_REQUESTS = _NoRequests()
 
