@@ -168,3 +168,25 @@ def test_extra_body_is_in_the_fingerprint_only_when_set_so_older_outputs_stay_th
     assert describe_change(plain, passage) == \
         "vector_options changed from None to {'extra_body': {'input_type': 'passage'}}"
     assert epoch_of(passage) != epoch_of(plain)
+
+
+# ------------------------------------------------------------------ the example jobs
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+@pytest.mark.parametrize("name, check", [
+    ("azure-openai.yaml", lambda j: (j.providers[0].auth, dict(j.providers[0].query), j.providers[1].auth)
+     == ("api-key", {"api-version": "2024-10-21"}, "bearer")),
+    ("nim-input-type.yaml", lambda j: j.vector_options == {"extra_body": {"input_type": "passage", "truncate": "END"}}),
+    ("gemini.yaml", lambda j: j.request_limits()[0] == 100),
+    ("self-hosted.yaml", lambda j: (j.providers[0].auth, j.providers[0].api_key) == ("none", None)),
+    ("local-bge.yaml", lambda j: (j.providers[0].type, j.providers[0].model) == ("local", "BAAI/bge-small-en-v1.5")),
+])
+def test_every_example_job_file_loads_as_its_comments_say(monkeypatch: pytest.MonkeyPatch, name: str,
+                                                          check: Any) -> None:
+    import re
+
+    text = (JOBS / name).read_text()
+    for var in re.findall(r"\$\{(\w+)\}", text):
+        monkeypatch.setenv(var, "placeholder-value")
+    assert check(load_job(JOBS / name))
