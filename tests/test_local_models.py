@@ -24,6 +24,7 @@ from pipeline.config.job import ProviderConfig
 from pipeline.errors import ConfigError
 from pipeline.providers import local_onnx
 from pipeline.providers.local import LocalProvider
+from test_local_provider import _embed as embed_with
 
 pytestmark = pytest.mark.slow  # builds models, loads torch, runs the CLI
 
@@ -89,15 +90,7 @@ def reference(folder: Path, texts: list[str], normalize: bool = True) -> np.ndar
 def embed(folder: Path | str, texts: list[str], **extra: Any) -> tuple[np.ndarray, LocalProvider]:
     provider = LocalProvider(ProviderConfig(name="local", type="local", model=str(folder), device="cpu", **extra),
                              None)
-
-    async def go() -> np.ndarray:
-        await provider.start()
-        try:
-            return (await provider.embed(texts)).vectors
-        finally:
-            await provider.close()
-
-    return asyncio.run(go()), provider
+    return embed_with(provider, texts), provider
 
 
 def min_cosine(got: np.ndarray, expected: np.ndarray) -> float:

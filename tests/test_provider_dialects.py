@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +20,7 @@ from pipeline.errors import (BadInputError, EndpointMissingError, ProviderError,
 from pipeline.providers.batch_api import BatchClient
 from pipeline.providers.classify import classify
 from pipeline.providers.openai import OpenAIProvider
+from test_openai_provider import embed_error, embed_texts, with_provider as run_provider
 
 MODEL = "text-embedding-3-small"
 TEXTS = ["alpha", "beta gamma", "世界 delta 🙂", "a, \"quoted\"\nline"]
@@ -27,38 +28,8 @@ AZURE_VERSION = "2024-10-21"
 GATEWAY_SECRET = "gw-secret-7f3a9c1e55d0"
 
 
-def config(fp: FakeProvider, **extra: Any) -> ProviderConfig:
-    values: dict[str, Any] = dict(name="relay", base_url=fp.base_url, api_key=fp.api_key, model=MODEL,
-                                  timeout_s=5.0, max_concurrency=4)
-    values.update(extra)
-    return ProviderConfig(**values)
-
-
-def run_provider(fp: FakeProvider, action: Callable[[OpenAIProvider], Awaitable[Any]],
-                 dimensions: int | None = None, **extra: Any) -> Any:
-    async def main() -> Any:
-        provider = OpenAIProvider(config(fp, **extra), dimensions)
-        await provider.start()
-        try:
-            return await action(provider)
-        finally:
-            await provider.close()
-
-    return asyncio.run(main())
-
-
 def embed(fp: FakeProvider, texts: list[str] = TEXTS, dimensions: int | None = None, **extra: Any) -> np.ndarray:
-    return run_provider(fp, lambda p: p.embed(texts), dimensions, **extra).vectors
-
-
-def embed_error(fp: FakeProvider, texts: list[str] = TEXTS, dimensions: int | None = None,
-                **extra: Any) -> ProviderError:
-    async def action(p: OpenAIProvider) -> ProviderError:
-        with pytest.raises(ProviderError) as info:
-            await p.embed(texts)
-        return info.value
-
-    return run_provider(fp, action, dimensions, **extra)
+    return embed_texts(fp, texts, dimensions, **extra).vectors
 
 
 def expected(texts: list[str], dim: int, **fields: Any) -> np.ndarray:
