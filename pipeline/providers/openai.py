@@ -89,7 +89,8 @@ class OpenAIProvider:
         timeout = aiohttp.ClientTimeout(
             total=self.config.timeout_s, sock_connect=min(CONNECT_TIMEOUT_S, self.config.timeout_s)
         )
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, headers=request_headers(self.config))
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                              headers=request_headers(self.config))
 
     async def close(self) -> None:
         if self._session is not None:
@@ -170,7 +171,7 @@ class OpenAIProvider:
             raise self._redact(classify(provider=self.name, status=status, body=payload, headers=headers))
         vectors = self.vectors(payload, n_inputs)
         if self._dimensions is not None and vectors.ndim == 2 and vectors.shape[1] not in (0, self._dimensions):
-            # Every vector of one wrong length: the endpoint ignores `dimensions` (Ollama, TEI). Asking again won't help.
+            # Every vector of one wrong length: the endpoint ignores `dimensions` (Ollama, TEI); asking again won't help.
             raise ProviderUnusableError(
                 f"answers vectors of length {vectors.shape[1]} where embedding.dimensions asks {self._dimensions}: "
                 f"it does not honour 'dimensions' (drop it from the job, or use a provider that does)",
