@@ -103,6 +103,16 @@ class BadInputError(ProviderError):
     kind = "bad_input"
 
 
+class TooManyInputsError(BadInputError):
+    """A 400 saying the request holds more inputs than the provider takes
+    (Gemini: 100, Cohere: 96): not the rows' fault. The provider learns its
+    cap (`max_inputs`, when the message states it) and sends fewer."""
+
+    def __init__(self, message: str, *, max_inputs: int | None = None, **fields: object) -> None:
+        super().__init__(message, **fields)  # type: ignore[arg-type]
+        self.max_inputs = max_inputs
+
+
 class BadResponseError(ProviderError):
     """An answer we cannot trust (unparseable, wrong count, wrong length, NaN)."""
 

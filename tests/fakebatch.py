@@ -48,7 +48,7 @@ from typing import Any, Iterable
 
 from aiohttp import web
 
-from fakeprovider import FakeProvider, _BadRequest, _error, vector_for
+from fakeprovider import FakeProvider, _BadRequest, _error, salted, vector_for
 
 TERMINAL = ("completed", "expired", "failed", "cancelled")
 MAX_INPUTS_PER_BATCH = 50_000
@@ -88,8 +88,9 @@ class FakeBatchAPI(FakeProvider):
                  duration_s: float = 0.3, sync: bool = True, script: Iterable[str] = (),
                  line_script: Iterable[str] = (), reject_marker: str | None = None,
                  queue_limit: int | None = None, stall_download_s: float = 0.0, serves: str = "",
-                 seed: int = 0) -> None:
-        super().__init__(dim=dim, api_key=api_key, model=model, serves=serves)
+                 seed: int = 0, **dialect: Any) -> None:
+        # dialect: FakeProvider's auth, required_query, required_headers, vary_with (every call and line)
+        super().__init__(dim=dim, api_key=api_key, model=model, serves=serves, **dialect)
         self.duration_s, self.sync, self.batch_reject_marker = duration_s, sync, reject_marker
         self.queue_limit, self.stall_download_s = queue_limit, stall_download_s
         self._shuffle_rng = random.Random(seed)
@@ -110,6 +111,8 @@ class FakeBatchAPI(FakeProvider):
         self.downloads = 0  # content downloads begun
         self.sync_calls = 0  # POST /v1/embeddings, answered or not (the start-up probe)
         self.tokens_enqueued = 0  # tokens of every batch the queue took
+        self.api_calls: list[dict[str, Any]] = []  # Files/Batches calls: {"path", "query", "headers"} as received
+        self.line_bodies: list[dict[str, Any]] = []  # the body of every request line run, in the order run
 
     # ----------------------------------------------------------------- test controls
     def hold(self) -> None:
@@ -158,8 +161,14 @@ class FakeBatchAPI(FakeProvider):
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path != "/v1/embeddings":  # the probe's POST is recorded (and checked) as FakeProvider's
+            with self._lock:
+                self.api_calls.append(self.call_of(request))
+            refused = self.dialect_refusal(request)
+            if refused is not None:
+                return refused
         key = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if key != self.api_key:
+        if self.auth == "bearer" and key != self.api_key:
             return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
         return await handler(request)
 
@@ -357,6 +366,7 @@ class FakeBatchAPI(FakeProvider):
             return error(429, "Rate limit reached.", "requests", "rate_limit_exceeded")
         if directive == "400":
             return error(400, "Invalid request (scripted).", "invalid_request_error")
+        self.line_bodies.append(body)
         if body.get("model") != self.model:
             return error(404, f"The model `{body.get('model')}` does not exist.", "invalid_request_error", "model_not_found")
         try:
@@ -366,9 +376,10 @@ class FakeBatchAPI(FakeProvider):
         if self.batch_reject_marker is not None and any(self.batch_reject_marker in t for t in texts):
             return error(400, "Your input was flagged by the content filter (scripted).", "invalid_request_error")
         dim = body.get("dimensions", self.dim)
+        fields = {k: body.get(k) for k in self.vary_with}
         data = [{"object": "embedding", "index": i,
-                 "embedding": b64.b64encode(vector_for(self.serves + t, dim).astype("<f4").tobytes()).decode("ascii")}
-                for i, t in enumerate(texts)]
+                 "embedding": b64.b64encode(vector_for(self.serves + salted(t, fields), dim).astype("<f4").tobytes())
+                 .decode("ascii")} for i, t in enumerate(texts)]
         self.embedded.update(texts)
         return 200, {"object": "list", "data": data[::-1], "model": self.model,
                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

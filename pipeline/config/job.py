@@ -17,12 +17,16 @@ from typing import Any, Literal
 import yaml
 
 from ..errors import ConfigError
+from .extras import (RESERVED_BODY_KEYS, TRANSPORT_BODY_KEYS, Fields, as_fields, header_problem, read_body,
+                     read_text_fields)
 from .schema import Invalid, Reader, check_fields, rules, setting, spec_of
 
 Format = Literal["auto", "parquet", "csv"]
 TooLongPolicy = Literal["truncate", "chunk_mean", "skip", "fail"]
 EmptyPolicy = Literal["skip", "fail"]
 ProviderType = Literal["openai", "local", "openai_batch"]
+AuthScheme = Literal["bearer", "api-key", "none"]  # Authorization: Bearer KEY | api-key: KEY (Azure) | no key
+AUTH_HEADERS: dict[str, str] = {"bearer": "authorization", "api-key": "api-key"}  # the header each scheme sets
 
 MAX_INPUTS_PER_REQUEST = 2048  # the OpenAI API's own limit
 MAX_TOKENS_PER_INPUT = 8192  # the OpenAI API's own limit
@@ -160,18 +164,71 @@ class ProviderConfig:
     poll_interval_s: float = setting(60.0, low=0.01, high=86_400)
     enqueued_tokens_limit: int | None = setting(None, low=1, high=10**15)
     keep_files: bool = False
+    # How the key travels, what else every request carries (providers/openai.py, batch_api.py).
+    auth: AuthScheme = "bearer"
+    headers: Fields = setting(Fields(), secret=True, custom=read_text_fields("headers"))  # values never printed
+    query: Fields = setting(Fields(), secret=True, custom=read_text_fields("query"))  # added to every URL
+    extra_body: Fields = setting(Fields(), custom=read_body)  # merged into every request body, batch lines too
+    # local only: prepended to every text (E5's "passage: "), and unit length (the model's own output when false)
+    text_prefix: str = ""
+    normalize: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("headers", "query", "extra_body"):  # a config built by hand may give plain dicts
+            object.__setattr__(self, name, as_fields(getattr(self, name)))
         check_fields(self)
         if not self.name:
             raise Invalid("", "every provider needs a 'name'")
         if self.type in ("openai", "openai_batch"):
-            if not self.api_key:
+            if not self.api_key and self.auth != "none":
                 raise Invalid("api_key", f"required for an {self.type} provider (write api_key: ${{ENV_VAR}})")
             if not self.base_url:
                 raise Invalid("base_url", f"required for an {self.type} provider")
             if not re.match(r"^https?://[^/\s]+", self.base_url):
                 raise Invalid("base_url", f"{self.base_url!r} is not an http(s) URL")
+            if "?" in self.base_url or "#" in self.base_url:
+                raise Invalid("base_url", "ends at the path; put URL parameters under 'query:' (e.g. api-version)")
+            self._check_extras()
+        else:
+            for key in ("headers", "query", "extra_body"):
+                if getattr(self, key):
+                    raise Invalid(key, "a local provider sends no request")
+        if self.type != "local":
+            if self.text_prefix:
+                raise Invalid("text_prefix", "only a local provider takes it (a remote one gets the texts as they are)")
+            if not self.normalize:
+                raise Invalid("normalize", "only a local provider takes it")
+
+    def _check_extras(self) -> None:
+        own = AUTH_HEADERS.get(self.auth)
+        for name, value in self.headers.items():
+            problem = header_problem(name, str(value))
+            if problem:
+                raise Invalid(f"headers.{name}", problem)
+            if own is not None and name.lower() == own:
+                raise Invalid(f"headers.{name}", f"auth: {self.auth} sets it from api_key; "
+                                                 "write auth: none to send your own")
+        reserved = sorted(RESERVED_BODY_KEYS & set(self.extra_body))
+        if reserved:
+            raise Invalid(f"extra_body.{reserved[0]}", "is the job's own (embedding.model, embedding.dimensions, "
+                                                       "the texts); extra_body adds other fields")
+        encoding = self.extra_body.get("encoding_format", "base64")
+        if encoding not in ("base64", "float"):
+            raise Invalid("extra_body.encoding_format", f"{encoding!r} is not one of base64, float")
+
+    @property
+    def vector_options(self) -> dict[str, Any]:
+        """What in this provider changes the vectors beyond the model and the
+        dimensions: part of the cache key and of the output's fingerprint."""
+        out: dict[str, Any] = {}
+        body = {k: v for k, v in self.extra_body.items() if k not in TRANSPORT_BODY_KEYS}
+        if body:
+            out["extra_body"] = body
+        if self.text_prefix:
+            out["text_prefix"] = self.text_prefix
+        if not self.normalize:
+            out["normalize"] = False
+        return out
 
 
 @dataclass(frozen=True)
@@ -236,12 +293,23 @@ class JobConfig:
         vec = self.output.vector_column
         if vec in self.input.keep_columns or vec == self.input.id_column:
             raise Invalid("output.vector_column", f"{vec!r} clashes with an input column kept in the output")
+        first = self.providers[0].vector_options
+        for i, p in enumerate(self.providers[1:], start=1):
+            if p.vector_options != first:
+                raise Invalid(f"providers[{i}]", f"its extra_body, text_prefix or normalize differ from "
+                                                 f"{self.providers[0].name}'s: the providers of a job make one "
+                                                 f"vector space")
         batch = self.batch_provider
         if batch is not None and len(self.providers) > 1:
             raise Invalid("providers", f"an openai_batch provider ({batch.name}) runs alone: make it the job's only provider")
         if batch is not None and batch.enqueued_tokens_limit is not None \
                 and batch.enqueued_tokens_limit < self.embedding.max_input_tokens:
             raise Invalid("providers[0].enqueued_tokens_limit", "must be at least embedding.max_input_tokens (one text)")
+
+    @property
+    def vector_options(self) -> dict[str, Any]:
+        """What the providers change in the vectors beyond model and dimensions (the same for all)."""
+        return self.providers[0].vector_options if self.providers else {}
 
     @property
     def batch_provider(self) -> ProviderConfig | None:
@@ -291,7 +359,18 @@ def load_job(path: str | os.PathLike[str], *, require_env: bool = True) -> JobCo
     try:
         values = reader.values(JobConfig, raw)
         model = values["embedding"].model  # a provider's model defaults to the job's
-        values["providers"] = tuple(p if p.model else replace(p, model=model) for p in values["providers"])
+        values["providers"] = tuple(_local_model_path(p if p.model else replace(p, model=model), job_path.parent)
+                                    for p in values["providers"])
         return JobConfig(**values, job_path=job_path, env_missing=tuple(reader.missing))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def _local_model_path(p: ProviderConfig, base: Path) -> ProviderConfig:
+    """A local provider's `model:` written as a path is relative to the job
+    file; anything else (the bundled model's name, a Hugging Face id) stays."""
+    if p.type != "local" or not p.model:
+        return p
+    written = os.path.expanduser(p.model)
+    local = written.startswith((".", "/", "~")) or os.path.isabs(written) or (base / written).is_dir()
+    return replace(p, model=os.path.normpath(base / written)) if local else p

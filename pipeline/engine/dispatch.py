@@ -175,6 +175,13 @@ class Dispatcher:
         for route in self.routes:
             route.largest_first = True
 
+    def input_cap(self, max_inputs: int) -> int:
+        """`max_inputs`, lowered to the most a usable provider has said it
+        takes (a cap learned from a "too many inputs" answer, OpenAIProvider.max_inputs)."""
+        learned = [cap for r in self.routes if r.unusable_reason is None
+                   and (cap := getattr(r.provider, "max_inputs", None)) is not None]
+        return min([max_inputs, *learned])
+
     def usable(self) -> bool:
         return any(r.unusable_reason is None for r in self.routes)
 

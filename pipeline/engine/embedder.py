@@ -111,6 +111,8 @@ class Embedder:
         reported to the progress."""
         picked = np.asarray(order, dtype=np.int64)
         max_inputs, max_tokens = self.job.request_limits(self.dim)
+        if self.dispatcher is not None:  # a provider's cap found on the way (too many inputs)
+            max_inputs = self.dispatcher.input_cap(max_inputs)
         # Byte bounds where they pack as exact counts would, exact counts elsewhere (texts.py).
         counts, exact = prepared.piece_tokens[picked], prepared.exact[picked]
         if not exact.all() and int(counts.sum()) > max_tokens:

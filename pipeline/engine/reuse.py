@@ -15,7 +15,7 @@ import asyncio
 import logging
 import sqlite3
 from dataclasses import dataclass, field
-from typing import Container, Literal, Sequence, Union, get_args
+from typing import Any, Container, Literal, Mapping, Sequence, Union, get_args
 
 import numpy as np
 
@@ -143,9 +143,11 @@ class Claim:
 
 
 class Reuse:
-    def __init__(self, model: str, dimensions: int | None, dim: int, cache: Cache | None) -> None:
+    def __init__(self, model: str, dimensions: int | None, dim: int, cache: Cache | None,
+                 options: Mapping[str, Any] | None = None) -> None:
         self.model = model
         self.dimensions = dimensions
+        self.options = options  # the providers' vector options (JobConfig.vector_options): part of every key
         self.dim = dim
         self.cache = cache
         # Recent vectors in one ring of slots (no object per vector: RSS stays
@@ -156,7 +158,7 @@ class Reuse:
         self._cache_failed = False
 
     def keys(self, pieces: Sequence[str]) -> list[bytes]:
-        return text_keys(pieces, self.model, self.dimensions)
+        return text_keys(pieces, self.model, self.dimensions, self.options)
 
     async def claim(self, keys: list[bytes], journal: Known | None = None) -> Claim:
         plan = plan_keys(keys, self._recent, self._pending)

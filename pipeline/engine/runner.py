@@ -147,7 +147,7 @@ class Engine:
         """The unit code both strategies write with, once the vectors' length
         is known. Without a dispatcher, every text must come known (a batch's)."""
         self.dim = dim
-        reuse = Reuse(self.job.embedding.model, self.job.embedding.dimensions, dim, self.cache)
+        reuse = Reuse(self.job.embedding.model, self.job.embedding.dimensions, dim, self.cache, self.job.vector_options)
         embedder = Embedder(self.job, dispatcher, reuse, dim, self.progress.advance, self.spend)
         self.units = UnitWork(self.job, self.output, self.checkpoint, embedder, self.stop, self.counters)
         return self.units

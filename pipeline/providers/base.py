@@ -21,6 +21,7 @@ class EmbedResult:
 class Provider(Protocol):
     name: str
     config: ProviderConfig
+    max_inputs: int | None  # the most inputs a request may hold, once the provider said so
 
     async def start(self) -> None: ...
 

@@ -25,7 +25,7 @@ from ..config.job import ProviderConfig, RetryConfig
 from ..core.retry import retry_delay_s
 from ..errors import BadResponseError, EndpointMissingError, ProviderError
 from .classify import classify
-from .openai import CONNECT_TIMEOUT_S, REDACTED, USER_AGENT
+from .openai import CONNECT_TIMEOUT_S, redact, request_headers, secrets_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,7 +87,8 @@ class BatchClient:
         self.name = cfg.name
         self._cfg = cfg
         self._base = cfg.base_url.rstrip("/")
-        self._key = (cfg.api_key or "").strip()
+        self._query = dict(cfg.query)  # on every URL (Azure's api-version)
+        self._secrets = secrets_of(cfg)
         self._retry = retry
         self._sleep = sleep
         self._rand = rand
@@ -98,8 +99,7 @@ class BatchClient:
         # a stalled one fails on the read timeout.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(CONNECT_TIMEOUT_S, self._cfg.timeout_s),
                                         sock_read=self._cfg.timeout_s)
-        headers = {"Authorization": f"Bearer {self._key}", "User-Agent": USER_AGENT}
-        self._session = aiohttp.ClientSession(timeout=timeout, headers=headers)
+        self._session = aiohttp.ClientSession(timeout=timeout, headers=request_headers(self._cfg))
 
     async def close(self) -> None:
         if self._session is not None:
@@ -217,8 +217,8 @@ class BatchClient:
         try:
             with ExitStack() as stack:
                 data = body(stack) if body is not None else None
-                async with self._session.request(method, self._base + path, json=json_body, params=params,
-                                                 data=data) as resp:
+                async with self._session.request(method, self._base + path, json=json_body,
+                                                 params={**self._query, **(params or {})}, data=data) as resp:
                     status, headers = resp.status, dict(resp.headers)
                     if status < 400 and dest is not None:
                         with open(dest, "wb") as fh:
@@ -242,11 +242,7 @@ class BatchClient:
         return payload
 
     def _redact(self, err: ProviderError) -> ProviderError:
-        """Some gateways echo the key back in their messages."""
-        if self._key and self._key in err.message:
-            err.message = err.message.replace(self._key, REDACTED)
-            err.args = (err.message,)
-        return err
+        return redact(err, self._secrets)
 
 
 def _data(answer: Any) -> list[Any]:

@@ -18,7 +18,7 @@ import aiohttp
 
 from ..core.limits import KeyReading, LimitReading
 from ..errors import (BadInputError, BadResponseError, EndpointMissingError, ProviderError, ProviderUnusableError,
-                      RateLimitedError, TransientError)
+                      RateLimitedError, TooManyInputsError, TransientError)
 
 MAX_ERROR_TEXT_CHARS = 200  # provider messages are quoted, not dumped
 
@@ -45,6 +45,21 @@ RATE_LIMIT_PATTERN = re.compile(
     r"负载已饱和|请求数限制|请求过于频繁|频率|rate.?limit|too many requests", re.IGNORECASE
 )
 DIMENSIONS_PATTERN = re.compile(r"dimensions", re.IGNORECASE)
+# A request with more inputs than the provider takes, in the words providers use:
+# Gemini "at most 100 requests can be in one batch", Cohere "total number of texts
+# must be at most 96", TEI "batch size 100 > maximum allowed batch size 32",
+# OpenAI "array too long ... maximum length 2048", and plain "too many inputs".
+TOO_MANY_INPUTS_PATTERN = re.compile(
+    r"at most (?P<a>\d+) (?:requests|inputs|texts|items|documents)"
+    r"|number of (?:texts|inputs|documents)[^.]{0,40}?at most (?P<b>\d+)"
+    r"|maximum allowed batch size (?P<c>\d+)"
+    r"|array too long.{0,40}?maximum length (?P<d>\d+)"
+    r"|maximum (?P<f>\d+) inputs"
+    r"|too many (?:inputs|texts|items|documents)(?:[^.\d]{0,40}(?P<e>\d+))?",
+    re.IGNORECASE,
+)
+# The 404 of an Azure route that does not exist: a wrong deployment, api-version or resource.
+MISSING_ENDPOINT_CODES = frozenset({"", "not_found", "404", "deploymentnotfound", "resourcenotfound"})
 QUOTA_PATTERN = re.compile(
     r"额度已用尽|额度不足|余额不足|欠费|quota|insufficient.{0,20}balance|billing", re.IGNORECASE
 )
@@ -91,7 +106,7 @@ def classify(
         return ProviderUnusableError(message, **fields)
     if status == 429 or code_l in RATE_LIMIT_CODES or RATE_LIMIT_PATTERN.search(text):
         return RateLimitedError(message or "rate limited", retry_after_s=rate_limit_wait, **fields)
-    if status == 404 and code_l in ("", "not_found"):
+    if status == 404 and code_l in MISSING_ENDPOINT_CODES:
         return EndpointMissingError(message or "endpoint not found (check base_url)", **fields)
     if status is not None and status >= 500:
         return TransientError(message or f"server error {status}", retry_after_s=retry_after, **fields)
@@ -99,6 +114,10 @@ def classify(
     if code_l in TRANSIENT_CODES or (err_type or "") in TRANSIENT_TYPES or numbered_failure:
         # Numeric codes ("500001") are ctyun's model-invocation failures.
         return TransientError(message or "provider error", retry_after_s=retry_after, **fields)
+    if status in (400, 413, 422) and (cap := TOO_MANY_INPUTS_PATTERN.search(message)):
+        # Not the rows' fault: the same rows in smaller requests go through.
+        stated = next((int(v) for v in cap.groupdict().values() if v), None)
+        return TooManyInputsError(message, max_inputs=stated if stated else None, **fields)
     if status in (400, 422) and DIMENSIONS_PATTERN.search(message):
         # Not the rows' fault: every request would fail the same way.
         return ProviderUnusableError(message, **fields)
@@ -111,6 +130,8 @@ def classify(
 
 def _error_fields(body: object) -> tuple[str, str | None, str | None]:
     """(message, code, type) from an OpenAI-style error body, or from raw text."""
+    if isinstance(body, list) and len(body) == 1 and isinstance(body[0], Mapping):
+        body = body[0]  # Gemini's OpenAI-compatible endpoint wraps its error in a list
     if isinstance(body, Mapping):
         err = body.get("error", body)
         if isinstance(err, Mapping):

