@@ -84,7 +84,7 @@ class BatchRun:
     def __init__(self, job: JobConfig, output: Output, checkpoint: Checkpoint, *, files: list[InputFile],
                  shard: layout.Shard | None, limit: int | None, stop: Stopper, counters: RunCounters,
                  cache: Cache | None, spend: Spend, vectors: MemoryBudget, sync: OpenAIProvider,
-                 make_units: Callable[[int], UnitWork]) -> None:
+                 make_units: Callable[[int], UnitWork], wait: bool = True) -> None:
         cfg = job.batch_provider
         assert cfg is not None
         self.job, self.cfg, self.output, self.checkpoint = job, cfg, output, checkpoint
@@ -92,6 +92,7 @@ class BatchRun:
         self.stop, self.counters, self.cache, self.spend, self.vectors = stop, counters, cache, spend, vectors
         self.sync = sync  # the synchronous endpoint: the probe, and the one decoder of answers
         self.make_units = make_units
+        self.wait = wait  # False: --no-wait, one pass of what needs no waiting (_without_waiting)
         self.client = BatchClient(cfg, job.retry)
         self.writer = layout.writer_name(shard)
         self.waker = Waker(stop)
@@ -140,8 +141,9 @@ class BatchRun:
             if not self.space_checked and self.submit.probe_sub is None and self.submit.open:
                 self.submit.probe_batch()  # batches of earlier runs wait for the probe: it goes first, alone
                 await self.submit.flush()
-            tasks = [asyncio.ensure_future(self._guard(work)) for work in
-                     (self._first_sight(), self._rechecks(), collector.poll())]
+            works = (self._first_sight(), self._rechecks(), collector.poll()) if self.wait else \
+                (self._without_waiting(collector),)
+            tasks = [asyncio.ensure_future(self._guard(work)) for work in works]
             for task in tasks:
                 self.stop.track(task)
             try:
@@ -185,6 +187,19 @@ class BatchRun:
     def _unusable(self, why: str) -> WorkLeftError:
         self.reason = why
         return WorkLeftError(f"no provider can take work ({self.cfg.name}: {why})")
+
+    async def _without_waiting(self, collector: Collector) -> None:
+        """--no-wait: collect what finished, then one first sight (which finishes every unit
+        now answered and submits what fits the queue); any wait on a running batch ends it."""
+        await collector.poll_once()
+        self.waker.park()  # nothing closes from here on: no recheck can come but those already due
+        await self._first_sight()
+        await self._rechecks()
+
+    @property
+    def parked(self) -> bool:
+        """--no-wait left work waiting on batches that still run."""
+        return not self.wait and not self.finished()
 
     def finished(self) -> bool:
         return self.first_done and not self.recheck and not self.rechecking and not self.waits and self.submit.idle

@@ -24,7 +24,7 @@ from ..cache.vectors import Cache
 from ..config.job import JobConfig
 from .dispatch import Dispatcher
 from .embedder import Embedder
-from ..errors import EXIT_OK, ConfigError, PipelineError, ProviderError, WorkLeftError
+from ..errors import EXIT_BATCHES_RUNNING, EXIT_OK, ConfigError, PipelineError, ProviderError, WorkLeftError
 from ..storage.fs import store_error
 from ..checkpoint.manifest import Checkpoint, job_fingerprint
 from ..core.pricing import cost_usd, job_price
@@ -53,6 +53,7 @@ class RunOptions:
     restart: bool = False
     progress: bool | None = None  # None: a bar on a terminal, lines otherwise
     grace_s: float = GRACE_S
+    wait: bool = True  # False (--no-wait): Batch API jobs return, exit 99, where they would wait on batches
 
 
 def run_job(job: JobConfig, options: RunOptions) -> int:
@@ -123,6 +124,7 @@ class _Run:
                     limit=self.opts.limit, stop=self.stop, counters=self.counters, cache=self.cache, spend=self.spend,
                     vectors=self.vectors, sync=providers[0],  # type: ignore[arg-type]
                     make_units=lambda dim: self._unit_work(dim, NO_REQUESTS),  # type: ignore[arg-type]
+                    wait=self.opts.wait,
                 )
                 await self.batches.run()
             else:
@@ -284,7 +286,8 @@ class _Run:
         try:
             self.checkpoint.refresh()
             complete = done_here and self.opts.limit is None and self.checkpoint.complete()
-            status = "complete" if complete else ("done" if done_here else "stopped")
+            waiting = done_here and self.batches is not None and self.batches.parked  # --no-wait: batches run
+            status = "complete" if complete else ("waiting" if waiting else "done" if done_here else "stopped")
             summary = self._summary(status, providers)
             self.checkpoint.record_run(summary["run"], whole=complete)
             parts.merge_rejects(self.output, [*self.checkpoint.ledger.committed_seqs(), *self.checkpoint.ledger.partial],
@@ -300,6 +303,9 @@ class _Run:
         log_summary(summary)
         if error is not None:
             raise error
+        if status == "waiting":
+            log.info("batches still running: run again later to collect them (exit %d)", EXIT_BATCHES_RUNNING)
+            return EXIT_BATCHES_RUNNING
         return EXIT_OK
 
     def _summary(self, status: str, providers: dict[str, dict[str, Any]]) -> dict[str, Any]:
