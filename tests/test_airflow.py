@@ -21,13 +21,19 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conftest import (REPO, cli_env, docs_table, provider_entry, read_parts, rows_sent, sample_texts,
-                      write_job, write_parquet)
+from conftest import (MODEL, REPO, assert_vectors_exact, cli_env, docs_table, provider_entry, read_parts, rows_sent,
+                      sample_texts, write_job, write_parquet)
+from fakebatch import FakeBatchAPI
 from fakeprovider import FakeProvider
+from pipeline.core.probe import PROBE_TEXTS
+
+TRIGGER_AGENT = "embedding-pipeline/0.1 (airflow trigger)"  # pipeline/airflow/trigger.py's polls
 
 AIRFLOW_VENV_PYTHON = REPO / ".venv-airflow" / "bin" / "python"
 REQUIRE_AIRFLOW_ENV = "EMBEDDING_TEST_REQUIRE_AIRFLOW"  # set by .ci/run: a missing Airflow fails the suite
@@ -183,3 +189,62 @@ def test_a_wrong_job_fails_each_shard_at_once_without_retries(tmp_path: Path, mi
     assert [tries[("embed", k)] for k in range(SHARDS)] == [("failed", 1)] * SHARDS, log[-5000:]
     assert tries[("check_complete", -1)][0] == "upstream_failed"
     assert "exit 2" in log
+
+
+# ------------------------------------------------------------------ deferrable Batch API shards
+def batch_entry(api: FakeBatchAPI) -> dict[str, Any]:
+    return provider_entry(api.base_url, name="batch", type="openai_batch", poll_interval_s=0.05,
+                          max_inputs_per_batch=ROWS_PER_PART * 2)
+
+
+def asset_events(home: Path) -> list[tuple[str, dict[str, Any], int]]:
+    """(asset uri, event extra, source map index) of every asset event of the DAG's run."""
+    with sqlite3.connect(home / "airflow.db") as db:
+        rows = db.execute("SELECT a.uri, e.extra, e.source_map_index FROM asset_event e JOIN asset a ON a.id = e.asset_id "
+                          "WHERE e.source_dag_id = ?", (DAG_ID,)).fetchall()
+    return [(uri, json.loads(extra) if isinstance(extra, str) else extra, index) for uri, extra, index in rows]
+
+
+def test_deferrable_batch_shards_defer_while_batches_run_finish_and_emit_the_output_asset(
+        tmp_path: Path, migrated: Path) -> None:
+    texts = sample_texts(N_ROWS)
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    with FakeBatchAPI(dim=8, duration_s=1.0) as api:
+        job = write_job(tmp_path, [batch_entry(api)], rows_per_part=ROWS_PER_PART)
+        env = {**with_home(tmp_path, migrated, job), "EMBEDDING_MODE": "deferrable"}
+        result = airflow(env, "dags", "test", DAG_ID)
+        trigger_polls = api.user_agents[TRIGGER_AGENT]
+    log = result.stdout + result.stderr
+    tries = task_tries(tmp_path / "airflow")
+    assert tries.get(("check_complete", -1)) == ("success", 1), log[-5000:]
+    assert [tries[("embed", k)] for k in range(SHARDS)] == [("success", 1)] * SHARDS, log[-5000:]
+    # Every shard deferred (its batches were running) and was resumed by its trigger, which polled them.
+    assert log.count("deferring until one finishes") >= SHARDS, log[-5000:]
+    assert log.count("running trigger in line") >= SHARDS and trigger_polls >= SHARDS
+
+    out = tmp_path / "out"
+    assert (out / "_SUCCESS").exists()
+    assert_vectors_exact(read_parts(out), texts, 8)
+    assert Counter(t for t in api.submitted.elements() if t not in PROBE_TEXTS) == Counter(texts)
+
+    events = asset_events(tmp_path / "airflow")
+    assert sorted(index for _, _, index in events) == list(range(SHARDS)), events
+    for uri, extra, index in events:
+        assert uri == out.resolve().as_uri()
+        assert extra["shard"] == f"{index}/{SHARDS}" and extra["model"] == MODEL
+        assert extra["dimensions"] == 8 and extra["dtype"] == "float32" and 0 < extra["rows"] <= N_ROWS
+    assert max(extra["rows"] for _, extra, _ in events) == N_ROWS  # the last shard saw the whole job done
+
+
+def test_a_wrong_job_fails_each_deferrable_shard_at_once_without_retries(tmp_path: Path, migrated: Path) -> None:
+    with FakeBatchAPI(dim=8) as api:
+        job = write_job(tmp_path, [batch_entry(api)], input_path="missing/*.parquet")  # exit 2: no input
+        env = {**with_home(tmp_path, migrated, job), "EMBEDDING_MODE": "deferrable"}
+        result = airflow(env, "dags", "test", DAG_ID)
+        assert api.created == [] and api.polls == 0
+    tries = task_tries(tmp_path / "airflow")
+    log = result.stdout + result.stderr
+    assert [tries[("embed", k)] for k in range(SHARDS)] == [("failed", 1)] * SHARDS, log[-5000:]
+    assert tries[("check_complete", -1)][0] == "upstream_failed"
+    assert "exit 2" in log
+    assert asset_events(tmp_path / "airflow") == []

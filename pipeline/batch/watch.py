@@ -20,10 +20,12 @@ from typing import Any
 import yaml
 
 from ..checkpoint import layout
+from ..checkpoint.manifest import Checkpoint
 from ..checkpoint.records import BatchRecord
 from ..config.job import JobConfig, ProviderConfig
 from ..config.schema import WHOLE_ENV_REF
 from ..providers.batch_api import RESULT_STATUSES
+from ..storage import open_output
 from ..storage.output import Output
 from .files import poll_delay_s
 from .state import read_records
@@ -60,6 +62,7 @@ class Waiting:
     api_key_env: str | None  # the name of the environment variable that holds the key
     poll_interval_s: float
     batch_ids: tuple[str, ...]  # open batches the provider knows by id
+    created_s: tuple[float, ...]  # ... and when each was created (epoch seconds)
     unsettled: int  # open batches recorded without an id yet (a run settles them)
     next_check_s: float | None  # epoch seconds; None when nothing runs
 
@@ -79,10 +82,20 @@ def waiting(job: JobConfig, job_file: str | Path, output: Output, epoch: str, sh
     now = time.time() if now_s is None else now_s
     records = open_records(output, epoch, shard)
     checks = [next_check_s(r, cfg.poll_interval_s, now) for r in records]
+    known = [r for r in records if r.batch_id and r.state == "submitted"]
     return Waiting(cfg.name, str(cfg.base_url), key_variable(job_file, cfg), cfg.poll_interval_s,
-                   tuple(r.batch_id for r in records if r.batch_id and r.state == "submitted"),
-                   sum(1 for r in records if not (r.batch_id and r.state == "submitted")),
-                   min(checks, default=None))
+                   tuple(str(r.batch_id) for r in known), tuple(_epoch_s(r.created_at) for r in known),
+                   len(records) - len(known), min(checks, default=None))
+
+
+def waiting_for(job: JobConfig, job_file: str | Path, shard: layout.Shard | None) -> Waiting | None:
+    """`waiting` read from the job's output (None without a batch provider or a manifest)."""
+    output = open_output(job.output.path, job.output.storage)
+    try:
+        checkpoint = Checkpoint.read(output)
+        return None if checkpoint is None else waiting(job, job_file, output, checkpoint.epoch, shard)
+    finally:
+        output.close()
 
 
 def key_variable(job_file: str | Path, cfg: ProviderConfig) -> str | None:

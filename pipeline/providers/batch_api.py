@@ -82,7 +82,7 @@ class BatchInfo:
 class BatchClient:
     def __init__(self, cfg: ProviderConfig, retry: RetryConfig, *,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random, user_agent: str = USER_AGENT) -> None:
         assert cfg.base_url is not None
         self.name = cfg.name
         self._cfg = cfg
@@ -91,6 +91,7 @@ class BatchClient:
         self._retry = retry
         self._sleep = sleep
         self._rand = rand
+        self._user_agent = user_agent  # the Airflow trigger's polls say who they are
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -98,7 +99,7 @@ class BatchClient:
         # a stalled one fails on the read timeout.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(CONNECT_TIMEOUT_S, self._cfg.timeout_s),
                                         sock_read=self._cfg.timeout_s)
-        headers = {"Authorization": f"Bearer {self._key}", "User-Agent": USER_AGENT}
+        headers = {"Authorization": f"Bearer {self._key}", "User-Agent": self._user_agent}
         self._session = aiohttp.ClientSession(timeout=timeout, headers=headers)
 
     async def close(self) -> None:
