@@ -2,11 +2,20 @@
 mapped shard tasks and the completion check, against a loopback provider;
 a shard whose try fails on a provider fault is retried by Airflow and the
 retry resumes instead of starting over; a wrong job (exit 2) is not retried.
+In the deferrable mode (EMBEDDING_MODE=deferrable: pipeline.airflow's
+EmbeddingJobOperator) against a loopback Files + Batches server: every shard
+defers while its batches run, BatchTrigger polls them and resumes it, the
+output is complete and exact and each shard emits the output's asset event
+with its extra; a wrong job fails each shard once. The trigger serialises to
+batch ids, URL and the key's variable name (never the key) and keeps the
+triggerer's event loop free; a synchronous job runs in execute.
 
 Airflow runs in its own environment, as in production: `.venv-airflow` at the
 repository root (what `.ci/run` builds from `.ci/airflow-requirements.txt`),
 or this interpreter's if it has Airflow. Its tasks run the pipeline from this
-interpreter through EMBEDDING_CLI. Skipped where neither has Airflow (CI,
+interpreter through EMBEDDING_CLI in the cli mode; the deferrable mode imports
+the checkout's pipeline (PYTHONPATH) with its dependencies, which
+.ci/airflow-requirements.txt pins too. Skipped where neither has Airflow (CI,
 which sets EMBEDDING_TEST_REQUIRE_AIRFLOW, fails instead). To run it:
 
     python3 -m venv .venv-airflow && .venv-airflow/bin/pip install -r .ci/airflow-requirements.txt
@@ -27,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from conftest import (MODEL, REPO, assert_vectors_exact, cli_env, docs_table, provider_entry, read_parts, rows_sent,
+from conftest import (KEY, KEY_VAR, MODEL, REPO, assert_vectors_exact, cli_env, docs_table, provider_entry, read_parts, rows_sent,
                       sample_texts, write_job, write_parquet)
 from fakebatch import FakeBatchAPI
 from fakeprovider import FakeProvider
@@ -248,3 +257,90 @@ def test_a_wrong_job_fails_each_deferrable_shard_at_once_without_retries(tmp_pat
     assert tries[("check_complete", -1)][0] == "upstream_failed"
     assert "exit 2" in log
     assert asset_events(tmp_path / "airflow") == []
+
+
+DIRECT = """
+import asyncio, json, logging, sys
+from airflow.sdk.exceptions import TaskDeferred
+from pipeline.airflow import BatchTrigger, EmbeddingJobOperator
+
+phase, arg = sys.argv[1], sys.argv[2]
+if phase == "defer":
+    try:
+        EmbeddingJobOperator(task_id="embed", job=arg, deferrable=True).execute({})
+        print(json.dumps({"deferred": False}))
+    except TaskDeferred as deferred:
+        path, kwargs = deferred.trigger.serialize()
+        print(json.dumps({"deferred": True, "path": path, "kwargs": kwargs, "method": deferred.method_name}))
+elif phase == "sync":  # a synchronous job runs to its end in execute, and emits the output's event
+    from airflow.sdk import AssetAlias
+    from airflow.sdk.execution_time.context import OutletEventAccessors
+    from pipeline.airflow.operator import DEFAULT_ALIAS
+    events = OutletEventAccessors()
+    result = EmbeddingJobOperator(task_id="embed", job=arg, deferrable=True).execute({"outlet_events": events})
+    alias = events[AssetAlias(DEFAULT_ALIAS)].asset_alias_events
+    print(json.dumps({"result": result, "events": [[e.dest_asset_key.uri, e.extra] for e in alias]}))
+else:  # run the trigger rebuilt from its serialised form to its first event (or time out), in asyncio's debug mode
+    slow = []
+    handler = logging.Handler()
+    handler.emit = lambda record: slow.append(record.getMessage()) if "took" in record.getMessage() else None
+    logging.getLogger("asyncio").addHandler(handler)
+    path, kwargs = json.loads(arg)
+    async def first():
+        asyncio.get_running_loop().slow_callback_duration = 0.05
+        try:
+            return (await asyncio.wait_for(anext(BatchTrigger(**kwargs).run()), 2.0)).payload
+        except asyncio.TimeoutError:
+            return None
+    print(json.dumps({"event": asyncio.run(first(), debug=True), "slow": slow}))
+"""
+
+
+def direct(env: dict[str, str], *args: str) -> dict[str, Any]:
+    assert AIRFLOW_PYTHON is not None
+    result = subprocess.run([AIRFLOW_PYTHON, "-c", DIRECT, *args], env=env, capture_output=True, text=True,
+                            timeout=AIRFLOW_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_the_trigger_carries_batch_ids_url_and_the_key_variable_name_never_the_key(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "data.parquet", docs_table(sample_texts(20)))
+    with FakeBatchAPI(dim=8) as api:
+        api.hold()
+        job = write_job(tmp_path, [batch_entry(api)], rows_per_part=ROWS_PER_PART)
+        env = airflow_env(tmp_path, job)
+        deferred = direct(env, "defer", str(job))
+        assert deferred["deferred"] and deferred["method"] == "resume"
+        assert deferred["path"] == "pipeline.airflow.trigger.BatchTrigger"
+        kwargs = deferred["kwargs"]
+        assert sorted(kwargs["batch_ids"]) == sorted(api.created) and len(api.created) >= 2
+        assert kwargs["base_url"] == api.base_url and kwargs["api_key_env"] == KEY_VAR
+        assert KEY not in json.dumps(deferred)
+        serialised = json.dumps([deferred["path"], kwargs])
+
+        polls = api.user_agents[TRIGGER_AGENT]
+        held = direct(env, "trigger", serialised)  # batches running: it polls and does not fire
+        assert held["event"] is None and api.user_agents[TRIGGER_AGENT] > polls
+        api.release()
+        fired = direct(env, "trigger", serialised)
+        assert fired["event"]["status"] == "finished" and fired["event"]["batch_id"] in api.created
+        assert fired["slow"] == [], "a blocking call held the triggerer's event loop"
+        polls = api.user_agents[TRIGGER_AGENT]
+        no_key = direct({k: v for k, v in env.items() if k != KEY_VAR}, "trigger", serialised)
+        assert no_key["event"]["status"] == "error" and KEY_VAR in no_key["event"]["message"]
+        assert api.user_agents[TRIGGER_AGENT] == polls
+
+
+def test_a_synchronous_job_runs_to_its_end_in_execute_and_emits_the_output_asset(tmp_path: Path) -> None:
+    texts = sample_texts(20)
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    with FakeProvider(dim=8) as fp:
+        job = write_job(tmp_path, [provider_entry(fp)], rows_per_part=ROWS_PER_PART)
+        ran = direct(airflow_env(tmp_path, job), "sync", str(job))
+    out = (tmp_path / "out").resolve()
+    assert (out / "_SUCCESS").exists() and set(rows_sent(fp)) == set(texts)
+    ((uri, extra),) = ran["events"]
+    assert uri == out.as_uri() and ran["result"]["uri"] == uri
+    assert extra == {"job": "test-job", "rows": 20, "total_rows": 20, "complete": True, "model": MODEL,
+                     "dimensions": 8, "dtype": "float32", "shard": None}

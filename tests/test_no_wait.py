@@ -21,7 +21,7 @@ from fakebatch import FakeBatchAPI
 from fakeprovider import FakeProvider
 from pipeline.core.probe import PROBE_TEXTS
 from pipeline.errors import EXIT_BATCHES_RUNNING
-from test_batch import DIM, _job, _pieces, _texts, assert_tidy, batch_job, embedded
+from test_batch import DIM, _job, _pieces, _texts, assert_tidy, batch_job, embedded, wait_until
 from test_durability import _assert_same_output as assert_same_output
 
 pytestmark = pytest.mark.slow  # subprocess runs (conftest.SLOW_MODULES)
@@ -136,6 +136,16 @@ KILLS = 8
 SEED = 20261206
 
 
+def _records(out: Path) -> list[dict[str, Any]]:
+    folder = out / "_manifest.d" / "batches"
+    return [json.loads(p.read_text()) for p in folder.glob("*.json")] if folder.exists() else []
+
+
+def _killed(proc: Any) -> None:
+    proc.kill()
+    proc.wait(timeout=10)
+
+
 @pytest.mark.timeout(240)
 def test_no_wait_runs_killed_between_and_during_runs_submit_nothing_twice_and_equal_a_waiting_run(
         tmp_path: Path) -> None:
@@ -148,20 +158,37 @@ def test_no_wait_runs_killed_between_and_during_runs_submit_nothing_twice_and_eq
     out = tmp_path / "out"
     provider = {"max_inputs_per_batch": 9}
     top = {"cache": str(tmp_path / "cache")}  # a text answered before a kill is never paid again
-    with FakeBatchAPI(dim=DIM, duration_s=0.3, stall_download_s=0.05, script=["ok", "stall_create:0.5"] * 10) as api:
+    with FakeBatchAPI(dim=DIM, duration_s=0.3, script=["ok", "stall_create:60"]) as api:
         job = batch_job(tmp_path, api, rows_per_part=3, top=top, **provider)
+        # 1. Killed while the provider creates its second batch: recorded here as `submitting`.
+        proc = start_run(job, "--no-wait")
+        wait_until(lambda: len(api.created) >= 2)
+        _killed(proc)
+        assert any(r["state"] == "submitting" and r["input_file_id"] for r in _records(out))
+        # 2. Killed while downloading the results of batches that finished between runs.
+        api.hold()
+        assert run_job(job, "--no-wait").returncode == EXIT_BATCHES_RUNNING  # adopts that batch, submits more
+        assert all(r["state"] != "submitting" for r in _records(out))
+        api.release()
+        time.sleep(0.5)
+        api.stall_download_s = 60
+        downloads = api.downloads
+        proc = start_run(job, "--no-wait")
+        wait_until(lambda: api.downloads > downloads)
+        _killed(proc)
+        api.stall_download_s = 0.05
+        # 3. Killed at random instants: starting, submitting, collecting, writing parts; or left to return.
         kills = 0
         for _ in range(KILLS):
             proc = start_run(job, "--no-wait")
-            time.sleep(rng.uniform(0.2, 1.2))  # start-up, submitting, collecting, writing parts
+            time.sleep(rng.uniform(0.2, 1.2))
             if proc.poll() is None:
-                proc.kill()
                 kills += 1
-            proc.wait(timeout=10)
-            assert proc.returncode in (0, EXIT_BATCHES_RUNNING, -9), proc.stderr.read() if proc.stderr else ""
-            if rng.random() < 0.5:  # a kill "between" runs: the next starts when batches moved on
+            _killed(proc)
+            assert proc.returncode in (0, EXIT_BATCHES_RUNNING, -9)
+            if rng.random() < 0.5:  # a pause between runs: batches move on meanwhile
                 time.sleep(0.3)
-        assert kills >= 2, "the kills never landed inside a run"
+        assert kills >= 2, "the random kills never landed inside a run"
         codes = no_wait_until_done(job, pause_s=0.1)
     assert codes[-1] == 0
     assert submitted(api) == Counter(pieces), "a text was submitted twice (or never)"
