@@ -21,7 +21,8 @@ from fakebatch import FakeBatchAPI
 from fakeprovider import FakeProvider
 from pipeline.core.probe import PROBE_TEXTS
 from pipeline.errors import EXIT_BATCHES_RUNNING
-from test_batch import DIM, _job, _pieces, _texts, assert_tidy, batch_job, embedded, wait_until
+from test_batch import (DIM, _job, _pieces, _texts, assert_tidy, batch_job, embedded, texts_with_far_repeats,
+                        wait_until)
 from test_durability import _assert_same_output as assert_same_output
 
 pytestmark = pytest.mark.slow  # subprocess runs (conftest.SLOW_MODULES)
@@ -150,9 +151,7 @@ def _killed(proc: Any) -> None:
 def test_no_wait_runs_killed_between_and_during_runs_submit_nothing_twice_and_equal_a_waiting_run(
         tmp_path: Path) -> None:
     rng = random.Random(SEED)
-    texts = _texts(90)
-    for i in range(0, len(texts), 7):
-        texts[i] = texts[rng.randrange(len(texts))]  # repeats near and far
+    texts = texts_with_far_repeats(rng, 90)
     pieces = _pieces(texts)
     write_parquet(tmp_path / "data.parquet", docs_table(texts))
     out = tmp_path / "out"
