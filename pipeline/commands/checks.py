@@ -220,8 +220,8 @@ def job_status(job_file: str) -> dict[str, Any]:
         "shards": _shards(checkpoint, running_shards),
         "dimensions": meta.get("dimensions"),
         "batches": batches,
-        # --no-wait: which batches still run (ids, or submission ids not yet given one), and the
-        # soonest time a rerun has something to collect (UTC); null when none runs
+        # --no-wait: which batches still run (ids, or submission ids not yet given one), and the soonest
+        # time worth a look (UTC: when a waiting run would next poll one); null when none runs
         "batches_running": [b["id"] or b["submission"] for b in batches if b["state"] in ("submitting", "submitted")],
         "next_check_at": min(checks, default=None),
     }
@@ -287,8 +287,8 @@ def status_lines(r: dict[str, Any]) -> list[str]:
                          f"{b['completed']:,}/{b['requests']:,} requests done, {b['failed']:,} failed; "
                          f"{b['tokens']:,} tokens; since {b['created_at']}")
         if r.get("next_check_at"):
-            lines.append(f"batches running: a run has something to collect from about {r['next_check_at']} "
-                         f"(`run --no-wait` then collects what finished and returns)")
+            lines.append(f"batches running: next look worth it at {r['next_check_at']} (when a waiting run would "
+                         f"poll them; `run --no-wait` collects what finished and returns)")
     for shard in r.get("shards", []):
         k, n = shard["shard"]
         total = shard["total_units"] if shard["total_units"] is not None else "?"
