@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import docs_table, provider_entry, read_parts, run_cli, run_job, start_run, write_parquet
+from conftest import docs_table, error_lines, provider_entry, read_parts, run_cli, run_job, start_run, write_parquet
 from fakebatch import FakeBatchAPI
 from fakeprovider import FakeProvider
 from pipeline.core.probe import PROBE_TEXTS
@@ -41,7 +41,7 @@ def no_wait_until_done(job: Path, pause_s: float) -> list[int]:
         assert len(codes) < MAX_NO_WAIT_RUNS, f"no run finished the job: {codes}"
         result = run_job(job, "--no-wait")
         assert result.returncode in (0, EXIT_BATCHES_RUNNING), result.stderr
-        assert "Traceback" not in result.stderr and "error" not in result.stderr.lower(), result.stderr
+        assert "Traceback" not in result.stderr and error_lines(result.stderr) == [], result.stderr
         codes.append(result.returncode)
         time.sleep(pause_s)
     return codes
