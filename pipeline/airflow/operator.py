@@ -29,6 +29,7 @@ import logging
 import re
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Any, Sequence
 from airflow.sdk import Asset, AssetAlias, BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from ..batch.watch import waiting_for
+from ..batch.watch import utc_stamp, waiting_for
 from ..checkpoint import layout
 from ..commands.checks import job_status
 from ..config.job import JobConfig, load_job
@@ -162,7 +163,8 @@ class EmbeddingJobOperator(BaseOperator):
         job = load_job(self.job, require_env=False)
         watch = waiting_for(job, self.job, shard)
         assert watch is not None, "exit 99 comes only from a job with a batch provider and a manifest"
-        log.info("%d batch(es) running on %s; deferring until one finishes", len(watch.batch_ids), watch.provider)
+        log.info("%d batch(es) running on %s; deferring until one finishes (first look due at %s)",
+                 len(watch.batch_ids), watch.provider, utc_stamp(watch.next_check_s or time.time()))
         self.defer(trigger=BatchTrigger(batch_ids=list(watch.batch_ids), created_s=list(watch.created_s),
                                         base_url=watch.base_url, api_key_env=watch.api_key_env,
                                         provider=watch.provider, poll_interval_s=watch.poll_interval_s,

@@ -51,7 +51,7 @@ class Waker:
 
     def __init__(self, stop: Stopper) -> None:
         self.stop = stop
-        self.parked = False  # --no-wait: a wait that is not ready ends the task instead (nowait.py)
+        self.parked = False  # --no-wait: a wait that is not ready ends the task instead (BatchRun._without_waiting)
         self._changed = asyncio.Event()
 
     def notify(self) -> None:

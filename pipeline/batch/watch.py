@@ -34,11 +34,12 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # the records' created_at, UTC
 FINISHED_STATUSES = (*RESULT_STATUSES, "failed")  # a run collects (or resubmits) these at once
 
 
-def _epoch_s(stamp: str) -> float:
+def epoch_s(stamp: str) -> float | None:
+    """A record's UTC stamp as epoch seconds; None when it is not one."""
     try:
         return float(calendar.timegm(time.strptime(stamp, TIME_FORMAT)))
     except (TypeError, ValueError):
-        return 0.0  # unreadable: old enough to look at now
+        return None
 
 
 def utc_stamp(epoch_s: float) -> str:
@@ -47,9 +48,10 @@ def utc_stamp(epoch_s: float) -> str:
 
 def next_check_s(record: BatchRecord, interval_s: float, now_s: float) -> float:
     """The wall-clock time (epoch seconds) a look at this open batch is worth it."""
-    if record.state != "submitted" or record.status in FINISHED_STATUSES:
-        return now_s  # half-submitted (a run settles it) or finished: a run has work now
-    age_s = max(0.0, now_s - _epoch_s(record.created_at))
+    created = epoch_s(record.created_at)
+    if record.state != "submitted" or record.status in FINISHED_STATUSES or created is None:
+        return now_s  # half-submitted (a run settles it), finished, or of unknown age: worth a look now
+    age_s = max(0.0, now_s - created)
     return now_s + poll_delay_s(age_s, interval_s, rand=lambda: 0.5)  # 0.5: no jitter
 
 
@@ -84,7 +86,7 @@ def waiting(job: JobConfig, job_file: str | Path, output: Output, epoch: str, sh
     checks = [next_check_s(r, cfg.poll_interval_s, now) for r in records]
     known = [r for r in records if r.batch_id and r.state == "submitted"]
     return Waiting(cfg.name, str(cfg.base_url), key_variable(job_file, cfg), cfg.poll_interval_s,
-                   tuple(str(r.batch_id) for r in known), tuple(_epoch_s(r.created_at) for r in known),
+                   tuple(str(r.batch_id) for r in known), tuple(epoch_s(r.created_at) or now for r in known),
                    len(records) - len(known), min(checks, default=None))
 
 
