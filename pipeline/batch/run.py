@@ -93,6 +93,7 @@ class BatchRun:
         self.sync = sync  # the synchronous endpoint: the probe, and the one decoder of answers
         self.make_units = make_units
         self.wait = wait  # False: --no-wait, one pass of what needs no waiting (_without_waiting)
+        self.running: set[int] = set()  # --no-wait: units with lines in batches still running, not read again
         self.client = BatchClient(cfg, job.retry)
         self.writer = layout.writer_name(shard)
         self.waker = Waker(stop)
@@ -193,6 +194,10 @@ class BatchRun:
         now answered and submits what fits the queue); any wait on a running batch ends it."""
         await collector.poll_once()
         self.waker.park()  # nothing closes from here on: no recheck can come but those already due
+        # A unit with lines in a running batch cannot finish before it does: not read (nor its texts
+        # prepared) again. Of a unit a full queue or a kill cut short, the texts not yet submitted go
+        # once that batch is collected.
+        self.running = {u for batch in self.submit.open.values() for u in batch.record.units}
         await self._first_sight()
         await self._rechecks()
 
@@ -278,7 +283,7 @@ class BatchRun:
     # -- first sight and rechecks ---------------------------------------------------------
 
     def _wanted(self, seq: int) -> bool:
-        return layout.owns(self.shard, seq) and not self.checkpoint.is_done(seq)
+        return layout.owns(self.shard, seq) and not self.checkpoint.is_done(seq) and seq not in self.running
 
     async def _first_sight(self) -> None:
         totals: dict[str, int] = {}
