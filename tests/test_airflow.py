@@ -149,6 +149,38 @@ def test_the_dag_parses_into_mapped_shards_and_a_completion_check(tmp_path: Path
         assert "--restart" not in command
 
 
+PARSE_DEFERRABLE = """
+import json, os
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+dag = bag.dags.get(os.environ["EMBEDDING_DAG_ID"])
+embed = dag and dag.task_dict["embed"]
+print(json.dumps({
+    "errors": {k: str(v) for k, v in bag.import_errors.items()},
+    "tasks": sorted(dag.task_dict) if dag else None,
+    "operator": embed and embed.operator_name,
+    "shards": embed and embed.expand_input.value["shard"],
+    "job": embed and embed.partial_kwargs.get("job"),
+    "deferrable": embed and embed.partial_kwargs.get("deferrable"),
+    "outlets": embed and [type(o).__name__ + ":" + o.name for o in embed.partial_kwargs.get("outlets", [])],
+}))
+"""
+
+
+def test_the_deferrable_dag_parses_into_mapped_operator_shards_with_the_output_alias(
+        tmp_path: Path, migrated: Path) -> None:
+    env = {**with_home(tmp_path, migrated, tmp_path / "job.yaml"), "EMBEDDING_MODE": "deferrable"}
+    assert AIRFLOW_PYTHON is not None
+    result = subprocess.run([AIRFLOW_PYTHON, "-c", PARSE_DEFERRABLE], env=env, capture_output=True, text=True,
+                            timeout=AIRFLOW_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parsed = json.loads(result.stdout.splitlines()[-1])
+    assert parsed["errors"] == {} and parsed["tasks"] == ["check_complete", "embed"]
+    assert parsed["operator"] == "EmbeddingJobOperator" and parsed["deferrable"] is True
+    assert parsed["shards"] == [f"{k}/{SHARDS}" for k in range(SHARDS)] and parsed["job"] == str(tmp_path / "job.yaml")
+    assert parsed["outlets"] == ["AssetAlias:embedding-pipeline-output"]
+
+
 def test_the_dag_runs_every_shard_retries_a_failed_one_and_the_retry_resumes(tmp_path: Path, migrated: Path) -> None:
     texts = sample_texts(N_ROWS)
     write_parquet(tmp_path / "data.parquet", docs_table(texts))
