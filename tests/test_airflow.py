@@ -115,6 +115,15 @@ def with_home(tmp: Path, migrated: Path, job: Path) -> dict[str, str]:
     return airflow_env(tmp, job)
 
 
+def in_airflow(env: dict[str, str], script: str, *args: str) -> dict[str, Any]:
+    """Run a script in Airflow's interpreter; the JSON object it prints last."""
+    assert AIRFLOW_PYTHON is not None
+    result = subprocess.run([AIRFLOW_PYTHON, "-c", script, *args], env=env, capture_output=True, text=True,
+                            timeout=AIRFLOW_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
 PARSE = """
 import json, os
 from airflow.dag_processing.dagbag import DagBag
@@ -125,20 +134,21 @@ print(json.dumps({
     "errors": {k: str(v) for k, v in bag.import_errors.items()},
     "dags": sorted(bag.dags),
     "tasks": sorted(dag.task_dict) if dag else None,
-    "commands": embed and embed.expand_input.value["bash_command"],
+    "commands": embed and embed.expand_input.value.get("bash_command"),
     "check_upstream": dag and sorted(dag.task_dict["check_complete"].upstream_task_ids),
     "retries": embed and embed.partial_kwargs.get("retries"),
+    "operator": embed and embed.operator_name,
+    "shards": embed and embed.expand_input.value.get("shard"),
+    "job": embed and embed.partial_kwargs.get("job"),
+    "deferrable": embed and embed.partial_kwargs.get("deferrable"),
+    "outlets": embed and [type(o).__name__ + ":" + o.name for o in embed.partial_kwargs.get("outlets") or []],
 }))
 """
 
 
 def test_the_dag_parses_into_mapped_shards_and_a_completion_check(tmp_path: Path, migrated: Path) -> None:
     env = with_home(tmp_path, migrated, tmp_path / "jobs dir" / "job.yaml")  # a path that needs quoting
-    assert AIRFLOW_PYTHON is not None
-    result = subprocess.run([AIRFLOW_PYTHON, "-c", PARSE], env=env, capture_output=True, text=True,
-                            timeout=AIRFLOW_TIMEOUT_S)
-    assert result.returncode == 0, result.stderr[-3000:]
-    parsed = json.loads(result.stdout.splitlines()[-1])
+    parsed = in_airflow(env, PARSE)
     assert parsed["errors"] == {} and parsed["dags"] == [DAG_ID]
     assert parsed["tasks"] == ["check_complete", "embed"] and parsed["check_upstream"] == ["embed"]
     assert parsed["retries"] == 5
@@ -149,32 +159,12 @@ def test_the_dag_parses_into_mapped_shards_and_a_completion_check(tmp_path: Path
         assert "--restart" not in command
 
 
-PARSE_DEFERRABLE = """
-import json, os
-from airflow.dag_processing.dagbag import DagBag
-bag = DagBag(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
-dag = bag.dags.get(os.environ["EMBEDDING_DAG_ID"])
-embed = dag and dag.task_dict["embed"]
-print(json.dumps({
-    "errors": {k: str(v) for k, v in bag.import_errors.items()},
-    "tasks": sorted(dag.task_dict) if dag else None,
-    "operator": embed and embed.operator_name,
-    "shards": embed and embed.expand_input.value["shard"],
-    "job": embed and embed.partial_kwargs.get("job"),
-    "deferrable": embed and embed.partial_kwargs.get("deferrable"),
-    "outlets": embed and [type(o).__name__ + ":" + o.name for o in embed.partial_kwargs.get("outlets", [])],
-}))
-"""
 
 
 def test_the_deferrable_dag_parses_into_mapped_operator_shards_with_the_output_alias(
         tmp_path: Path, migrated: Path) -> None:
     env = {**with_home(tmp_path, migrated, tmp_path / "job.yaml"), "EMBEDDING_MODE": "deferrable"}
-    assert AIRFLOW_PYTHON is not None
-    result = subprocess.run([AIRFLOW_PYTHON, "-c", PARSE_DEFERRABLE], env=env, capture_output=True, text=True,
-                            timeout=AIRFLOW_TIMEOUT_S)
-    assert result.returncode == 0, result.stderr[-3000:]
-    parsed = json.loads(result.stdout.splitlines()[-1])
+    parsed = in_airflow(env, PARSE)
     assert parsed["errors"] == {} and parsed["tasks"] == ["check_complete", "embed"]
     assert parsed["operator"] == "EmbeddingJobOperator" and parsed["deferrable"] is True
     assert parsed["shards"] == [f"{k}/{SHARDS}" for k in range(SHARDS)] and parsed["job"] == str(tmp_path / "job.yaml")
@@ -328,21 +318,13 @@ else:  # run the trigger rebuilt from its serialised form to its first event (or
 """
 
 
-def direct(env: dict[str, str], *args: str) -> dict[str, Any]:
-    assert AIRFLOW_PYTHON is not None
-    result = subprocess.run([AIRFLOW_PYTHON, "-c", DIRECT, *args], env=env, capture_output=True, text=True,
-                            timeout=AIRFLOW_TIMEOUT_S)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.splitlines()[-1])
-
-
 def test_the_trigger_carries_batch_ids_url_and_the_key_variable_name_never_the_key(tmp_path: Path) -> None:
     write_parquet(tmp_path / "data.parquet", docs_table(sample_texts(20)))
     with FakeBatchAPI(dim=8) as api:
         api.hold()
         job = write_job(tmp_path, [batch_entry(api)], rows_per_part=ROWS_PER_PART)
         env = airflow_env(tmp_path, job)
-        deferred = direct(env, "defer", str(job))
+        deferred = in_airflow(env, DIRECT, "defer", str(job))
         assert deferred["deferred"] and deferred["method"] == "resume"
         assert deferred["path"] == "pipeline.airflow.trigger.BatchTrigger"
         kwargs = deferred["kwargs"]
@@ -352,14 +334,14 @@ def test_the_trigger_carries_batch_ids_url_and_the_key_variable_name_never_the_k
         serialised = json.dumps([deferred["path"], kwargs])
 
         polls = api.user_agents[TRIGGER_AGENT]
-        held = direct(env, "trigger", serialised)  # batches running: it polls and does not fire
+        held = in_airflow(env, DIRECT, "trigger", serialised)  # batches running: it polls and does not fire
         assert held["event"] is None and api.user_agents[TRIGGER_AGENT] > polls
         api.release()
-        fired = direct(env, "trigger", serialised)
+        fired = in_airflow(env, DIRECT, "trigger", serialised)
         assert fired["event"]["status"] == "finished" and fired["event"]["batch_id"] in api.created
         assert fired["slow"] == [], "a blocking call held the triggerer's event loop"
         polls = api.user_agents[TRIGGER_AGENT]
-        no_key = direct({k: v for k, v in env.items() if k != KEY_VAR}, "trigger", serialised)
+        no_key = in_airflow({k: v for k, v in env.items() if k != KEY_VAR}, DIRECT, "trigger", serialised)
         assert no_key["event"]["status"] == "error" and KEY_VAR in no_key["event"]["message"]
         assert api.user_agents[TRIGGER_AGENT] == polls
 
@@ -369,7 +351,7 @@ def test_a_synchronous_job_runs_to_its_end_in_execute_and_emits_the_output_asset
     write_parquet(tmp_path / "data.parquet", docs_table(texts))
     with FakeProvider(dim=8) as fp:
         job = write_job(tmp_path, [provider_entry(fp)], rows_per_part=ROWS_PER_PART)
-        ran = direct(airflow_env(tmp_path, job), "sync", str(job))
+        ran = in_airflow(airflow_env(tmp_path, job), DIRECT, "sync", str(job))
     out = (tmp_path / "out").resolve()
     assert (out / "_SUCCESS").exists() and set(rows_sent(fp)) == set(texts)
     ((uri, extra),) = ran["events"]
