@@ -294,6 +294,12 @@ if phase == "defer":
     except TaskDeferred as deferred:
         path, kwargs = deferred.trigger.serialize()
         print(json.dumps({"deferred": True, "path": path, "kwargs": kwargs, "method": deferred.method_name}))
+elif phase == "outcome":  # which exception a failed run raises
+    try:
+        EmbeddingJobOperator(task_id="embed", job=arg, deferrable=True).execute({})
+        print(json.dumps({"raised": None}))
+    except Exception as err:
+        print(json.dumps({"raised": type(err).__name__, "message": str(err)}))
 elif phase == "sync":  # a synchronous job runs to its end in execute, and emits the output's event
     from airflow.sdk import AssetAlias
     from airflow.sdk.execution_time.context import OutletEventAccessors
@@ -358,3 +364,16 @@ def test_a_synchronous_job_runs_to_its_end_in_execute_and_emits_the_output_asset
     assert uri == out.as_uri() and ran["result"]["uri"] == uri
     assert extra == {"job": "test-job", "rows": 20, "total_rows": 20, "complete": True, "model": MODEL,
                      "dimensions": 8, "dtype": "float32", "shard": None}
+
+
+def test_exit_1_raises_a_retried_failure_and_exit_2_one_that_is_not(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "data.parquet", docs_table(sample_texts(10)))
+    with FakeBatchAPI(dim=8, api_key="sk-another-key") as api:  # our key is refused: exit 1
+        job = write_job(tmp_path, [batch_entry(api)])
+        refused = in_airflow(airflow_env(tmp_path, job), DIRECT, "outcome", str(job))
+        assert api.created == []
+    assert refused["raised"] == "AirflowException" and "exit 1" in refused["message"]
+    assert KEY not in refused["message"]
+    wrong = write_job(tmp_path, [batch_entry(api)], input_path="missing/*.parquet", file_name="wrong.yaml")
+    failed = in_airflow(airflow_env(tmp_path, wrong), DIRECT, "outcome", str(wrong))
+    assert failed["raised"] == "AirflowFailException" and "exit 2" in failed["message"]
