@@ -3,7 +3,22 @@
     embed[0] ... embed[N-1]  -> check_complete
     `run JOB --shard K/N`       `status JOB --check`
 
-Each shard task is the CLI; a failed try (a provider down, a worker lost, a
+Two ways to run the shards (EMBEDDING_MODE):
+
+- `cli` (default): each shard task is the CLI in a BashOperator, holding its
+  worker slot until its shard is done. For synchronous providers (and the
+  local model): the slot does the work.
+- `deferrable`: each shard task is pipeline.airflow.EmbeddingJobOperator
+  with `deferrable=True`, for `type: openai_batch` jobs: it submits its
+  batches, collects and writes what finished, and while batches run it
+  hands a small trigger to Airflow's triggerer and frees the worker slot;
+  it resumes when a batch finishes. Needs Airflow 3 and the pipeline
+  installed in the Airflow environment (workers and triggerer), and the
+  key's variable set in the triggerer's environment too. The output's asset
+  event (rows, model, dimensions, dtype, shard in its extra) goes through
+  the asset alias `embedding-pipeline-output`.
+
+In the `cli` mode each shard task is the CLI; a failed try (a provider down, a worker lost, a
 SIGTERM from Airflow) leaves its finished parts checkpointed, and Airflow's
 retry runs the same command, which continues where the try stopped: no
 `--restart` anywhere. The shard that finishes the last part writes
@@ -15,6 +30,7 @@ environment (or edit the defaults below):
 
     EMBEDDING_JOB       the job file, readable by every worker (default /jobs/docs.yaml)
     EMBEDDING_SHARDS    how many shard tasks (default 4)
+    EMBEDDING_MODE      cli (default) or deferrable, as above
     EMBEDDING_CLI       the command (default: this interpreter's `python -m pipeline`)
     EMBEDDING_DAG_ID    the DAG's id (default embed_<job file stem>)
     EMBEDDING_RETRIES, EMBEDDING_RETRY_DELAY_S   per shard (default 5, from 120 s, doubling)
@@ -44,6 +60,7 @@ except ImportError:  # Airflow 2.x
     from airflow.operators.bash import BashOperator
 
 JOB = os.environ.get("EMBEDDING_JOB", "/jobs/docs.yaml")
+MODE = os.environ.get("EMBEDDING_MODE", "cli")  # cli | deferrable
 SHARDS = int(os.environ.get("EMBEDDING_SHARDS", "4"))
 CLI = os.environ.get("EMBEDDING_CLI", f"{shlex.quote(sys.executable)} -m pipeline")
 DAG_ID = os.environ.get("EMBEDDING_DAG_ID", f"embed_{Path(JOB).stem}".replace("-", "_"))
@@ -84,13 +101,26 @@ with DAG(
     },
     tags=["embedding"],
 ) as dag:
-    embed = PipelineOperator.partial(task_id="embed").expand(
-        # exec: Airflow's SIGTERM on timeout or kill reaches the pipeline, which checkpoints
-        bash_command=[
-            f"exec {CLI} --log-format json run {job} --shard {k}/{SHARDS} --no-progress --grace-seconds {GRACE_S}"
-            for k in range(SHARDS)
-        ],
-    )
+    if MODE == "deferrable":  # Batch API jobs: no worker slot held while batches run
+        from airflow.sdk import AssetAlias
+
+        from pipeline.airflow import EmbeddingJobOperator  # only here: the cli mode needs no pipeline in Airflow's env
+        from pipeline.airflow.operator import DEFAULT_ALIAS
+
+        embed = EmbeddingJobOperator.partial(
+            task_id="embed", job=JOB, deferrable=True, grace_s=GRACE_S,
+            outlets=[AssetAlias(DEFAULT_ALIAS)],  # each shard's event for the output's URI: schedule on the Asset
+        ).expand(shard=[f"{k}/{SHARDS}" for k in range(SHARDS)])
+    elif MODE == "cli":
+        embed = PipelineOperator.partial(task_id="embed").expand(
+            # exec: Airflow's SIGTERM on timeout or kill reaches the pipeline, which checkpoints
+            bash_command=[
+                f"exec {CLI} --log-format json run {job} --shard {k}/{SHARDS} --no-progress --grace-seconds {GRACE_S}"
+                for k in range(SHARDS)
+            ],
+        )
+    else:
+        raise ValueError(f"EMBEDDING_MODE={MODE!r}: write cli or deferrable")
     check_complete = PipelineOperator(
         task_id="check_complete",
         bash_command=f"exec {CLI} --log-format json status {job} --check",

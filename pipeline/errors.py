@@ -13,6 +13,9 @@ if TYPE_CHECKING:  # for the annotation only: errors import nothing of the pipel
 EXIT_OK = 0
 EXIT_WORK_LEFT = 1  # a rerun continues
 EXIT_BAD_JOB = 2  # only a fix of the job file or inputs helps
+# `run --no-wait`: nothing wrong, Batch API batches still running; run again later. Neither success nor
+# failure: 99 is what Airflow's BashOperator treats as "skipped" (its skip_on_exit_code default).
+EXIT_BATCHES_RUNNING = 99
 
 FailureKind = Literal["transient", "rate_limited", "unusable", "bad_input", "bad_response"]
 

@@ -108,6 +108,7 @@ class FakeBatchAPI(FakeProvider):
         self.statuses_seen: set[str] = set()
         self.max_enqueued = 0  # tokens of unfinished batches, at the most
         self.polls = 0
+        self.user_agents: Counter[str] = Counter()  # batch polls by User-Agent (the Airflow trigger's own)
         self.downloads = 0  # content downloads begun
         self.sync_calls = 0  # POST /v1/embeddings, answered or not (the start-up probe)
         self.tokens_enqueued = 0  # tokens of every batch the queue took
@@ -293,6 +294,7 @@ class FakeBatchAPI(FakeProvider):
             if batch is None:
                 return _error(404, "No batch found.", "invalid_request_error")
             self.polls += 1
+            self.user_agents[request.headers.get("User-Agent", "")] += 1
             self._advance(batch)
             self.statuses_seen.add(batch.status)
             return web.json_response(batch.json())

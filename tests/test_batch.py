@@ -252,13 +252,19 @@ KILLS = 6
 SEED = 20260105
 
 
+def texts_with_far_repeats(rng: random.Random, n: int) -> list[str]:
+    """_texts(n) with every 7th row a repeat of a random other row: repeats near and far."""
+    texts = _texts(n)
+    for i in range(0, len(texts), 7):
+        texts[i] = texts[rng.randrange(len(texts))]
+    return texts
+
+
 @pytest.mark.timeout(180)
 def test_sigkill_at_random_instants_with_failing_lines_pays_each_text_once_and_equals_a_synchronous_run(
         tmp_path: Path) -> None:
     rng = random.Random(SEED)
-    texts = _texts(90)
-    for i in range(0, len(texts), 7):
-        texts[i] = texts[rng.randrange(len(texts))]  # repeats near and far
+    texts = texts_with_far_repeats(rng, 90)
     write_parquet(tmp_path / "data.parquet", docs_table(texts))
     lines = [rng.choice(["ok"] * 8 + ["500"]) for _ in range(300)]
     with FakeBatchAPI(dim=DIM, duration_s=0.15, line_script=lines, stall_download_s=0.05) as api, \

@@ -74,10 +74,11 @@ def test_the_wheel_holds_the_package_and_declares_the_extras(installed: tuple[Pa
         entry_points = zf.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     packages = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert packages == {"pipeline"}
-    assert {"pipeline/__main__.py", "pipeline/providers/openai.py", "pipeline/logfmt.py"} <= set(names)
+    assert {"pipeline/__main__.py", "pipeline/providers/openai.py", "pipeline/logfmt.py",
+            "pipeline/airflow/operator.py", "pipeline/airflow/trigger.py"} <= set(names)
     assert "embedding-pipeline = pipeline.cli.main:main" in entry_points
     extras = set(metadata.get_all("Provides-Extra"))
-    assert {"local", "test"} <= extras
+    assert {"local", "test", "airflow"} <= extras
     requires = metadata.get_all("Requires-Dist")
     assert any(r.startswith("torch==2.13.0") and "extra == \"local\"" in r for r in requires)
     unbounded = [r for r in requires if "<" not in r.split(";")[0] and "==" not in r.split(";")[0]]

@@ -192,6 +192,18 @@ class Collector:
             due = self._next_poll()
             await self.waker.wait(lambda: self.owner.finished() or self._next_poll() < due, until=due)
 
+    async def poll_once(self) -> None:
+        """--no-wait: look once at each open batch (the probe's first, while the vector
+        space is unchecked), whether due or not; collect those that finished."""
+        looked: set[str] = set()
+        while todo := [b for b in self._pollable() if b.record.sub not in looked]:
+            for batch in todo:
+                if self.waker.stop.stopping:
+                    raise Stopped
+                looked.add(batch.record.sub)
+                if batch.record.sub in self.submit.open:
+                    await self._look(batch)
+
     def _next_poll(self) -> float:
         return min((b.next_poll for b in self._pollable()), default=float("inf"))
 

@@ -77,6 +77,8 @@ class BatchStrategy:
         self.stop, self.counters, self.cache, self.spend = engine.stop, engine.counters, engine.cache, engine.spend
         # the synchronous endpoint: the probe, and the one decoder of answers
         self.sync = OpenAIProvider(cfg, job.embedding.dimensions)
+        self.wait = engine.opts.wait  # False: --no-wait, one pass of what needs no waiting
+        self.running: set[int] = set()  # --no-wait: units with lines in batches still running, not read again
         self.client = BatchClient(cfg, job.retry)
         self.writer = layout.writer_name(self.shard)
         self.waker = Waker(self.stop)
@@ -123,10 +125,21 @@ class BatchStrategy:
         if not self.space_checked and self.submit.probe_sub is None and self.submit.open:
             self.submit.probe_batch()  # batches of earlier runs wait for the probe: it goes first, alone
             await self.submit.flush()
+        if not self.wait:
+            await self.collector.poll_once()
+            self.waker.park()  # nothing closes from here on: no recheck can come but those already due
+            # A unit with lines in a running batch cannot finish before it does: not read (nor its texts
+            # prepared) again. Of a unit a full queue or a kill cut short, the texts not yet submitted go
+            # once that batch is collected.
+            self.running = {u for batch in self.submit.open.values() for u in batch.record.units}
+            return
         for work in (self._rechecks(), self.collector.poll()):
             task = asyncio.ensure_future(self._guard(work))
             self.stop.track(task)
             self._tasks.append(task)
+
+    def wants(self, seq: int) -> bool:
+        return seq not in self.running
 
     async def take(self, unit: Unit, end: int) -> None:
         """First sight of a unit."""
@@ -155,6 +168,8 @@ class BatchStrategy:
     async def drain(self) -> None:
         self.waker.notify()  # the walk may have stopped the run: the rechecks and the poller look again
         try:
+            if not self.wait and self.first_done:
+                await self._guard(self._rechecks())  # those already due; any wait on a running batch ends them
             if self._tasks:
                 await asyncio.wait(self._tasks)
         finally:
@@ -193,6 +208,27 @@ class BatchStrategy:
     def _unusable(self, why: str) -> WorkLeftError:
         self.reason = why
         return WorkLeftError(f"no provider can take work ({self.cfg.name}: {why})")
+
+    async def _without_waiting(self, collector: Collector) -> None:
+        """--no-wait: collect what finished, then one first sight (which finishes every unit
+        now answered and submits what fits the queue); any wait on a running batch ends it."""
+        await collector.poll_once()
+        self.waker.park()  # nothing closes from here on: no recheck can come but those already due
+        # A unit with lines in a running batch cannot finish before it does: not read (nor its texts
+        # prepared) again. Of a unit a full queue or a kill cut short, the texts not yet submitted go
+        # once that batch is collected.
+        self.running = {u for batch in self.submit.open.values() for u in batch.record.units}
+        await self._first_sight()
+        await self._rechecks()
+
+    @property
+    def parked(self) -> bool:
+        """--no-wait left work waiting on batches that still run."""
+        return not self.wait and not self.finished()
+
+    def waiting(self) -> bool:
+        """--no-wait left work waiting on batches that still run."""
+        return not self.wait and not self.finished()
 
     def finished(self) -> bool:
         return self.first_done and not self.recheck and not self.rechecking and not self.waits and self.submit.idle

@@ -51,15 +51,21 @@ class Waker:
 
     def __init__(self, stop: Stopper) -> None:
         self.stop = stop
+        self.parked = False  # --no-wait: a wait that is not ready ends the task instead (BatchRun._without_waiting)
         self._changed = asyncio.Event()
 
     def notify(self) -> None:
         self._changed.set()
 
+    def park(self) -> None:
+        """From now on, a wait whose condition is not ready raises Stopped at once."""
+        self.parked = True
+        self.notify()
+
     async def wait(self, ready: Callable[[], bool], until: float = float("inf")) -> None:
-        """Until `ready()` or the monotonic time `until`; Stopped when the run stops."""
+        """Until `ready()` or the monotonic time `until`; Stopped when the run stops (or is parked)."""
         while not ready():
-            if self.stop.stopping:
+            if self.stop.stopping or self.parked:
                 raise Stopped
             timeout = min(WAIT_CHECK_S, until - time.monotonic())
             if timeout <= 0:

@@ -17,6 +17,15 @@ from __future__ import annotations
 import re
 
 Shard = tuple[int, int]  # (k, n): the k-th of n shares, 0 <= k < n
+SHARD_FORM = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+
+
+def parse_shard(text: str) -> Shard:
+    """"K/N" as a user writes it; ValueError unless 0 <= K < N."""
+    match = SHARD_FORM.fullmatch(text)
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise ValueError(f"{text!r} is not K/N with 0 <= K < N")
+    return int(match.group(1)), int(match.group(2))
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"

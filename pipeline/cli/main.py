@@ -4,19 +4,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from dataclasses import replace
 from typing import Sequence
 
 from ..commands.checks import estimate_job, estimate_lines, job_status, status_lines, validate_job
+from ..checkpoint.layout import parse_shard
 from ..commands.run import RunOptions, run
 from ..config.job import load_job
 from ..errors import EXIT_OK, EXIT_WORK_LEFT, PipelineError
 from ..logfmt import LOG_FORMATS, configure, error_line
 from .process import apply_process_settings
 
-EPILOG = "exit status: 0 every row accounted for (_SUCCESS written), 1 work left (rerun continues), 2 fix the job or inputs"
+EPILOG = ("exit status: 0 every row accounted for (_SUCCESS written), 1 work left (rerun continues), 2 fix the job or "
+          "inputs,\n  99 (run --no-wait) nothing wrong, Batch API batches still running: run again later")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=_positive, metavar="ROWS", help="embed only the first ROWS rows (a smoke test; no _SUCCESS)")
     run.add_argument("--restart", action="store_true", help="discard earlier progress in the output and start over")
     run.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar or lines")
+    run.add_argument("--no-wait", dest="wait", action="store_false",
+                     help="Batch API jobs: submit what fits the queue, collect finished batches, write what is "
+                          "answered, then return (exit 99 while batches still run); other jobs run as usual")
     run.add_argument("--grace-seconds", type=_seconds, metavar="S", default=None,
                      help="after SIGTERM/Ctrl-C, how long in-flight work may finish before it is abandoned (default 20)")
     run.set_defaults(func=_run)
@@ -89,10 +93,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _shard(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
-    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
-        raise argparse.ArgumentTypeError(f"{text!r} is not K/N with 0 <= K < N")
-    return int(match.group(1)), int(match.group(2))
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _seconds(text: str) -> float:
@@ -114,7 +118,8 @@ def _positive(text: str) -> int:
 def _run(args: argparse.Namespace) -> int:
 
     job = load_job(args.job)
-    options = RunOptions(shard=args.shard, limit=args.limit, restart=args.restart, progress=args.progress)
+    options = RunOptions(shard=args.shard, limit=args.limit, restart=args.restart, progress=args.progress,
+                         wait=args.wait)
     if args.grace_seconds is not None:
         options = replace(options, grace_s=args.grace_seconds)
     return run(job, options)

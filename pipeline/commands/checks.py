@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import time
 from collections import Counter
 from dataclasses import replace
 from typing import Any
@@ -14,6 +15,7 @@ import pyarrow as pa
 from ..checkpoint import layout
 from ..batch.files import MAX_REQUESTS_PER_BATCH
 from ..batch.state import read_records
+from ..batch.watch import batch_status_fields
 from ..cache import open_cache
 from ..cache.vectors import text_keys
 from ..config.job import JobConfig, load_job
@@ -199,9 +201,14 @@ def job_status(job_file: str) -> dict[str, Any]:
         raise ConfigError(f"output.path: {output}: {store_error(err)}") from None
     report: dict[str, Any] = {"job": job.name, "output": str(output), "running": running}
     if checkpoint is None:
-        return {**report, "state": "not started"}
+        return {**report, "state": "not started", "batches_running": [], "next_check_at": None}
     meta = checkpoint.meta
     last_run = meta["runs"][-1] if meta.get("runs") else None
+    interval = job.batch_provider.poll_interval_s if job.batch_provider else None
+    now = time.time()
+    batches = [{**_batch_status(r), **batch_status_fields(r, interval, now)}
+               for r in read_records(output, checkpoint.epoch)]
+    checks = [b["next_check_at"] for b in batches if b["next_check_at"]]
     return {
         **report,
         "state": "complete" if complete else ("running" if running else "incomplete"),
@@ -212,7 +219,12 @@ def job_status(job_file: str) -> dict[str, Any]:
         "updated_at": meta.get("updated_at"),
         "last_run": last_run,
         "shards": _shards(checkpoint, running_shards),
-        "batches": [_batch_status(r) for r in read_records(output, checkpoint.epoch)],
+        "dimensions": meta.get("dimensions"),
+        "batches": batches,
+        # --no-wait: which batches still run (ids, or submission ids not yet given one), and the soonest
+        # time worth a look (UTC: when a waiting run would next poll one); null when none runs
+        "batches_running": [b["id"] or b["submission"] for b in batches if b["state"] in ("submitting", "submitted")],
+        "next_check_at": min(checks, default=None),
     }
 
 
@@ -275,6 +287,9 @@ def status_lines(r: dict[str, Any]) -> list[str]:
             lines.append(f"  {b['id'] or b['submission']} ({b['writer']}): {b['status'] or b['state']}, "
                          f"{b['completed']:,}/{b['requests']:,} requests done, {b['failed']:,} failed; "
                          f"{b['tokens']:,} tokens; since {b['created_at']}")
+        if r.get("next_check_at"):
+            lines.append(f"batches running: next look worth it at {r['next_check_at']} (when a waiting run would "
+                         f"poll them; `run --no-wait` collects what finished and returns)")
     for shard in r.get("shards", []):
         k, n = shard["shard"]
         total = shard["total_units"] if shard["total_units"] is not None else "?"

@@ -82,6 +82,9 @@ class RequestStrategy:
         rows_in_flight = slots * self.job.request_limits(dim)[0]  # requests as sent, answers kept small
         return max(2, min(MAX_UNITS_IN_FLIGHT, math.ceil(rows_in_flight / self.job.output.rows_per_part) + 1))
 
+    def wants(self, seq: int) -> bool:
+        return True
+
     async def take(self, unit: Unit, end: int) -> None:
         assert self.window is not None and self.units is not None
         await self.window.acquire()
@@ -138,6 +141,9 @@ class RequestStrategy:
 
     async def close(self) -> None:
         await asyncio.gather(*(p.close() for p in self.providers), return_exceptions=True)
+
+    def waiting(self) -> bool:
+        return False  # requests are answered or failed within the run
 
     def report(self) -> dict[str, dict[str, Any]]:
         return self.dispatcher.provider_report()

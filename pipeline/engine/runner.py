@@ -25,7 +25,7 @@ from ..checkpoint.manifest import Checkpoint, job_fingerprint
 from ..config.job import JobConfig
 from ..core import probe
 from ..core.money import Spend, cost_usd, job_price
-from ..errors import EXIT_OK, ConfigError, PipelineError, WorkLeftError
+from ..errors import EXIT_BATCHES_RUNNING, EXIT_OK, ConfigError, PipelineError, WorkLeftError
 from ..inputs.sources import InputFile, Unit, check_columns, find_inputs, iter_units, max_units, parquet_rows
 from ..storage import open_output
 from ..storage.fs import store_error
@@ -52,6 +52,7 @@ class RunOptions:
     restart: bool = False
     progress: bool | None = None  # None: a bar on a terminal, lines otherwise
     grace_s: float = GRACE_S
+    wait: bool = True  # False (--no-wait): Batch API jobs return, exit 99, where they would wait on batches
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class Engine:
             await strategy.close()
             self.stop.uninstall()
             self.progress.close()
-        return self._finish(strategy.report())
+        return self._finish(strategy.report(), strategy.waiting())
 
     # -- what the strategies share -------------------------------------------
 
@@ -197,7 +198,7 @@ class Engine:
     # -- the unit loop ------------------------------------------------------
 
     async def _walk(self, strategy: Strategy, totals: dict[str, int]) -> None:
-        units = self.units_of(self.owned, totals)
+        units = self.units_of(lambda seq: self.owned(seq) and strategy.wants(seq), totals)
         limit = self.opts.limit
         while not self.stop.stopping:
             unit = await asyncio.to_thread(next, units, None)
@@ -227,7 +228,7 @@ class Engine:
 
     # -- the end --------------------------------------------------------------
 
-    def _finish(self, providers: dict[str, dict[str, Any]]) -> int:
+    def _finish(self, providers: dict[str, dict[str, Any]], waiting: bool) -> int:
         """Record the run, write the summary, and `_SUCCESS` if the whole job
         is done, judged on the latest checkpoint: another shard may have just
         finished the last part."""
@@ -236,7 +237,8 @@ class Engine:
         try:
             self.checkpoint.refresh()
             complete = done_here and self.opts.limit is None and self.checkpoint.complete()
-            status = "complete" if complete else ("done" if done_here else "stopped")
+            waiting = done_here and waiting  # --no-wait: work left is waiting on batches still running
+            status = "complete" if complete else ("waiting" if waiting else "done" if done_here else "stopped")
             summary = self._summary(status, providers)
             self.checkpoint.record_run(summary["run"], whole=complete)
             parts.merge_rejects(self.output, [*self.checkpoint.ledger.committed_seqs(), *self.checkpoint.ledger.partial],
@@ -252,6 +254,9 @@ class Engine:
         log_summary(summary)
         if error is not None:
             raise error
+        if status == "waiting":
+            log.info("batches still running: run again later to collect them (exit %d)", EXIT_BATCHES_RUNNING)
+            return EXIT_BATCHES_RUNNING
         return EXIT_OK
 
     def _summary(self, status: str, providers: dict[str, dict[str, Any]]) -> dict[str, Any]:

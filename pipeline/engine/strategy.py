@@ -23,6 +23,10 @@ class Strategy(Protocol):
         """Start what the strategy talks to, check the vector space
         (`Engine.settle_space`), and take over what earlier runs left."""
 
+    def wants(self, seq: int) -> bool:
+        """Whether the walk should read an owned, uncommitted unit at all (a
+        unit that cannot move before a batch finishes is not read again)."""
+
     async def take(self, unit: Unit, end: int) -> None:
         """Get the unit's first `end` rows embedded and committed, now or later."""
 
@@ -34,6 +38,10 @@ class Strategy(Protocol):
 
     async def close(self) -> None:
         """Release what `open` started; called once, whatever happened."""
+
+    def waiting(self) -> bool:
+        """Work was left waiting on something outside the run (batches still
+        running, `--no-wait`): the run returns with EXIT_BATCHES_RUNNING."""
 
     def report(self) -> dict[str, dict[str, Any]]:
         """Each provider's line of the closing summary (ProviderStats.to_json's schema)."""

@@ -25,7 +25,7 @@ from ..config.job import ProviderConfig, RetryConfig
 from ..core.retry import retry_delay_s
 from ..errors import BadResponseError, EndpointMissingError, ProviderError
 from .classify import classify
-from .openai import CONNECT_TIMEOUT_S, redact, request_headers, secrets_of
+from .openai import CONNECT_TIMEOUT_S, USER_AGENT, redact, request_headers, secrets_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,7 +82,7 @@ class BatchInfo:
 class BatchClient:
     def __init__(self, cfg: ProviderConfig, retry: RetryConfig, *,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random, user_agent: str = USER_AGENT) -> None:
         assert cfg.base_url is not None
         self.name = cfg.name
         self._cfg = cfg
@@ -92,6 +92,7 @@ class BatchClient:
         self._retry = retry
         self._sleep = sleep
         self._rand = rand
+        self._user_agent = user_agent  # the Airflow trigger's polls say who they are
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -99,7 +100,8 @@ class BatchClient:
         # a stalled one fails on the read timeout.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(CONNECT_TIMEOUT_S, self._cfg.timeout_s),
                                         sock_read=self._cfg.timeout_s)
-        self._session = aiohttp.ClientSession(timeout=timeout, headers=request_headers(self._cfg))
+        self._session = aiohttp.ClientSession(timeout=timeout,
+                                              headers={**request_headers(self._cfg), "User-Agent": self._user_agent})
 
     async def close(self) -> None:
         if self._session is not None:
