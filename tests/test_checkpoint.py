@@ -5,10 +5,14 @@ previous format, and the byte budget of work in flight."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import mmap
 import shutil
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -37,7 +41,12 @@ from pipeline.config.job import load_job
 from pipeline.errors import ConfigError
 from pipeline.checkpoint.records import Ledger, UnitRecord, merge_meta, parse_snapshot, snapshot_json
 from pipeline.engine.runner import RunOptions, run_job
+from pipeline.checkpoint.manifest import Checkpoint
+from pipeline.config.job import StorageConfig
 from pipeline.storage import LocalOutput
+from pipeline.storage.objectstore import ObjectOutput
+from pipeline.storage.output import Output, Staged
+from test_s3 import ACCESS_KEY, SECRET_KEY, bucket, s3_endpoint  # noqa: F401  (fixtures: moto's S3 server)
 
 DIM = 8
 
@@ -348,3 +357,143 @@ def test_a_previous_format_output_past_its_five_digit_names_is_refused_and_keeps
     assert committed_units(out) == set(range(10))  # what fits its names was done and kept
     assert_vectors_exact(read_parts(out), texts[:20], DIM)
     assert not (out / layout.SUCCESS).exists()
+
+
+# ------------------------------------------------------------------ a reader while another shard compacts
+
+
+class _Interleaved(Output):
+    """An output that runs `between` once, just before the reader's `step`-th
+    call to the store (a read, a list, an existence check): another writer
+    acting between two steps of a read."""
+
+    def __init__(self, inner: Output, step: int, between: Callable[[], None]) -> None:
+        super().__init__(inner.root)
+        self.inner, self.step, self.between = inner, step, between
+        self.calls = 0
+        self.fired = False
+
+    def _next(self) -> None:
+        if self.calls == self.step:
+            self.fired = True
+            self.between()
+        self.calls += 1
+
+    def exists(self, rel: str) -> bool:
+        self._next()
+        return self.inner.exists(rel)
+
+    def read_bytes(self, rel: str) -> bytes:
+        self._next()
+        return self.inner.read_bytes(rel)
+
+    def list(self, folder: str, pattern: str) -> list[str]:
+        self._next()
+        return self.inner.list(folder, pattern)
+
+    def read_log(self, rel: str) -> bytes | mmap.mmap:
+        self._next()
+        return self.inner.read_log(rel)
+
+    def list_logs(self, folder: str) -> list[str]:
+        self._next()
+        return self.inner.list_logs(folder)
+
+    def get_file(self, rel: str, local: Path) -> None:
+        self._next()
+        self.inner.get_file(rel, local)
+
+    def prepare(self, folders: tuple[str, ...] = ()) -> None:
+        self.inner.prepare(folders)
+
+    def write(self, rel: str, data: bytes) -> None:
+        self.inner.write(rel, data)
+
+    def stage(self, rel: str) -> Staged:
+        return self.inner.stage(rel)
+
+    def delete(self, rel: str) -> None:
+        self.inner.delete(rel)
+
+    def append(self, rel: str, buffers: Sequence[bytes | memoryview]) -> None:
+        self.inner.append(rel, buffers)
+
+    def delete_log(self, rel: str) -> None:
+        self.inner.delete_log(rel)
+
+    def put_file(self, local: Path, rel: str) -> None:
+        self.inner.put_file(local, rel)
+
+    def writer_lock(self, shard: tuple[int, int] | None) -> contextlib.AbstractContextManager[object]:
+        return self.inner.writer_lock(shard)
+
+    def running_shards(self) -> tuple[bool | None, list[tuple[int, int]]]:
+        return self.inner.running_shards()
+
+
+UNITS = 12
+
+
+def _two_shards(output: Output) -> tuple[Checkpoint, Checkpoint]:
+    """Shard 0 of 2 with every unit committed and compacted; shard 1 with
+    its units in several snapshot writes (segments, where there are) and its
+    last unit a record not yet compacted. The job has UNITS units."""
+    output.prepare(layout.FOLDERS)
+    job = SimpleNamespace(name="interleaved")
+    fingerprint = {"model": "m", "inputs": []}
+    writers = [Checkpoint.open(output, job, fingerprint, restart=False, shard=(k, 2), max_units=UNITS)  # type: ignore[arg-type]
+               for k in (0, 1)]
+    first, second = writers
+    first.learn(total_units=UNITS)
+    for seq in range(0, UNITS, 2):
+        first.commit(_record(seq), [])
+    first.compact()
+    for seq in range(1, UNITS - 1, 2):
+        second.commit(_record(seq), [])
+        second.compact()  # one snapshot write per unit: with segments, tiers to merge
+    second.commit(_record(UNITS - 1), [])
+    return first, second
+
+
+def _read_while_compacting(make_output: Callable[[int], Output], monkeypatch: pytest.MonkeyPatch) -> int:
+    """For every step of a read: a fresh output, shard 1 compacts just before
+    that step, and the reader must still see every unit done. The steps tried."""
+    monkeypatch.setattr("pipeline.checkpoint.manifest.TIER_FANOUT", 2, raising=False)  # merges at every other write
+    step = 0
+    while True:
+        output = make_output(step)
+        _, second = _two_shards(output)
+        reader = _Interleaved(output, step, second.compact)
+        seen = Checkpoint.read(reader)
+        if not reader.fired:
+            assert step > 4, f"a read of two shards' checkpoints took only {step} steps"
+            return step
+        assert seen is not None
+        missing = set(range(UNITS)) - set(seen.ledger.committed_seqs())
+        assert not missing, f"with shard 1 compacting before step {step} of the read, units {sorted(missing)} look undone"
+        assert seen.complete(), f"with shard 1 compacting before step {step}, the job does not read as complete"
+        after = Checkpoint.read(output)  # and what the compaction left reads whole too
+        assert after is not None and set(after.ledger.committed_seqs()) == set(range(UNITS))
+        step += 1
+
+
+def test_a_reader_sees_every_unit_whichever_step_another_shard_compacts_at(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def local(step: int) -> Output:
+        return LocalOutput(str(tmp_path / f"step-{step}"))
+
+    steps = _read_while_compacting(local, monkeypatch)
+    print(f"shard 1 compacted before each of {steps} steps of the read")
+
+
+@pytest.mark.slow
+def test_a_reader_sees_every_unit_whichever_step_another_shard_compacts_at_on_an_object_store(
+        s3_endpoint: str, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    options = StorageConfig(endpoint_url=s3_endpoint, region="us-east-1", access_key_id=ACCESS_KEY,
+                            secret_access_key=SECRET_KEY)
+
+    def remote(step: int) -> Output:
+        return ObjectOutput(f"s3://{bucket}/step-{step}", options)
+
+    steps = _read_while_compacting(remote, monkeypatch)
+    print(f"shard 1 compacted before each of {steps} steps of the read")
