@@ -9,6 +9,7 @@ import contextlib
 import json
 import mmap
 import shutil
+import zlib
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -153,7 +154,76 @@ def test_a_journal_gives_back_every_whole_piece_and_skips_a_torn_one() -> None:
     flipped[-20] ^= 1  # a bit flipped in the vectors: the checksum catches it
     assert len(journal.parse(bytes(flipped), DIM)) == 0
     assert len(journal.parse(first, DIM + 1)) == 0  # vectors of another length are not this job's
-    assert len(journal.parse(b"", DIM)) == 0 and len(journal.parse(b"EJ2\n" + b"\0" * 3, DIM)) == 0
+    assert len(journal.parse(b"", DIM)) == 0 and len(journal.parse(journal.MAGIC + b"\0" * 3, DIM)) == 0
+
+
+def _pieces(n: int, per: int = 3) -> tuple[list[bytes], np.ndarray]:
+    """n vector pieces of `per` entries each, all different."""
+    vectors = (np.arange(n * per * DIM, dtype=np.float32).reshape(n * per, DIM) + 1) / 7
+    return [_bytes(journal.vectors_piece(_keys(per, tag=i), vectors[i * per:(i + 1) * per], tokens=10 + i))
+            for i in range(n)], vectors
+
+
+def test_a_journal_torn_at_every_byte_keeps_exactly_the_pieces_before_the_tear() -> None:
+    pieces, vectors = _pieces(3)
+    data = b"".join(pieces)
+    ends = np.cumsum([len(p) for p in pieces])
+    for cut in range(len(data)):
+        contents = journal.parse(data[:cut], DIM)
+        whole = int(np.searchsorted(ends, cut, side="right"))  # pieces that end at or before the cut
+        assert len(contents) == 3 * whole, cut
+        assert contents.tokens == sum(10 + i for i in range(whole)), cut
+        for i in range(3 * whole):
+            assert contents.vector(_keys(3, tag=i // 3)[i % 3]).tobytes() == vectors[i].tobytes()
+
+
+def test_a_flipped_bit_anywhere_in_a_piece_drops_that_piece_and_no_other() -> None:
+    pieces, _ = _pieces(3)
+    data = bytearray(b"".join(pieces))
+    start, end = len(pieces[0]), len(pieces[0]) + len(pieces[1])
+    for pos in range(start, end):  # the header, the keys, every vector's bytes, the checksum
+        for bit in (0, 5):
+            data[pos] ^= 1 << bit
+            contents = journal.parse(bytes(data), DIM)
+            data[pos] ^= 1 << bit
+            assert len(contents) == 6 and contents.tokens == 10 + 12, (pos, bit)
+            assert _keys(3, tag=1)[0] not in contents
+
+
+def test_swapped_or_reordered_blocks_of_a_piece_never_check_out() -> None:
+    """A store or a kernel that writes a piece's blocks out of order: the same
+    bytes, the same sums of words, in another order."""
+    pieces, _ = _pieces(1, per=6)
+    piece = pieces[0]
+    floats = journal.HEADER.size + 6 * len(_keys(1)[0])
+    for size in (4, 8, 16, 32):
+        a, b = floats, floats + size
+        swapped = piece[:a] + piece[b:b + size] + piece[a:b] + piece[b + size:]
+        assert swapped != piece and sorted(swapped) == sorted(piece)
+        assert len(journal.parse(swapped, DIM)) == 0, size
+    vectors_swapped = piece[:floats] + piece[floats + 4 * DIM:floats + 8 * DIM] + piece[floats:floats + 4 * DIM] + \
+        piece[floats + 8 * DIM:]  # two whole vectors exchanged: each key would get the other's vector
+    assert len(journal.parse(vectors_swapped, DIM)) == 0
+    keys_swapped = piece[:journal.HEADER.size] + piece[journal.HEADER.size + 16:journal.HEADER.size + 32] + \
+        piece[journal.HEADER.size:journal.HEADER.size + 16] + piece[journal.HEADER.size + 32:]
+    assert len(journal.parse(keys_swapped, DIM)) == 0
+
+
+def test_a_journal_of_the_previous_format_is_discarded_with_a_warning_and_later_pieces_are_read(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import struct
+
+    vectors = np.ones((2, DIM), dtype=np.float32)
+    keys = b"".join(_keys(2))
+    floats = vectors.tobytes()
+    header = struct.pack("<4sBIIQQ", b"EJ2\n", 1, 2, DIM, 20, len(keys) + len(floats))
+    words = int(np.frombuffer(floats, dtype="<u8").sum(dtype=np.uint64))
+    old = header + keys + floats + struct.pack("<IQ", zlib.crc32(keys, zlib.crc32(header)), words)
+    new = _bytes(journal.vectors_piece(_keys(1, tag=9), vectors[:1], tokens=4))
+    with caplog.at_level("WARNING", logger="pipeline"):
+        contents = journal.parse(old + new, DIM)
+    assert len(contents) == 1 and contents.tokens == 4 and _keys(1, tag=9)[0] in contents
+    assert any("previous format" in r.getMessage() for r in caplog.records)
 
 
 def test_a_journal_appended_after_a_torn_piece_is_read_on_a_real_file(tmp_path: Path) -> None:
