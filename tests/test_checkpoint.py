@@ -567,3 +567,132 @@ def test_a_reader_sees_every_unit_whichever_step_another_shard_compacts_at_on_an
 
     steps = _read_while_compacting(remote, monkeypatch)
     print(f"shard 1 compacted before each of {steps} steps of the read")
+
+
+# ------------------------------------------------------------------ segments merged in tiers
+
+
+def _writer(output: Output, shard: tuple[int, int] | None = None, units: int = 10**6) -> Checkpoint:
+    output.prepare(layout.FOLDERS)
+    return Checkpoint.open(output, SimpleNamespace(name="tiers"), {"model": "m", "inputs": []},  # type: ignore[arg-type]
+                           restart=False, shard=shard, max_units=units)
+
+
+def test_compactions_merge_segments_in_tiers_so_each_unit_is_rewritten_once_per_tier(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.checkpoint import manifest
+
+    monkeypatch.setattr(manifest, "COMPACT_EVERY_RECORDS", 10)
+    monkeypatch.setattr(manifest, "TIER_FANOUT", 4)
+    monkeypatch.setattr(manifest, "TOP_TIER", 2)
+    segment_units: Counter[int] = Counter()  # times each unit was written into a segment
+    real = LocalOutput.write
+
+    def recording(self: LocalOutput, rel: str, data: bytes) -> None:
+        if rel.startswith(layout.SEGMENTS_DIR):
+            from pipeline.checkpoint import segments
+
+            segment_units.update(segments.decode(data)[0].tolist())
+        real(self, rel, data)
+
+    monkeypatch.setattr(LocalOutput, "write", recording)
+    output = LocalOutput(str(tmp_path / "out"))
+    checkpoint = _writer(output)
+    most = 0
+    for seq in range(1000):
+        checkpoint.commit(_record(seq), [])
+        names = output.list(layout.SEGMENTS_DIR, "*.seg")
+        most = max(most, len(names))
+        assert sorted(names) == sorted(r.name for r in checkpoint._segments)  # merged segments are gone
+    checkpoint.compact()
+    assert set(segment_units) == set(range(1000))
+    assert max(segment_units.values()) <= 3  # tier 0, 1, 2: never more, however many units
+    tiers = Counter(r.tier for r in checkpoint._segments)
+    assert tiers[0] < 4 and tiers[1] < 4 and tiers[2] == 1000 // (10 * 4 * 4)
+    assert most <= 2 * 3 + 1000 // 160 + 1  # below the top: at most fanout - 1 a tier (plus the one merging)
+    seen = Checkpoint.read(output)
+    assert seen is not None and set(seen.ledger.committed_seqs()) == set(range(1000))
+    assert seen.counters()["rows_done"] == 5000 and seen.counters()["tokens"] == 50_000
+
+
+def test_a_kill_mid_compaction_leaves_segments_no_snapshot_names_which_the_next_start_removes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    output = LocalOutput(str(tmp_path / "out"))
+    checkpoint = _writer(output)
+    for seq in range(5):
+        checkpoint.commit(_record(seq), [])
+    real = LocalOutput.write
+
+    def dies_at_the_snapshot(self: LocalOutput, rel: str, data: bytes) -> None:
+        if rel == layout.MANIFEST:
+            raise KeyboardInterrupt  # killed after the segment, before the snapshot naming it
+        real(self, rel, data)
+
+    monkeypatch.setattr(LocalOutput, "write", dies_at_the_snapshot)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.compact()
+    monkeypatch.setattr(LocalOutput, "write", real)
+    stray = set(output.list(layout.SEGMENTS_DIR, "*.seg"))
+    assert len(stray) == 1 and not json.loads((tmp_path / "out" / layout.MANIFEST).read_text())["segments"]
+    again = _writer(output)
+    assert set(again.ledger.committed_seqs()) == set(range(5))  # from the records, still there
+    again.clean()
+    assert set(output.list(layout.SEGMENTS_DIR, "*.seg")) == {r.name for r in again._segments}
+    assert not output.list(layout.RECORDS_DIR, "*.json")
+    seen = Checkpoint.read(output)
+    assert seen is not None and set(seen.ledger.committed_seqs()) == set(range(5))
+
+
+def test_the_unsharded_writer_takes_the_shards_units_into_its_own_segments(tmp_path: Path) -> None:
+    output = LocalOutput(str(tmp_path / "out"))
+    shards = [_writer(output, (k, 3), 30) for k in range(3)]
+    for seq in range(30):
+        shards[seq % 3].commit(_record(seq, rows=seq + 1), [])
+    for shard in shards[:2]:
+        shard.compact()  # the third leaves its units as records
+    whole = _writer(output, None, 30)
+    whole.clean()
+    assert output.list(layout.MANIFEST_DIR, layout.SNAPSHOT_PATTERN) == []
+    assert output.list(layout.RECORDS_DIR, "*.json") == []
+    assert all(name.startswith(f"{layout.SEGMENTS_DIR}/all.") for name in output.list(layout.SEGMENTS_DIR, "*"))
+    seen = Checkpoint.read(output)
+    assert seen is not None and set(seen.ledger.committed_seqs()) == set(range(30))
+    assert seen.counters()["rows_done"] == sum(range(1, 31))
+
+
+def _to_format_2(out: Path) -> None:
+    """What the previous version (format 2) left: each writer's snapshot with its units inline, no segments."""
+    checkpoint = read_checkpoint(out)
+    meta = {k: v for k, v in checkpoint.meta.items()}
+    units = {str(r.seq): list(r.values()) for r in checkpoint.ledger.records() if r.state == "committed"}
+    partial = {str(r.seq): list(r.values()) for r in checkpoint.ledger.records() if r.state == "partial"}
+    keep_last = max(int(s) for s in units)
+    last = {**UnitRecord.from_values(keep_last, "committed", units.pop(str(keep_last))).to_json(),
+            "epoch": checkpoint.epoch}  # one unit left as a record, not yet compacted
+    v2 = {**meta, "format_version": 2, "counters": checkpoint.counters(), "unit_fields": list(records.UNIT_FIELDS),
+          "units": units, "partial": partial}
+    shutil.rmtree(out / layout.MANIFEST_DIR)
+    (out / layout.RECORDS_DIR).mkdir(parents=True)
+    (out / layout.MANIFEST).write_text(json.dumps(v2))
+    (out / layout.record_name(keep_last)).write_text(json.dumps(last))
+
+
+def test_an_output_of_format_2_resumes_pays_nothing_again_and_moves_into_segments(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_VAR, KEY)
+    texts = sample_texts(35)
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    out = tmp_path / "out"
+    with FakeProvider(dim=DIM) as fp:
+        job = write_job(tmp_path, [provider_entry(fp)], rows_per_part=7, embedding={"dimensions": DIM})
+        assert _run(job, limit=17) == 0  # units 0, 1 committed; 2 cut at 3 rows, its rows journaled
+        _to_format_2(out)
+        assert {s for s in committed_units(out)} == {0, 1}
+        before = rows_sent(fp)
+        assert _run(job) == 0
+        assert rows_sent(fp) - before == Counter(texts[17:])  # the cut unit's rows from its journal
+    manifest = json.loads((out / layout.MANIFEST).read_text())
+    assert manifest["format_version"] == records.FORMAT_VERSION == 3 and manifest["segments"]
+    assert sorted(int(s) for s in manifest["units"]) == list(range(5))  # complete: every unit inline too
+    assert not list((out / layout.RECORDS_DIR).iterdir())
+    assert_vectors_exact(read_parts(out), texts, DIM)
