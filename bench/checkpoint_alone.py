@@ -19,6 +19,7 @@ the size a snapshot of the whole ledger (how format 2 compacted) would be.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from figures import Row, table  # noqa: E402
 
 from pipeline.checkpoint import layout  # noqa: E402
-from pipeline.checkpoint.manifest import Checkpoint, _dump  # noqa: E402
+from pipeline.checkpoint.manifest import Checkpoint  # noqa: E402
 from pipeline.checkpoint.records import UnitRecord, snapshot_json  # noqa: E402
 from pipeline.storage import LocalOutput  # noqa: E402
 
@@ -76,7 +77,7 @@ def measure(folder: Path, parts: int) -> dict[str, np.ndarray | float | int]:
     read = Checkpoint.read(LocalOutput(str(folder)))
     read_s = time.perf_counter() - t
     assert read is not None and read.ledger.committed == parts
-    whole = len(_dump(snapshot_json(read.meta, read.ledger, lambda _: True)))
+    whole = len(json.dumps(snapshot_json(read.meta, read.ledger, lambda _: True), separators=(",", ":")))
     return {"written": written, "wall": wall, "cpu": cpu, "read_s": read_s, "segments": len(read._segments),
             "whole_bytes": whole}
 
