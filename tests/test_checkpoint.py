@@ -696,3 +696,12 @@ def test_an_output_of_format_2_resumes_pays_nothing_again_and_moves_into_segment
     assert sorted(int(s) for s in manifest["units"]) == list(range(5))  # complete: every unit inline too
     assert not list((out / layout.RECORDS_DIR).iterdir())
     assert_vectors_exact(read_parts(out), texts, DIM)
+
+
+def test_a_segment_as_large_as_a_merge_would_make_starts_in_that_tier() -> None:
+    from pipeline.checkpoint import manifest
+
+    every, fanout, top = manifest.COMPACT_EVERY_RECORDS, manifest.TIER_FANOUT, manifest.TOP_TIER
+    assert [manifest._tier_for(n) for n in (0, 1, every, every * fanout - 1)] == [0, 0, 0, 0]
+    assert manifest._tier_for(every * fanout) == 1 and manifest._tier_for(every * fanout ** top) == top
+    assert manifest._tier_for(10**9) == top  # format 2's million units: top tier, never merged again

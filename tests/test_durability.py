@@ -127,7 +127,7 @@ def _assert_same_output(out: Path, reference: Path) -> None:
 # An answer is journaled a moment after the server returns it (the client
 # reads it, frees its slot, appends it): answers returned this long before a
 # kill count as in flight at it, for a client scheduled late on a busy machine.
-TRANSIT_S = 0.25
+TRANSIT_S = 0.5
 
 
 class Kills:
@@ -262,7 +262,7 @@ def test_sigkill_at_random_instants_then_rerun_equals_an_uninterrupted_run_bit_f
 LARGE_ROWS_PER_PART = 800
 LARGE_PER_REQUEST = 4
 LARGE_KILLS = 4
-LOST_AT_KILL = 600  # texts of unfinished parts answered when a kill lands: what a run without a journal re-sends
+LOST_AT_KILL = 700  # texts of unfinished parts answered when a kill lands: what a run without a journal re-sends
 
 
 @pytest.mark.timeout(240)
@@ -282,7 +282,7 @@ def test_sigkill_in_the_middle_of_large_parts_re_sends_only_what_was_in_flight_n
         return sum(1 for arrived, got, _ in fp.received_log if before is None or arrived <= before
                    for t in got if t in unit_of and unit_of[t] not in done)
 
-    with FakeProvider(dim=DIM, latency_s=0.1) as fp:
+    with FakeProvider(dim=DIM, latency_s=0.2) as fp:  # 80 texts/s: few answered within TRANSIT_S of a kill
         job = _job(tmp_path, fp, rows_per_part=LARGE_ROWS_PER_PART, per_request=LARGE_PER_REQUEST)
         ledger = Kills(fp)
         for k in range(LARGE_KILLS):

@@ -192,7 +192,7 @@ class Checkpoint:
                 if seqs:
                     width = len(UNIT_FIELDS)
                     pending = np.frombuffer(seqs, np.int64), np.frombuffer(values, np.int64).reshape(-1, width)
-                    refs.append(self._write_segment(*pending, tier=0))
+                    refs.append(self._write_segment(*pending, tier=_tier_for(len(seqs))))
                 while group := segments.merge_plan(refs, TIER_FANOUT, TOP_TIER):
                     refs = [r for r in refs if r not in group] + [self._merge(group)]
                     replaced += group
@@ -279,6 +279,16 @@ class Checkpoint:
         for rel in output.list(layout.LEGACY_PARTIAL_DIR, "*"):
             if mine(rel):
                 output.delete(rel)
+
+
+def _tier_for(units: int) -> int:
+    """The tier of a new segment: 0 for a compaction's, higher for one as
+    large as a merge would make (format 2's units, the shards' taken over),
+    so it is not rewritten through the tiers below."""
+    tier = 0
+    while tier < TOP_TIER and units >= COMPACT_EVERY_RECORDS * TIER_FANOUT ** (tier + 1):
+        tier += 1
+    return tier
 
 
 def discard_outputs(output: Output) -> None:
