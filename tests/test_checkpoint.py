@@ -391,19 +391,26 @@ def _to_format_1(out: Path) -> None:
     (out / layout.MANIFEST).write_text(json.dumps(v1))
 
 
-def test_an_output_of_the_previous_format_resumes_and_pays_nothing_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(KEY_VAR, KEY)
+def _resumed_from(tmp_path: Path, convert: Callable[[Path], None], limit: int) -> tuple[Path, list[str], Counter[str]]:
+    """35 rows in parts of 7: a run cut at `limit` rows, its output turned into
+    an older format by `convert`, then run to the end. (output, texts, what the end sent)."""
     texts = sample_texts(35)
     write_parquet(tmp_path / "data.parquet", docs_table(texts))
     out = tmp_path / "out"
     with FakeProvider(dim=DIM) as fp:
         job = write_job(tmp_path, [provider_entry(fp)], rows_per_part=7, embedding={"dimensions": DIM})
-        assert _run(job, limit=14) == 0
-        _to_format_1(out)
+        assert _run(job, limit=limit) == 0
+        convert(out)
         before = rows_sent(fp)
         assert _run(job) == 0
-        assert rows_sent(fp) - before == Counter(texts[14:])
+        return out, texts, rows_sent(fp) - before
+
+
+def test_an_output_of_the_previous_format_resumes_and_pays_nothing_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_VAR, KEY)
+    out, texts, sent = _resumed_from(tmp_path, _to_format_1, limit=14)
+    assert sent == Counter(texts[14:])
     assert json.loads((out / layout.MANIFEST).read_text())["format_version"] == records.FORMAT_VERSION
     assert [p.name for p in part_files(out)] == [f"part-{i:05d}.parquet" for i in range(5)]
     assert_vectors_exact(read_parts(out), texts, DIM)
@@ -680,17 +687,14 @@ def _to_format_2(out: Path) -> None:
 def test_an_output_of_format_2_resumes_pays_nothing_again_and_moves_into_segments(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_VAR, KEY)
-    texts = sample_texts(35)
-    write_parquet(tmp_path / "data.parquet", docs_table(texts))
-    out = tmp_path / "out"
-    with FakeProvider(dim=DIM) as fp:
-        job = write_job(tmp_path, [provider_entry(fp)], rows_per_part=7, embedding={"dimensions": DIM})
-        assert _run(job, limit=17) == 0  # units 0, 1 committed; 2 cut at 3 rows, its rows journaled
+
+    def convert(out: Path) -> None:
         _to_format_2(out)
-        assert {s for s in committed_units(out)} == {0, 1}
-        before = rows_sent(fp)
-        assert _run(job) == 0
-        assert rows_sent(fp) - before == Counter(texts[17:])  # the cut unit's rows from its journal
+        assert committed_units(out) == {0, 1}  # read from format 2's inline units and its record
+
+    # Units 0 and 1 committed, 2 cut at 3 rows (journaled): the end sends only what is after the cut.
+    out, texts, sent = _resumed_from(tmp_path, convert, limit=17)
+    assert sent == Counter(texts[17:])
     manifest = json.loads((out / layout.MANIFEST).read_text())
     assert manifest["format_version"] == records.FORMAT_VERSION == 3 and manifest["segments"]
     assert sorted(int(s) for s in manifest["units"]) == list(range(5))  # complete: every unit inline too
@@ -705,3 +709,22 @@ def test_a_segment_as_large_as_a_merge_would_make_starts_in_that_tier() -> None:
     assert [manifest._tier_for(n) for n in (0, 1, every, every * fanout - 1)] == [0, 0, 0, 0]
     assert manifest._tier_for(every * fanout) == 1 and manifest._tier_for(every * fanout ** top) == top
     assert manifest._tier_for(10**9) == top  # format 2's million units: top tier, never merged again
+
+
+def test_a_segment_round_trips_and_a_damaged_one_is_refused() -> None:
+    from pipeline.checkpoint import segments
+
+    seqs = np.array([7, 2, 900_000, 3], dtype=np.int64)
+    values = np.arange(4 * len(records.UNIT_FIELDS), dtype=np.int64).reshape(4, -1)
+    data = segments.encode(seqs, values, records.UNIT_FIELDS, "e1")
+    got_seqs, got_values, names, epoch = segments.decode(data)
+    order = np.argsort(seqs)
+    assert got_seqs.tolist() == [2, 3, 7, 900_000] and np.array_equal(got_values, values[order])
+    assert names == list(records.UNIT_FIELDS) and epoch == "e1"
+    for bad in (data[:-3], data[:5], b"x" + data, data[:-8] + bytes(8)):
+        with pytest.raises(ValueError):
+            segments.decode(bad)
+    backwards = segments.MAGIC + data[len(segments.MAGIC):].split(b"\n", 1)[0] + b"\n" + zlib.compress(
+        np.array([5, -2, 1, 1], dtype="<i8").tobytes() + np.zeros(4 * len(records.UNIT_FIELDS), "<i8").tobytes())
+    with pytest.raises(ValueError, match="out of order"):
+        segments.decode(backwards)

@@ -15,7 +15,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,9 @@ READ_THREADS = 16  # records and segments are many small reads: on an object sto
 READ_ATTEMPTS = 5
 READ_RETRY_S = 0.2
 RACE_ATTEMPTS = 50  # reads started over because another writer merged meanwhile: each race is one merge
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -113,23 +116,14 @@ def _read_segments(output: Output, refs: list[SegmentRef], epoch: str) -> list[t
 
 def read_segment(output: Output, rel: str) -> tuple[np.ndarray, np.ndarray, str]:
     """(seqs, values in UNIT_FIELDS order, epoch) of a segment; _Vanished when it is gone."""
-    for attempt in range(READ_ATTEMPTS):
-        try:
-            data = output.read_bytes(rel)
-        except FileNotFoundError:
-            raise _Vanished(rel) from None
-        except OSError as err:
-            if attempt + 1 < READ_ATTEMPTS:
-                time.sleep(READ_RETRY_S)
-                continue
-            raise ConfigError(f"{output.display(rel)}: unreadable checkpoint segment "
-                              f"({err.strerror or store_error(err)})") from None
-        try:
-            seqs, given, names, epoch = segments.decode(data)
-            return seqs, unit_values(given, names), epoch
-        except ValueError as err:
-            raise ConfigError(f"{output.display(rel)}: {err}; rerun with --restart to start over") from None
-    raise AssertionError("unreachable")
+    found = _read_checked(output, rel, segments.decode, "checkpoint segment")
+    if found is None:
+        raise _Vanished(rel)
+    seqs, given, names, epoch = found
+    try:
+        return seqs, unit_values(given, names), epoch
+    except ValueError as err:
+        raise ConfigError(f"{output.display(rel)}: {err}; rerun with --restart to start over") from None
 
 
 def _read_record(output: Output, rel: str) -> Any:
@@ -171,16 +165,24 @@ def parse(output: Output, rel: str, obj: Any) -> dict[str, Any]:
 
 def read_json(output: Output, rel: str) -> Any:
     """A snapshot, or None when absent; a ConfigError when unreadable."""
+    return _read_checked(output, rel, json.loads, "manifest")
+
+
+def _read_checked(output: Output, rel: str, decode: Callable[[bytes], T], what: str) -> T | None:
+    """`decode` of the bytes of `rel`, or None when absent. A read that fails
+    under load, or an object caught mid-overwrite by a store that is not
+    atomic, is tried again; then a ConfigError."""
     for attempt in range(READ_ATTEMPTS):
         try:
-            return json.loads(output.read_bytes(rel))
+            return decode(output.read_bytes(rel))
         except FileNotFoundError:
             return None
         except (ValueError, OSError) as err:
-            # Caught mid-overwrite by a store that is not atomic, or a read failed under load.
             if attempt + 1 < READ_ATTEMPTS:
                 time.sleep(READ_RETRY_S)
                 continue
-            why = "not JSON" if isinstance(err, ValueError) else (err.strerror or store_error(err))
-        raise ConfigError(f"{output.display(rel)}: unreadable manifest ({why}); rerun with --restart to start over")
+            why = str(err) if isinstance(err, ValueError) else (err.strerror or store_error(err))
+            if isinstance(err, json.JSONDecodeError):
+                why = "not JSON"
+            raise ConfigError(f"{output.display(rel)}: unreadable {what} ({why}); rerun with --restart to start over")
     return None

@@ -82,6 +82,8 @@ def decode(data: bytes) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     flat = np.frombuffer(body, dtype="<i8")
     seqs = np.cumsum(flat[:n])
     values = flat[n:].reshape(len(fields), n).T
+    if n and (seqs[0] < 0 or (np.diff(seqs) <= 0).any() or values.min() < 0):
+        raise ValueError("a checkpoint segment with units out of order or negative counters")
     return seqs, values, fields, str(header.get("epoch"))
 
 
