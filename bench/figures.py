@@ -33,6 +33,7 @@ class Sizes:
     many_parts_cap_s: float  # stopped (SIGTERM) after this long; the figure then says so
     local_texts: int
     cache_entries: int
+    checkpoint_parts: int = 1_000_000  # the checkpoint alone (checkpoint_alone.py)
 
 
 FULL = Sizes(rate_windows=2, latency_rows=100_000, cpu_rows=50_000, real_rows=20_000, memory_small=20_000,
@@ -40,7 +41,8 @@ FULL = Sizes(rate_windows=2, latency_rows=100_000, cpu_rows=50_000, real_rows=20
              many_parts=100_500, many_parts_cap_s=1800, local_texts=96, cache_entries=1_000_000)
 QUICK = Sizes(rate_windows=1, latency_rows=20_000, cpu_rows=20_000, real_rows=4_000, memory_small=4_000,
               memory_large=20_000, resume_small=20_000, resume_large=200_000, commit_parts=50,
-              many_parts=2_000, many_parts_cap_s=120, local_texts=32, cache_entries=100_000)
+              many_parts=2_000, many_parts_cap_s=120, local_texts=32, cache_entries=100_000,
+              checkpoint_parts=20_000)
 
 
 def fresh(work: Path, name: str) -> None:

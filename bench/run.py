@@ -24,6 +24,7 @@ from figures import FULL, QUICK, Row, Sizes, at_floor, check, fresh, table  # no
 from harness import PYTHON, Server, job_file, make_input, output_rows, pipeline_args, run  # noqa: E402
 from realistic import corpus, cpu_real, latency_real, memory_real  # noqa: E402
 from scale import commit_scale, many_parts  # noqa: E402
+from checkpoint_alone import checkpoint_alone  # noqa: E402
 from stages import STAGES, split  # noqa: E402
 
 PY_SPY = str(Path(PYTHON).with_name("py-spy"))
@@ -212,7 +213,8 @@ def cache_lookups(work: Path, sizes: Sizes) -> list[Row]:
 
 SCENARIOS = {"rate": rate_limited, "latency": latency_bound, "latency-real": latency_real, "cpu": cpu_bound,
              "cpu-real": cpu_real, "memory": memory_real, "resume": resume, "commit": commit_scale,
-             "parts": many_parts, "local": local_model, "cache": cache_lookups}
+             "parts": many_parts, "local": local_model, "cache": cache_lookups,
+             "checkpoint": lambda work, sizes: checkpoint_alone(work, sizes.checkpoint_parts)}
 
 
 def main() -> None:

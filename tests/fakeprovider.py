@@ -50,6 +50,14 @@ Error directives answer before auth/validation; truncated/count/nan/dimlen
 corrupt an otherwise valid answer (invalid requests still get their 4xx).  Only
 clean answers count as successful (``inputs_received`` and the quota).
 
+What arrived, answered or not: ``texts_received`` counts every text of every
+request as its body is read, before any latency, script or check (a request
+cut off by a kill while the server works on it counts); ``received_log``
+gives each request's ``(arrived, texts, answered)`` in ``time.monotonic()``
+seconds, ``answered`` None until a clean answer is returned (and for ever
+when the request is cut off or refused), so a test can tell what was in
+flight at any instant.
+
 Rate limits of a key (off by default): ``rpm`` and/or ``tpm`` are enforced over
 a sliding window of ``window_s`` seconds (default 60) of accepted requests,
 checked once a request is valid (after auth, model and input checks, before
@@ -175,6 +183,23 @@ _AZURE_401 = ("Access denied due to invalid subscription key or wrong API endpoi
               "key for an active subscription and use a correct regional API endpoint for your resource.")
 
 
+def _texts_of(body: Any) -> tuple[str, ...]:
+    """The input texts of a request body as sent (token ids decoded), whatever else is wrong with it."""
+    value = body.get("input") if isinstance(body, dict) else None
+    items = [value] if isinstance(value, str) or (isinstance(value, list) and value and
+                                                    all(isinstance(x, int) for x in value)) else value
+    texts = []
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            try:
+                texts.append(_encoding().decode(item))
+            except Exception:
+                continue
+    return tuple(texts)
+
+
 class FakeProvider:
     """OpenAI-compatible embeddings server; use as a context manager (or start()/stop())."""
 
@@ -227,6 +252,7 @@ class FakeProvider:
         self._directives: list[str] = []
         self._arrivals: list[float] = []  # time.monotonic() of each POST, for rate-limit checks
         self._inputs: list[str] = []
+        self._received: list[tuple[float, tuple[str, ...], float | None]] = []
         self._successes = 0
         self._in_flight = 0
         self._max_in_flight = 0
@@ -278,6 +304,18 @@ class FakeProvider:
         """Flattened input texts of successfully answered requests (a copy)."""
         with self._lock:
             return list(self._inputs)
+
+    @property
+    def texts_received(self) -> list[str]:
+        """Flattened input texts of every request as it arrived, answered or not (a copy)."""
+        with self._lock:
+            return [t for _, texts, _ in self._received for t in texts]
+
+    @property
+    def received_log(self) -> list[tuple[float, tuple[str, ...], float | None]]:
+        """(arrived, texts, answered or None) of every request, in arrival order (a copy)."""
+        with self._lock:
+            return list(self._received)
 
     @property
     def metered(self) -> list[tuple[float, int, bool]]:
@@ -378,6 +416,8 @@ class FakeProvider:
             self._requests.append(body if isinstance(body, dict) else {"_raw": raw})
             self._calls.append(self.call_of(request))
             self._arrivals.append(time.monotonic())
+            entry = len(self._received)
+            self._received.append((self._arrivals[-1], _texts_of(body), None))
             if self._script:
                 directive = self._script.popleft()
             elif self.fail_rate and self._rng.random() < self.fail_rate:
@@ -470,6 +510,8 @@ class FakeProvider:
             with self._lock:
                 self._successes += 1
                 self._inputs.extend(texts)
+                arrived, received, _ = self._received[entry]
+                self._received[entry] = (arrived, received, time.monotonic())
         return web.Response(text=text, content_type="application/json")
 
     # ------------------------------------------------------------ dialects

@@ -264,19 +264,18 @@ def texts_with_far_repeats(rng: random.Random, n: int) -> list[str]:
 def test_sigkill_at_random_instants_with_failing_lines_pays_each_text_once_and_equals_a_synchronous_run(
         tmp_path: Path) -> None:
     rng = random.Random(SEED)
-    texts = texts_with_far_repeats(rng, 90)
+    texts = texts_with_far_repeats(rng, 1500)  # enough work that every kill lands on a live run
     write_parquet(tmp_path / "data.parquet", docs_table(texts))
-    lines = [rng.choice(["ok"] * 8 + ["500"]) for _ in range(300)]
+    lines = [rng.choice(["ok"] * 8 + ["500"]) for _ in range(5000)]
     with FakeBatchAPI(dim=DIM, duration_s=0.15, line_script=lines, stall_download_s=0.05) as api, \
             FakeProvider(dim=DIM) as fp:
         # With a cache a text is never paid twice, whatever the kills (without one, a repeat far apart may be).
         job = batch_job(tmp_path, api, rows_per_part=3, max_inputs_per_batch=9,
                         top={"cache": str(tmp_path / "cache"), "retry": {**FAST_RETRY, "max_attempts": 20}})
-        for _ in range(KILLS):
+        for k in range(KILLS):
             proc = start_run(job)
             time.sleep(rng.uniform(1.0, 2.5))  # start-up, submitting, polling, collecting, writing parts
-            if proc.poll() is not None:
-                break
+            assert proc.poll() is None, f"the run ended before kill {k + 1}: give it more rows"
             proc.kill()
             proc.wait(timeout=10)
         final = run_job(job)

@@ -5,10 +5,15 @@ previous format, and the byte budget of work in flight."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import mmap
 import shutil
+import zlib
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -38,7 +43,12 @@ from pipeline.errors import ConfigError
 from pipeline.checkpoint.records import Ledger, UnitRecord, merge_meta, parse_snapshot, snapshot_json
 from pipeline.commands.run import RunOptions
 from pipeline.commands.run import run as run_job
+from pipeline.checkpoint.manifest import Checkpoint
+from pipeline.config.job import StorageConfig
 from pipeline.storage import LocalOutput
+from pipeline.storage.objectstore import ObjectOutput
+from pipeline.storage.output import Output, Staged
+from test_s3 import ACCESS_KEY, SECRET_KEY, bucket, s3_endpoint  # noqa: F401  (fixtures: moto's S3 server)
 
 DIM = 8
 
@@ -145,7 +155,76 @@ def test_a_journal_gives_back_every_whole_piece_and_skips_a_torn_one() -> None:
     flipped[-20] ^= 1  # a bit flipped in the vectors: the checksum catches it
     assert len(journal.parse(bytes(flipped), DIM)) == 0
     assert len(journal.parse(first, DIM + 1)) == 0  # vectors of another length are not this job's
-    assert len(journal.parse(b"", DIM)) == 0 and len(journal.parse(b"EJ2\n" + b"\0" * 3, DIM)) == 0
+    assert len(journal.parse(b"", DIM)) == 0 and len(journal.parse(journal.MAGIC + b"\0" * 3, DIM)) == 0
+
+
+def _pieces(n: int, per: int = 3) -> tuple[list[bytes], np.ndarray]:
+    """n vector pieces of `per` entries each, all different."""
+    vectors = (np.arange(n * per * DIM, dtype=np.float32).reshape(n * per, DIM) + 1) / 7
+    return [_bytes(journal.vectors_piece(_keys(per, tag=i), vectors[i * per:(i + 1) * per], tokens=10 + i))
+            for i in range(n)], vectors
+
+
+def test_a_journal_torn_at_every_byte_keeps_exactly_the_pieces_before_the_tear() -> None:
+    pieces, vectors = _pieces(3)
+    data = b"".join(pieces)
+    ends = np.cumsum([len(p) for p in pieces])
+    for cut in range(len(data)):
+        contents = journal.parse(data[:cut], DIM)
+        whole = int(np.searchsorted(ends, cut, side="right"))  # pieces that end at or before the cut
+        assert len(contents) == 3 * whole, cut
+        assert contents.tokens == sum(10 + i for i in range(whole)), cut
+        for i in range(3 * whole):
+            assert contents.vector(_keys(3, tag=i // 3)[i % 3]).tobytes() == vectors[i].tobytes()
+
+
+def test_a_flipped_bit_anywhere_in_a_piece_drops_that_piece_and_no_other() -> None:
+    pieces, _ = _pieces(3)
+    data = bytearray(b"".join(pieces))
+    start, end = len(pieces[0]), len(pieces[0]) + len(pieces[1])
+    for pos in range(start, end):  # the header, the keys, every vector's bytes, the checksum
+        for bit in (0, 5):
+            data[pos] ^= 1 << bit
+            contents = journal.parse(bytes(data), DIM)
+            data[pos] ^= 1 << bit
+            assert len(contents) == 6 and contents.tokens == 10 + 12, (pos, bit)
+            assert _keys(3, tag=1)[0] not in contents
+
+
+def test_swapped_or_reordered_blocks_of_a_piece_never_check_out() -> None:
+    """A store or a kernel that writes a piece's blocks out of order: the same
+    bytes, the same sums of words, in another order."""
+    pieces, _ = _pieces(1, per=6)
+    piece = pieces[0]
+    floats = journal.HEADER.size + 6 * len(_keys(1)[0])
+    for size in (4, 8, 16, 32):
+        a, b = floats, floats + size
+        swapped = piece[:a] + piece[b:b + size] + piece[a:b] + piece[b + size:]
+        assert swapped != piece and sorted(swapped) == sorted(piece)
+        assert len(journal.parse(swapped, DIM)) == 0, size
+    vectors_swapped = piece[:floats] + piece[floats + 4 * DIM:floats + 8 * DIM] + piece[floats:floats + 4 * DIM] + \
+        piece[floats + 8 * DIM:]  # two whole vectors exchanged: each key would get the other's vector
+    assert len(journal.parse(vectors_swapped, DIM)) == 0
+    keys_swapped = piece[:journal.HEADER.size] + piece[journal.HEADER.size + 16:journal.HEADER.size + 32] + \
+        piece[journal.HEADER.size:journal.HEADER.size + 16] + piece[journal.HEADER.size + 32:]
+    assert len(journal.parse(keys_swapped, DIM)) == 0
+
+
+def test_a_journal_of_the_previous_format_is_discarded_with_a_warning_and_later_pieces_are_read(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import struct
+
+    vectors = np.ones((2, DIM), dtype=np.float32)
+    keys = b"".join(_keys(2))
+    floats = vectors.tobytes()
+    header = struct.pack("<4sBIIQQ", b"EJ2\n", 1, 2, DIM, 20, len(keys) + len(floats))
+    words = int(np.frombuffer(floats, dtype="<u8").sum(dtype=np.uint64))
+    old = header + keys + floats + struct.pack("<IQ", zlib.crc32(keys, zlib.crc32(header)), words)
+    new = _bytes(journal.vectors_piece(_keys(1, tag=9), vectors[:1], tokens=4))
+    with caplog.at_level("WARNING", logger="pipeline"):
+        contents = journal.parse(old + new, DIM)
+    assert len(contents) == 1 and contents.tokens == 4 and _keys(1, tag=9)[0] in contents
+    assert any("previous format" in r.getMessage() for r in caplog.records)
 
 
 def test_a_journal_appended_after_a_torn_piece_is_read_on_a_real_file(tmp_path: Path) -> None:
@@ -313,19 +392,26 @@ def _to_format_1(out: Path) -> None:
     (out / layout.MANIFEST).write_text(json.dumps(v1))
 
 
-def test_an_output_of_the_previous_format_resumes_and_pays_nothing_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(KEY_VAR, KEY)
+def _resumed_from(tmp_path: Path, convert: Callable[[Path], None], limit: int) -> tuple[Path, list[str], Counter[str]]:
+    """35 rows in parts of 7: a run cut at `limit` rows, its output turned into
+    an older format by `convert`, then run to the end. (output, texts, what the end sent)."""
     texts = sample_texts(35)
     write_parquet(tmp_path / "data.parquet", docs_table(texts))
     out = tmp_path / "out"
     with FakeProvider(dim=DIM) as fp:
         job = write_job(tmp_path, [provider_entry(fp)], rows_per_part=7, embedding={"dimensions": DIM})
-        assert _run(job, limit=14) == 0
-        _to_format_1(out)
+        assert _run(job, limit=limit) == 0
+        convert(out)
         before = rows_sent(fp)
         assert _run(job) == 0
-        assert rows_sent(fp) - before == Counter(texts[14:])
+        return out, texts, rows_sent(fp) - before
+
+
+def test_an_output_of_the_previous_format_resumes_and_pays_nothing_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_VAR, KEY)
+    out, texts, sent = _resumed_from(tmp_path, _to_format_1, limit=14)
+    assert sent == Counter(texts[14:])
     assert json.loads((out / layout.MANIFEST).read_text())["format_version"] == records.FORMAT_VERSION
     assert [p.name for p in part_files(out)] == [f"part-{i:05d}.parquet" for i in range(5)]
     assert_vectors_exact(read_parts(out), texts, DIM)
@@ -349,3 +435,297 @@ def test_a_previous_format_output_past_its_five_digit_names_is_refused_and_keeps
     assert committed_units(out) == set(range(10))  # what fits its names was done and kept
     assert_vectors_exact(read_parts(out), texts[:20], DIM)
     assert not (out / layout.SUCCESS).exists()
+
+
+# ------------------------------------------------------------------ a reader while another shard compacts
+
+
+class _Interleaved(Output):
+    """An output that runs `between` once, just before the reader's `step`-th
+    call to the store (a read, a list, an existence check): another writer
+    acting between two steps of a read."""
+
+    def __init__(self, inner: Output, step: int, between: Callable[[], None]) -> None:
+        super().__init__(inner.root)
+        self.inner, self.step, self.between = inner, step, between
+        self.calls = 0
+        self.fired = False
+
+    def _next(self) -> None:
+        if self.calls == self.step:
+            self.fired = True
+            self.between()
+        self.calls += 1
+
+    def exists(self, rel: str) -> bool:
+        self._next()
+        return self.inner.exists(rel)
+
+    def read_bytes(self, rel: str) -> bytes:
+        self._next()
+        return self.inner.read_bytes(rel)
+
+    def list(self, folder: str, pattern: str) -> list[str]:
+        self._next()
+        return self.inner.list(folder, pattern)
+
+    def read_log(self, rel: str) -> bytes | mmap.mmap:
+        self._next()
+        return self.inner.read_log(rel)
+
+    def list_logs(self, folder: str) -> list[str]:
+        self._next()
+        return self.inner.list_logs(folder)
+
+    def get_file(self, rel: str, local: Path) -> None:
+        self._next()
+        self.inner.get_file(rel, local)
+
+    def prepare(self, folders: tuple[str, ...] = ()) -> None:
+        self.inner.prepare(folders)
+
+    def write(self, rel: str, data: bytes) -> None:
+        self.inner.write(rel, data)
+
+    def stage(self, rel: str) -> Staged:
+        return self.inner.stage(rel)
+
+    def delete(self, rel: str) -> None:
+        self.inner.delete(rel)
+
+    def append(self, rel: str, buffers: Sequence[bytes | memoryview]) -> None:
+        self.inner.append(rel, buffers)
+
+    def delete_log(self, rel: str) -> None:
+        self.inner.delete_log(rel)
+
+    def put_file(self, local: Path, rel: str) -> None:
+        self.inner.put_file(local, rel)
+
+    def writer_lock(self, shard: tuple[int, int] | None) -> contextlib.AbstractContextManager[object]:
+        return self.inner.writer_lock(shard)
+
+    def running_shards(self) -> tuple[bool | None, list[tuple[int, int]]]:
+        return self.inner.running_shards()
+
+
+UNITS = 12
+
+
+def _two_shards(output: Output) -> tuple[Checkpoint, Checkpoint]:
+    """Shard 0 of 2 with every unit committed and compacted; shard 1 with
+    its units in several snapshot writes (segments, where there are) and its
+    last unit a record not yet compacted. The job has UNITS units."""
+    output.prepare(layout.FOLDERS)
+    job = SimpleNamespace(name="interleaved")
+    fingerprint = {"model": "m", "inputs": []}
+    writers = [Checkpoint.open(output, job, fingerprint, restart=False, shard=(k, 2), max_units=UNITS)  # type: ignore[arg-type]
+               for k in (0, 1)]
+    first, second = writers
+    first.learn(total_units=UNITS)
+    for seq in range(0, UNITS, 2):
+        first.commit(_record(seq), [])
+    first.compact()
+    for seq in range(1, UNITS - 1, 2):
+        second.commit(_record(seq), [])
+        second.compact()  # one snapshot write per unit: with segments, tiers to merge
+    second.commit(_record(UNITS - 1), [])
+    return first, second
+
+
+def _read_while_compacting(make_output: Callable[[int], Output], monkeypatch: pytest.MonkeyPatch) -> int:
+    """For every step of a read: a fresh output, shard 1 compacts just before
+    that step, and the reader must still see every unit done. The steps tried."""
+    monkeypatch.setattr("pipeline.checkpoint.manifest.TIER_FANOUT", 2, raising=False)  # merges at every other write
+    step = 0
+    while True:
+        output = make_output(step)
+        _, second = _two_shards(output)
+        reader = _Interleaved(output, step, second.compact)
+        seen = Checkpoint.read(reader)
+        if not reader.fired:
+            assert step > 4, f"a read of two shards' checkpoints took only {step} steps"
+            return step
+        assert seen is not None
+        missing = set(range(UNITS)) - set(seen.ledger.committed_seqs())
+        assert not missing, f"with shard 1 compacting before step {step} of the read, units {sorted(missing)} look undone"
+        assert seen.complete(), f"with shard 1 compacting before step {step}, the job does not read as complete"
+        after = Checkpoint.read(output)  # and what the compaction left reads whole too
+        assert after is not None and set(after.ledger.committed_seqs()) == set(range(UNITS))
+        step += 1
+
+
+def test_a_reader_sees_every_unit_whichever_step_another_shard_compacts_at(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def local(step: int) -> Output:
+        return LocalOutput(str(tmp_path / f"step-{step}"))
+
+    steps = _read_while_compacting(local, monkeypatch)
+    print(f"shard 1 compacted before each of {steps} steps of the read")
+
+
+@pytest.mark.slow
+def test_a_reader_sees_every_unit_whichever_step_another_shard_compacts_at_on_an_object_store(
+        s3_endpoint: str, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    options = StorageConfig(endpoint_url=s3_endpoint, region="us-east-1", access_key_id=ACCESS_KEY,
+                            secret_access_key=SECRET_KEY)
+
+    def remote(step: int) -> Output:
+        return ObjectOutput(f"s3://{bucket}/step-{step}", options)
+
+    steps = _read_while_compacting(remote, monkeypatch)
+    print(f"shard 1 compacted before each of {steps} steps of the read")
+
+
+# ------------------------------------------------------------------ segments merged in tiers
+
+
+def _writer(output: Output, shard: tuple[int, int] | None = None, units: int = 10**6) -> Checkpoint:
+    output.prepare(layout.FOLDERS)
+    return Checkpoint.open(output, SimpleNamespace(name="tiers"), {"model": "m", "inputs": []},  # type: ignore[arg-type]
+                           restart=False, shard=shard, max_units=units)
+
+
+def test_compactions_merge_segments_in_tiers_so_each_unit_is_rewritten_once_per_tier(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.checkpoint import manifest
+
+    monkeypatch.setattr(manifest, "COMPACT_EVERY_RECORDS", 10)
+    monkeypatch.setattr(manifest, "TIER_FANOUT", 4)
+    monkeypatch.setattr(manifest, "TOP_TIER", 2)
+    segment_units: Counter[int] = Counter()  # times each unit was written into a segment
+    real = LocalOutput.write
+
+    def recording(self: LocalOutput, rel: str, data: bytes) -> None:
+        if rel.startswith(layout.SEGMENTS_DIR):
+            from pipeline.checkpoint import segments
+
+            segment_units.update(segments.decode(data)[0].tolist())
+        real(self, rel, data)
+
+    monkeypatch.setattr(LocalOutput, "write", recording)
+    output = LocalOutput(str(tmp_path / "out"))
+    checkpoint = _writer(output)
+    most = 0
+    for seq in range(1000):
+        checkpoint.commit(_record(seq), [])
+        names = output.list(layout.SEGMENTS_DIR, "*.seg")
+        most = max(most, len(names))
+        assert sorted(names) == sorted(r.name for r in checkpoint._segments)  # merged segments are gone
+    checkpoint.compact()
+    assert set(segment_units) == set(range(1000))
+    assert max(segment_units.values()) <= 3  # tier 0, 1, 2: never more, however many units
+    tiers = Counter(r.tier for r in checkpoint._segments)
+    assert tiers[0] < 4 and tiers[1] < 4 and tiers[2] == 1000 // (10 * 4 * 4)
+    assert most <= 2 * 3 + 1000 // 160 + 1  # below the top: at most fanout - 1 a tier (plus the one merging)
+    seen = Checkpoint.read(output)
+    assert seen is not None and set(seen.ledger.committed_seqs()) == set(range(1000))
+    assert seen.counters()["rows_done"] == 5000 and seen.counters()["tokens"] == 50_000
+
+
+def test_a_kill_mid_compaction_leaves_segments_no_snapshot_names_which_the_next_start_removes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    output = LocalOutput(str(tmp_path / "out"))
+    checkpoint = _writer(output)
+    for seq in range(5):
+        checkpoint.commit(_record(seq), [])
+    real = LocalOutput.write
+
+    def dies_at_the_snapshot(self: LocalOutput, rel: str, data: bytes) -> None:
+        if rel == layout.MANIFEST:
+            raise KeyboardInterrupt  # killed after the segment, before the snapshot naming it
+        real(self, rel, data)
+
+    monkeypatch.setattr(LocalOutput, "write", dies_at_the_snapshot)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.compact()
+    monkeypatch.setattr(LocalOutput, "write", real)
+    stray = set(output.list(layout.SEGMENTS_DIR, "*.seg"))
+    assert len(stray) == 1 and not json.loads((tmp_path / "out" / layout.MANIFEST).read_text())["segments"]
+    again = _writer(output)
+    assert set(again.ledger.committed_seqs()) == set(range(5))  # from the records, still there
+    again.clean()
+    assert set(output.list(layout.SEGMENTS_DIR, "*.seg")) == {r.name for r in again._segments}
+    assert not output.list(layout.RECORDS_DIR, "*.json")
+    seen = Checkpoint.read(output)
+    assert seen is not None and set(seen.ledger.committed_seqs()) == set(range(5))
+
+
+def test_the_unsharded_writer_takes_the_shards_units_into_its_own_segments(tmp_path: Path) -> None:
+    output = LocalOutput(str(tmp_path / "out"))
+    shards = [_writer(output, (k, 3), 30) for k in range(3)]
+    for seq in range(30):
+        shards[seq % 3].commit(_record(seq, rows=seq + 1), [])
+    for shard in shards[:2]:
+        shard.compact()  # the third leaves its units as records
+    whole = _writer(output, None, 30)
+    whole.clean()
+    assert output.list(layout.MANIFEST_DIR, layout.SNAPSHOT_PATTERN) == []
+    assert output.list(layout.RECORDS_DIR, "*.json") == []
+    assert all(name.startswith(f"{layout.SEGMENTS_DIR}/all.") for name in output.list(layout.SEGMENTS_DIR, "*"))
+    seen = Checkpoint.read(output)
+    assert seen is not None and set(seen.ledger.committed_seqs()) == set(range(30))
+    assert seen.counters()["rows_done"] == sum(range(1, 31))
+
+
+def _to_format_2(out: Path) -> None:
+    """What the previous version (format 2) left: each writer's snapshot with its units inline, no segments."""
+    checkpoint = read_checkpoint(out)
+    meta = {k: v for k, v in checkpoint.meta.items()}
+    units = {str(r.seq): list(r.values()) for r in checkpoint.ledger.records() if r.state == "committed"}
+    partial = {str(r.seq): list(r.values()) for r in checkpoint.ledger.records() if r.state == "partial"}
+    keep_last = max(int(s) for s in units)
+    last = {**UnitRecord.from_values(keep_last, "committed", units.pop(str(keep_last))).to_json(),
+            "epoch": checkpoint.epoch}  # one unit left as a record, not yet compacted
+    v2 = {**meta, "format_version": 2, "counters": checkpoint.counters(), "unit_fields": list(records.UNIT_FIELDS),
+          "units": units, "partial": partial}
+    shutil.rmtree(out / layout.MANIFEST_DIR)
+    (out / layout.RECORDS_DIR).mkdir(parents=True)
+    (out / layout.MANIFEST).write_text(json.dumps(v2))
+    (out / layout.record_name(keep_last)).write_text(json.dumps(last))
+
+
+def test_an_output_of_format_2_resumes_pays_nothing_again_and_moves_into_segments(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_VAR, KEY)
+
+    def convert(out: Path) -> None:
+        _to_format_2(out)
+        assert committed_units(out) == {0, 1}  # read from format 2's inline units and its record
+
+    # Units 0 and 1 committed, 2 cut at 3 rows (journaled): the end sends only what is after the cut.
+    out, texts, sent = _resumed_from(tmp_path, convert, limit=17)
+    assert sent == Counter(texts[17:])
+    manifest = json.loads((out / layout.MANIFEST).read_text())
+    assert manifest["format_version"] == records.FORMAT_VERSION == 3 and manifest["segments"]
+    assert sorted(int(s) for s in manifest["units"]) == list(range(5))  # complete: every unit inline too
+    assert not list((out / layout.RECORDS_DIR).iterdir())
+    assert_vectors_exact(read_parts(out), texts, DIM)
+
+
+def test_a_segment_as_large_as_a_merge_would_make_starts_in_that_tier() -> None:
+    from pipeline.checkpoint import manifest
+
+    every, fanout, top = manifest.COMPACT_EVERY_RECORDS, manifest.TIER_FANOUT, manifest.TOP_TIER
+    assert [manifest._tier_for(n) for n in (0, 1, every, every * fanout - 1)] == [0, 0, 0, 0]
+    assert manifest._tier_for(every * fanout) == 1 and manifest._tier_for(every * fanout ** top) == top
+    assert manifest._tier_for(10**9) == top  # format 2's million units: top tier, never merged again
+
+
+def test_a_segment_round_trips_and_a_damaged_one_is_refused() -> None:
+    from pipeline.checkpoint import segments
+
+    seqs = np.array([7, 2, 900_000, 3], dtype=np.int64)
+    values = np.arange(4 * len(records.UNIT_FIELDS), dtype=np.int64).reshape(4, -1)
+    data = segments.encode(seqs, values, records.UNIT_FIELDS, "e1")
+    got_seqs, got_values, names, epoch = segments.decode(data)
+    order = np.argsort(seqs)
+    assert got_seqs.tolist() == [2, 3, 7, 900_000] and np.array_equal(got_values, values[order])
+    assert names == list(records.UNIT_FIELDS) and epoch == "e1"
+    for bad in (data[:-3], data[:5], b"x" + data, data[:-8] + bytes(8)):
+        with pytest.raises(ValueError):
+            segments.decode(bad)
+    backwards = segments.MAGIC + data[len(segments.MAGIC):].split(b"\n", 1)[0] + b"\n" + zlib.compress(
+        np.array([5, -2, 1, 1], dtype="<i8").tobytes() + np.zeros(4 * len(records.UNIT_FIELDS), "<i8").tobytes())
+    with pytest.raises(ValueError, match="out of order"):
+        segments.decode(backwards)

@@ -23,6 +23,7 @@ import pytest
 from conftest import (
     KEY,
     KEY_VAR,
+    PROBE_TEXTS,
     assert_vectors_exact,
     committed_units,
     docs_table,
@@ -123,6 +124,52 @@ def _assert_same_output(out: Path, reference: Path) -> None:
     assert pq.read_table(out / "_rejects.parquet").equals(pq.read_table(reference / "_rejects.parquet"))
 
 
+# ------------------------------------------------------------------ what each kill cost
+# An answer is journaled a moment after the server returns it (the client
+# reads it, frees its slot, appends it): answers returned this long before a
+# kill count as in flight at it, for a client scheduled late on a busy machine.
+TRANSIT_S = 0.5
+
+
+class Kills:
+    """What the server received in each killed run, and what was in flight at each kill:
+    every text re-sent after a kill must have been in flight at it."""
+
+    def __init__(self, fp: FakeProvider) -> None:
+        self.fp = fp
+        self.runs: list[tuple[int, float]] = []  # (index of its first request in the log, kill instant)
+        self.starts: list[int] = []  # every run's first request in the log, the last (unkilled) run's too
+
+    def started(self) -> None:
+        self.starts.append(len(self.fp.received_log))
+
+    def killed(self, proc: subprocess.Popen[str]) -> float:
+        at = time.monotonic()
+        proc.kill()
+        proc.wait(timeout=10)
+        self.runs.append((self.starts[-1], at))
+        return at
+
+    def judge(self) -> list[tuple[set[str], set[str]]]:
+        """(re-sent, in flight) per kill, once the runs after the last kill are over."""
+        log = self.fp.received_log
+        ends = self.starts[1:len(self.runs) + 1]
+        assert len(ends) == len(self.runs), "judged before the run after the last kill started"
+        out = []
+        for (start, at), end in zip(self.runs, ends):
+            run = [(texts, answered) for arrived, texts, answered in log[start:end]]
+            in_flight = {t for texts, answered in run if answered is None or answered > at - TRANSIT_S for t in texts}
+            later = {t for _, texts, _ in log[end:] for t in texts}
+            resent = {t for texts, _ in run for t in texts} & later
+            out.append((resent - set(PROBE_TEXTS), in_flight - set(PROBE_TEXTS)))
+        return out
+
+
+def _received(fp: FakeProvider) -> Counter[str]:
+    """Every text the server received (answered or cut off by a kill), without the start-up probes."""
+    return Counter(t for t in fp.texts_received if t not in PROBE_TEXTS)
+
+
 # ------------------------------------------------------------------ SIGKILL torture
 KILLS = 22
 SEED = 20240611
@@ -153,10 +200,12 @@ def test_sigkill_at_random_instants_then_rerun_equals_an_uninterrupted_run_bit_f
     with FakeProvider(dim=DIM, latency_s=0.02) as fp, FakeProvider(dim=DIM) as ref_fp:
         job = _job(tmp_path, fp)
         stale: set[Path] = set()
+        ledger = Kills(fp)
         while kills < KILLS:
             committed = {t for s in _committed(out) for t in texts[3 * s:3 * s + 3]}
-            before = len(fp.inputs_received)
+            before = len(fp.texts_received)
             requests = fp.count()
+            ledger.started()
             proc = start_run(job)
             phase = rng.choice(PHASES)
             phases[phase] += 1
@@ -170,20 +219,21 @@ def test_sigkill_at_random_instants_then_rerun_equals_an_uninterrupted_run_bit_f
                 else:  # the moment a temp file of that kind shows up
                     _spin_until_temp(out, WRITES[phase], proc)
             assert proc.poll() is None, f"the run ended before kill {kills + 1}; give it more rows"
-            proc.kill()
-            proc.wait(timeout=10)
+            ledger.killed(proc)
             kills += 1
-            resent = set(fp.inputs_received[before:]) & committed
+            resent = set(fp.texts_received[before:]) & committed
             assert not resent, f"committed rows were sent again: {sorted(resent)[:3]}"
             now = _temps(out)
             if fp.count() > requests:  # that run got past its start-up clean-up
                 assert not (stale & now), f"temp files of a dead run survived a restart: {sorted(stale & now)[:3]}"
             temps_left += len(now - stale)
             stale = now
+        ledger.started()
         final = start_run(job)
         _, stderr = final.communicate(timeout=60)
         assert final.returncode == 0, stderr
-        sent = rows_sent(fp)
+        sent = _received(fp)
+        judged = ledger.judge()
 
         ref_job = _job(tmp_path, ref_fp, output="ref", file_name="ref.yaml")
         uninterrupted = run_cli("run", str(ref_job), "--no-progress")
@@ -196,14 +246,75 @@ def test_sigkill_at_random_instants_then_rerun_equals_an_uninterrupted_run_bit_f
     assert table.column("doc_id").to_pylist() == [f"id-{i:04d}" for i in range(len(texts))]
     assert_vectors_exact(table, _expected(texts), DIM)
     # Work redone is bounded by the requests in flight at each kill: every
-    # answer is journaled as it arrives, before its part commits.
+    # answer is journaled as it arrives, before its part commits. The server
+    # counts a text when it receives it, so a request cut off by a kill counts.
+    for k, (resent, in_flight) in enumerate(judged):
+        assert resent <= in_flight, f"kill {k + 1} re-sent texts not in flight at it: {sorted(resent - in_flight)[:3]}"
     in_flight = 4 * 1  # max_concurrency x max_inputs_per_request
     duplicates = sum(sent.values()) - len(sent)
     assert set(sent) == {t for t in texts if t.strip()}
+    assert duplicates <= sum(len(resent) for resent, _ in judged) <= sum(len(f) for _, f in judged)
     assert duplicates <= kills * in_flight, (duplicates, kills, in_flight)
     assert temps_left, "no kill landed during a write"
     print(f"{kills} kills {dict(phases)}, {duplicates} rows sent twice (bound {kills * in_flight}), "
           f"{temps_left} temp files left by kills")
+
+
+LARGE_ROWS_PER_PART = 800
+LARGE_PER_REQUEST = 4
+LARGE_KILLS = 4
+LOST_AT_KILL = 700  # texts of unfinished parts answered when a kill lands: what a run without a journal re-sends
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_in_the_middle_of_large_parts_re_sends_only_what_was_in_flight_not_the_parts_answers(
+        tmp_path: Path) -> None:
+    """Parts of 800 rows, 200 requests each: a kill lands when hundreds of a
+    part's rows are answered and the part is not committed. Without the
+    journal all of them would be sent again; with it, only what was in flight."""
+    texts = sample_texts(LARGE_ROWS_PER_PART * 5)
+    unit_of = {t: i // LARGE_ROWS_PER_PART for i, t in enumerate(texts)}
+    write_parquet(tmp_path / "data.parquet", docs_table(texts))
+    out = tmp_path / "out"
+    lost: list[int] = []  # per kill: texts received for parts not committed at it
+
+    def lost_now(before: float | None = None) -> int:
+        done = _committed(out)
+        return sum(1 for arrived, got, _ in fp.received_log if before is None or arrived <= before
+                   for t in got if t in unit_of and unit_of[t] not in done)
+
+    with FakeProvider(dim=DIM, latency_s=0.2) as fp:  # 80 texts/s: few answered within TRANSIT_S of a kill
+        job = _job(tmp_path, fp, rows_per_part=LARGE_ROWS_PER_PART, per_request=LARGE_PER_REQUEST)
+        ledger = Kills(fp)
+        for k in range(LARGE_KILLS):
+            ledger.started()
+            requests = fp.count()
+            proc = start_run(job)
+            _wait_until(lambda: (fp.count() > requests + 20 and lost_now() >= LOST_AT_KILL) or proc.poll() is not None,
+                        timeout_s=60)
+            assert proc.poll() is None, f"the run ended before kill {k + 1}; give it more rows"
+            at = ledger.killed(proc)
+            lost.append(lost_now(before=at))
+        ledger.started()
+        final = start_run(job)
+        _, stderr = final.communicate(timeout=120)
+        assert final.returncode == 0, stderr
+        judged = ledger.judge()
+        sent = _received(fp)
+
+    assert (out / "_SUCCESS").exists()
+    assert_vectors_exact(read_parts(out), texts, DIM)
+    assert set(sent) == set(texts)
+    bounds = [len(in_flight) for _, in_flight in judged]
+    for k, (resent, in_flight) in enumerate(judged):
+        assert resent <= in_flight, f"kill {k + 1} re-sent texts not in flight at it: {sorted(resent - in_flight)[:3]}"
+    duplicates = sum(sent.values()) - len(sent)
+    assert duplicates <= sum(bounds), (duplicates, bounds)
+    # The test has teeth: what these kills would have cost without the journal
+    # is at least ten times what they may cost with it.
+    assert sum(lost) >= 10 * sum(bounds), (lost, bounds)
+    print(f"{LARGE_KILLS} kills: {duplicates} texts sent twice; in flight at the kills {bounds}; "
+          f"a run without a journal would have re-sent {lost}")
 
 
 # ------------------------------------------------------------------ SIGTERM

@@ -5,6 +5,7 @@ of the output's fingerprint."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,11 @@ def test_extra_body_is_in_the_fingerprint_only_when_set_so_older_outputs_stay_th
     assert "vector_options" not in plain
     older = dict(plain)  # what a manifest written before extra_body existed holds
     assert epoch_of(older) == epoch_of(job_fingerprint(job_of({"user": "etl"}), []))
+    # The epoch its records carry, as the previous version computed it: unchanged, so they still count.
+    keys_before = ("inputs", "text", "model", "dimensions", "too_long", "max_input_tokens", "empty", "id_column",
+                   "keep_columns", "vector_column", "rows_per_part")
+    canonical = json.dumps({k: plain.get(k) for k in keys_before}, sort_keys=True, default=str)
+    assert epoch_of(plain) == hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest()
     passage = job_fingerprint(job_of({"input_type": "passage"}), [])
     assert describe_change(plain, passage) == \
         "vector_options changed from None to {'extra_body': {'input_type': 'passage'}}"

@@ -410,7 +410,11 @@ def test_three_shards_at_once_into_one_s3_output_lose_no_commit(tmp_path: Path, 
 
     keys = _keys(fs, prefix)
     assert "_SUCCESS" in keys
-    assert sorted(k for k in keys if k.startswith("_manifest.d/")) == [f"_manifest.d/shard-{k}-of-3.json" for k in range(3)]
+    snapshots = [f"_manifest.d/shard-{k}-of-3.json" for k in range(3)]
+    named = {s["name"] for rel in snapshots for s in _read_json(fs, f"{prefix}/{rel}")["segments"]}
+    assert named and all(name.startswith("_manifest.d/segments/shard-") for name in named)
+    # No record left behind, and no segment that no snapshot names: each shard's snapshot and its segments only.
+    assert sorted(k for k in keys if k.startswith("_manifest.d/")) == sorted([*snapshots, *named])
     whole = _read_json(fs, f"{prefix}/_manifest.json")  # the last shard to finish folds every shard's progress in
     assert sorted(int(s) for s in whole["units"]) == list(range(18))
     out = _read_parts(fs, prefix)

@@ -4,39 +4,41 @@ until its part commits, so a killed run pays again only for what was in flight.
 One log per unit not yet committed (`_journal.d/unit-N.journal`), appended
 once per request answered (and once per text refused): the keys, the exact
 float32 bytes of their vectors, and the tokens paid. A rerun takes a unit's
-journal as it takes cache hits, so its part comes out bit-identical. A piece
-that does not check out (a torn tail after a crash) ends the reading: what
-follows is paid for again, never trusted.
+journal as it takes cache hits, so its part comes out bit-identical. Each
+piece ends with a CRC32C of every byte before it (header, keys, vectors): a
+piece torn by a kill, with a flipped bit, or with blocks swapped or written
+out of order does not check out and is skipped up to the next piece that
+does; what it held is paid for again, never trusted.
+
+Journals of the previous format (`EJ2`, whose word sum a reordered write
+could pass) are not read: the answers of that unit in flight when the old
+version stopped are requested again, once, and a warning says so.
 """
 from __future__ import annotations
 
+import logging
 import mmap
 import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import numpy as np
+from crc32c import crc32c
 
 from ..cache.vectors import KEY_BYTES
 from .layout import journal_name
 from ..storage.output import Output
 
-MAGIC = b"EJ2\n"
+log = logging.getLogger("pipeline")
+
+MAGIC = b"EJ3\n"
+OLD_MAGIC = b"EJ2\n"  # the previous format: discarded (see above)
 KIND_VECTORS, KIND_REFUSED = 1, 2
 # magic, kind, entries, floats per vector, tokens paid, payload bytes
 HEADER = struct.Struct("<4sBIIQQ")
-# crc32 of the header and the keys, and the sum of the vectors' bytes as
-# little-endian uint64 words: a torn or reordered write never checks out, at
-# a twentieth of a crc32 over the vectors (0.4 us a 1,536-float row).
-TRAILER = struct.Struct("<IQ")
-
-
-def _words_sum(floats: bytes | memoryview) -> int:
-    view = memoryview(floats).cast("B")
-    whole = len(view) - len(view) % 8
-    total = int(np.frombuffer(view[:whole], dtype="<u8").sum(dtype=np.uint64)) if whole else 0
-    return (total + int.from_bytes(view[whole:], "little")) % 2**64
+# CRC32C (Castagnoli, hardware-accelerated: about 0.5 us a 1,536-float row)
+# of the header, the keys and the vectors, every byte of the piece.
+TRAILER = struct.Struct("<I")
 
 
 class Known(Protocol):
@@ -93,7 +95,7 @@ def refused_piece(key: bytes, code: str | None) -> list[bytes | memoryview]:
 
 def _frame(kind: int, entries: int, dim: int, tokens: int, head: bytes, floats: bytes | memoryview) -> list[bytes | memoryview]:
     header = HEADER.pack(MAGIC, kind, entries, dim, tokens, len(head) + len(floats))
-    return [header, head, floats, TRAILER.pack(zlib.crc32(head, zlib.crc32(header)), _words_sum(floats))]
+    return [header, head, floats, TRAILER.pack(crc32c(floats, crc32c(head, crc32c(header))))]
 
 
 def parse(data: bytes | memoryview | mmap.mmap, dim: int) -> JournalContents:
@@ -102,6 +104,8 @@ def parse(data: bytes | memoryview | mmap.mmap, dim: int) -> JournalContents:
     later run appended after it are still good."""
     out = JournalContents(dim=dim, buffer=data)
     view = memoryview(data)
+    if bytes(view[:len(OLD_MAGIC)]) == OLD_MAGIC:
+        log.warning("a journal of the previous format is not read: the answers it holds are requested again")
     pos = 0
     while pos + HEADER.size <= len(view):
         end = _checked_end(view, pos)
@@ -128,16 +132,13 @@ def parse(data: bytes | memoryview | mmap.mmap, dim: int) -> JournalContents:
 
 def _checked_end(view: memoryview, pos: int) -> int | None:
     """Where the piece at `pos` ends, if it is whole and checks out."""
-    magic, kind, entries, _, _, size = HEADER.unpack_from(view, pos)
+    magic, _, _, _, _, size = HEADER.unpack_from(view, pos)
     body = pos + HEADER.size
     end = body + size
     if magic != MAGIC or end + TRAILER.size > len(view):
         return None
-    head = entries * KEY_BYTES if kind == KIND_VECTORS else size
-    if head > size:
-        return None
-    crc, words = TRAILER.unpack_from(view, end)
-    if zlib.crc32(view[body:body + head], zlib.crc32(view[pos:body])) != crc or _words_sum(view[body + head:end]) != words:
+    (crc,) = TRAILER.unpack_from(view, end)
+    if crc32c(view[pos:end]) != crc:
         return None
     return end + TRAILER.size
 

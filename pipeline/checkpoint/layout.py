@@ -4,6 +4,7 @@
 part-00000.parquet ...       the rows, in input order (5 digits or more: see part_digits)
 _manifest.json               the checkpoint's snapshot (the unsharded writer's own)
 _manifest.d/shard-K-of-N.json   a shard's own snapshot
+_manifest.d/segments/W.tT.ID.seg   committed units of writer W (all, or shard-K-of-N), tier T, immutable
 _manifest.d/units/unit-N.json   one record per committed (or --limit partial) unit
 _journal.d/unit-N.journal    answers of a unit not yet committed (a log)
 _manifest.d/batches/W.S.json, W.S.requests   a batch of writer W (submission S): its record, what it covers
@@ -33,11 +34,12 @@ SUMMARY = "_summary.json"
 REJECTS = "_rejects.parquet"
 MANIFEST_DIR = "_manifest.d"
 RECORDS_DIR = f"{MANIFEST_DIR}/units"
+SEGMENTS_DIR = f"{MANIFEST_DIR}/segments"
 BATCHES_DIR = f"{MANIFEST_DIR}/batches"
 JOURNAL_DIR = "_journal.d"
 REJECTS_DIR = "_rejects.d"
 LEGACY_PARTIAL_DIR = "_partial.d"  # format 1 kept --limit's rows here; removed at the next start
-FOLDERS = (MANIFEST_DIR, RECORDS_DIR, BATCHES_DIR, JOURNAL_DIR, REJECTS_DIR)
+FOLDERS = (MANIFEST_DIR, RECORDS_DIR, SEGMENTS_DIR, BATCHES_DIR, JOURNAL_DIR, REJECTS_DIR)
 PART_PATTERN = "part-*.parquet"
 SNAPSHOT_PATTERN = "shard-*-of-*.json"
 RECORD_PATTERN = "unit-*.json"
@@ -84,6 +86,11 @@ def batch_requests_name(writer: str, sub: str) -> str:
 
 def batch_journal_name(writer: str, sub: str) -> str:
     return f"{JOURNAL_DIR}/batch.{writer}.{sub}.journal"
+
+
+def segments_pattern(writer: str | None) -> str:
+    """Segment names of one writer, or every writer's."""
+    return f"{writer or '*'}.t*.seg"
 
 
 def batch_records_pattern(writer: str | None) -> str:

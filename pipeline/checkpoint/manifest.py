@@ -3,93 +3,49 @@
 Commit order: a unit's part is published, then its record is written (one
 small file, temp + fsync + rename locally, one PUT on an object store). A
 part without a record is an orphan, removed at the next start. A commit
-writes nothing else and reads nothing, so it costs the same at the last part
-as at the first, and shards never touch each other's files: each writer owns
-the records of its units and its own snapshot (records.py has the schema).
+writes nothing else and reads nothing, and shards never touch each other's
+files: each writer owns the records of its units, its own snapshot and its
+own segments (records.py has the schema, segments.py the segments).
 
-From time to time (and at start and end) a writer compacts its records into
-its snapshot, then deletes them. Readers (`run`, `status`, `validate`, the
-`_SUCCESS` check) take `_manifest.json`, every shard's snapshot and every
-record; a unit seen twice is the same unit.
+Every COMPACT_EVERY_RECORDS commits (and at start and end) a writer
+compacts: the units committed since the last compaction go into a new
+immutable segment, segments merge in tiers (TIER_FANOUT of a tier into one
+of the next, up to TOP_TIER), its snapshot is rewritten to name them, and
+only then are the folded records and the merged segments deleted. A unit is
+rewritten once per tier it climbs, so a commit's share of the bytes written
+stays flat however many parts are done. Readers (`run`, `status`,
+`validate`, the `_SUCCESS` check) take every snapshot, its segments and
+every record, in the order loading.py explains; a unit seen twice is the
+same unit.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from array import array
 from typing import Any, Iterable
 
-from . import layout
+import numpy as np
+
+from . import layout, segments
 from ..config.job import JobConfig
-from ..errors import ConfigError, JobChangedError
-from ..storage.fs import store_error
+from ..errors import JobChangedError
+from .fingerprint import describe_change, epoch_of, job_fingerprint
 from .layout import Shard
-from .records import FORMAT_VERSION, MAX_RUNS_KEPT, Ledger, UnitRecord, merge_meta, new_meta, parse_snapshot, snapshot_json
-from ..inputs.sources import InputFile
+from .loading import load, read_segment
+from .records import FORMAT_VERSION, MAX_RUNS_KEPT, UNIT_FIELDS, Ledger, UnitRecord, merge_meta, new_meta, snapshot_json
+from .segments import SegmentRef
 from ..storage.output import Output, Staged
 
 COMPACT_EVERY_RECORDS = 1000  # a restart reads at most this many records per writer
 COMPACT_EVERY_S = 300.0  # ... or what a writer committed in the last five minutes
-READ_THREADS = 16  # records are small: on an object store reading them is all round trips
-# S3 itself swaps objects atomically; some S3-compatible stores (moto among
-# them) can serve an object half-overwritten, so a torn snapshot is read again.
-READ_ATTEMPTS = 5
-READ_RETRY_S = 0.2
-
-# What makes the vectors (or the output layout) what they are: changing any
-# of these on an output with progress is refused unless --restart.
-VECTOR_KEYS = (
-    "inputs", "text", "model", "dimensions", "too_long", "max_input_tokens", "empty", "id_column",
-    "keep_columns", "vector_column", "rows_per_part", "vector_options",
-)
-
-
-def job_fingerprint(job: JobConfig, files: list[InputFile]) -> dict[str, Any]:
-    return {
-        "inputs": [f.fingerprint() for f in files],
-        "text": {"column": job.input.text_column} if job.input.text_column else {"template": job.input.text_template},
-        "model": job.embedding.model,
-        "dimensions": job.embedding.dimensions,
-        "too_long": job.embedding.too_long,
-        "max_input_tokens": job.embedding.max_input_tokens,
-        "empty": job.embedding.empty,
-        "id_column": job.id_column_out,
-        "keep_columns": list(job.input.keep_columns),
-        "vector_column": job.output.vector_column,
-        "rows_per_part": job.output.rows_per_part,
-        # extra_body, text_prefix, normalize: only when set, so an output begun before they existed is the same job
-        **({"vector_options": job.vector_options} if job.vector_options else {}),
-    }
-
-
-def epoch_of(fingerprint: dict[str, Any]) -> str:
-    """Records carry it: a record left by another job (a --restart cut short) is never read as ours."""
-    canonical = json.dumps({k: fingerprint.get(k) for k in VECTOR_KEYS}, sort_keys=True, default=str)
-    return hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest()
-
-
-def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """A readable account of the first difference, or None if the same."""
-    for key in VECTOR_KEYS:
-        if old.get(key) == new.get(key):
-            continue
-        if key == "inputs":
-            before = {f["path"]: f for f in old.get("inputs", [])}
-            after = {f["path"]: f for f in new.get("inputs", [])}
-            for path in after:
-                if path not in before:
-                    return f"input {path} was added"
-            for path in before:
-                if path not in after:
-                    return f"input {path} is gone"
-            for path, f in after.items():
-                if f != before[path]:
-                    return f"input {path} changed (size or modification time)"
-            return "the order of the inputs changed"
-        return f"{key} changed from {old.get(key)!r} to {new.get(key)!r}"
-    return None
+TIER_FANOUT = 8  # segments of a tier merged into one of the next: each unit rewritten once per tier
+# Segments of the top tier (8 ** 2 compactions: 64,000 units at 1,000 a
+# compaction, about 0.2 MB) are not merged again: the largest merge, and so
+# a commit's share of bytes written, stays bounded at any job size; a reader
+# takes one top segment per 64,000 units plus at most 7 of each tier below.
+TOP_TIER = 2
 
 
 class Checkpoint:
@@ -98,10 +54,15 @@ class Checkpoint:
         self.meta = meta
         self.ledger = ledger
         self.shard = shard
+        self.writer = layout.writer_name(shard)
         self.epoch = epoch_of(meta["fingerprint"])
         self._lock = threading.Lock()  # commits run in threads
         self._compact_lock = threading.Lock()  # one snapshot write at a time, in order
-        self._records: list[str] = []  # this writer's records not yet in its snapshot
+        self._records: list[str] = []  # this writer's record files whose units are not yet in its segments
+        self._pending_seqs = array("q")  # ... and those units, with their counters
+        self._pending_values = array("q")
+        self._segments: list[SegmentRef] = []  # this writer's, as its snapshot names them
+        self._in_segments = np.zeros(0, np.int64)  # the units they hold, as read (until _adopt)
         self._last_compact = time.monotonic()
 
     # -- reading -------------------------------------------------------------------------
@@ -109,65 +70,20 @@ class Checkpoint:
     @classmethod
     def read(cls, output: Output, shard: Shard | None = None) -> Checkpoint | None:
         """The whole checkpoint (every writer's), or None when the output has none."""
-        main = _read_json(output, layout.MANIFEST)
-        if main is None:
+        loaded = load(output, shard)
+        if loaded is None:
             return None
-        meta, records = _parse(output, layout.MANIFEST, main)
-        ledger = Ledger()
-        for record in records:
-            ledger.add(record)
-        checkpoint = cls(output, meta, ledger, shard)
-        for rel in output.list(layout.MANIFEST_DIR, layout.SNAPSHOT_PATTERN):
-            other = _read_json(output, rel)
-            if other is None:
-                continue
-            other_meta, other_records = _parse(output, rel, other)
-            if epoch_of(other_meta["fingerprint"]) != checkpoint.epoch:
-                continue  # a stale snapshot of another job
-            merge_meta(meta, other_meta)
-            for record in other_records:
-                ledger.add(record)
-        for rel, record in checkpoint._read_records():
-            ledger.add(record)
-            if layout.owns(shard, record.seq):
-                checkpoint._records.append(rel)
+        checkpoint = cls(output, loaded.meta, loaded.ledger, shard)
+        checkpoint._records = loaded.own_records
+        checkpoint._segments = loaded.own_segments
+        checkpoint._in_segments = loaded.own_seqs
         return checkpoint
-
-    def _read_records(self) -> list[tuple[str, UnitRecord]]:
-        names = self.output.list(layout.RECORDS_DIR, layout.RECORD_PATTERN)
-        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-            found = list(pool.map(self._read_record, names))
-        return [(rel, record) for rel, record in zip(names, found) if record is not None]
-
-    def _read_record(self, rel: str) -> UnitRecord | None:
-        for attempt in range(READ_ATTEMPTS):
-            try:
-                obj = json.loads(self.output.read_bytes(rel))
-            except FileNotFoundError:
-                return None  # compacted meanwhile: its snapshot has it
-            except OSError:
-                # A store may fail a read of an object deleted under it (compacted by its writer).
-                if attempt + 1 < READ_ATTEMPTS and self.output.exists(rel):
-                    time.sleep(READ_RETRY_S)
-                    continue
-                if not self.output.exists(rel):
-                    return None
-                raise
-            except ValueError:
-                return None  # torn by a store that is not atomic: its part is an orphan, redone
-            try:
-                if obj.get("epoch") != self.epoch:
-                    return None  # another job's: ignored, and removed by its owner at start
-                return UnitRecord.from_json(obj)
-            except (ValueError, TypeError, KeyError, AttributeError):
-                return None
-        return None
 
     @classmethod
     def open(cls, output: Output, job: JobConfig, fingerprint: dict[str, Any], *, restart: bool,
              shard: Shard | None, max_units: int) -> Checkpoint:
         """The output's checkpoint, created if new; refuses progress made by a different job.
-        Writes this writer's snapshot at once: a restart reads few records."""
+        Compacts at once: a restart reads few records."""
         existing = cls.read(output, shard)
         if existing is not None and restart:
             discard_outputs(output)
@@ -179,8 +95,9 @@ class Checkpoint:
                     f"{output} holds progress of a different job: {change}. "
                     f"Rerun with --restart to discard it, or undo the change"
                 )
+            existing._adopt()
             existing.compact()
-            if shard is None:  # the unsharded writer's snapshot now holds every shard's
+            if shard is None:  # the unsharded writer's segments now hold every shard's units
                 for rel in output.list(layout.MANIFEST_DIR, layout.SNAPSHOT_PATTERN):
                     output.delete(rel)
             return existing
@@ -189,6 +106,18 @@ class Checkpoint:
         if shard is not None and not output.exists(layout.MANIFEST):
             output.write(layout.MANIFEST, _dump(snapshot_json(checkpoint.meta, Ledger(), lambda _: False)))
         return checkpoint
+
+    def _adopt(self) -> None:
+        """Units this writer owns that none of its segments holds (its records
+        not yet compacted, a format-2 snapshot's, other shards' for the
+        unsharded writer) go into its next segment."""
+        seqs, values = self.ledger.committed_arrays()
+        mine = np.isin(seqs, self._in_segments, invert=True)
+        if self.shard is not None:
+            mine &= seqs % self.shard[1] == self.shard[0]
+        self._pending_seqs.frombytes(seqs[mine].tobytes())
+        self._pending_values.frombytes(np.ascontiguousarray(values[mine]).tobytes())
+        self._in_segments = np.zeros(0, np.int64)
 
     # -- what is done ------------------------------------------------------------------
 
@@ -230,7 +159,9 @@ class Checkpoint:
         rel = layout.record_name(record.seq)
         self.output.write(rel, _dump({**record.to_json(), "epoch": self.epoch}))
         with self._lock:
-            self.ledger.add(record)
+            if self.ledger.add(record):
+                self._pending_seqs.append(record.seq)
+                self._pending_values.extend(record.values())
             self._records.append(rel)
             due = len(self._records) >= COMPACT_EVERY_RECORDS or (
                 time.monotonic() - self._last_compact >= COMPACT_EVERY_S)
@@ -243,22 +174,58 @@ class Checkpoint:
             self.meta.update(values)
         self.compact()
 
-    def compact(self) -> None:
-        """Write this writer's snapshot, then delete the records it now holds."""
+    def compact(self, *, whole: bool = False) -> None:
+        """Put the units committed since the last compaction into a new
+        segment, merge full tiers, write this writer's snapshot naming the
+        segments, then delete the records and segments it replaces. `whole`:
+        the snapshot lists every unit inline too (the unsharded writer's
+        `_manifest.json` once the job is complete)."""
         with self._compact_lock:
             with self._lock:
                 self.meta["updated_at"] = _now()
-                data = snapshot_json(self.meta, self.ledger, lambda seq: layout.owns(self.shard, seq))
+                seqs, self._pending_seqs = self._pending_seqs, array("q")
+                values, self._pending_values = self._pending_values, array("q")
                 folded, self._records = self._records, []
                 self._last_compact = time.monotonic()
+            refs, replaced = list(self._segments), []
             try:
+                if seqs:
+                    width = len(UNIT_FIELDS)
+                    pending = np.frombuffer(seqs, np.int64), np.frombuffer(values, np.int64).reshape(-1, width)
+                    refs.append(self._write_segment(*pending, tier=_tier_for(len(seqs))))
+                while group := segments.merge_plan(refs, TIER_FANOUT, TOP_TIER):
+                    refs = [r for r in refs if r not in group] + [self._merge(group)]
+                    replaced += group
+                with self._lock:
+                    data = snapshot_json(self.meta, self.ledger, lambda seq: layout.owns(self.shard, seq), refs,
+                                         inline=whole)
                 self.output.write(layout.snapshot_name(self.shard), _dump(data))
             except BaseException:
+                # Segments written for it stay unnamed, removed at the next start (clean);
+                # never deleted here: a snapshot whose write raised may still have landed.
                 with self._lock:
+                    self._pending_seqs.extend(seqs)
+                    self._pending_values.extend(values)
                     self._records[:0] = folded
                 raise
+            self._segments = refs
             for rel in folded:
                 self.output.delete(rel)
+            for ref in replaced:
+                self.output.delete(ref.name)
+
+    def _write_segment(self, seqs: np.ndarray, values: np.ndarray, tier: int) -> SegmentRef:
+        ref = SegmentRef(segments.segment_name(layout.SEGMENTS_DIR, self.writer, tier), tier, len(seqs))
+        self.output.write(ref.name, segments.encode(seqs, values, UNIT_FIELDS, self.epoch))
+        return ref
+
+    def _merge(self, group: list[SegmentRef]) -> SegmentRef:
+        """One segment of the next tier holding the units of `group` (read back: they are this writer's own)."""
+        found = [read_segment(self.output, ref.name) for ref in group]
+        seqs = np.concatenate([f[0] for f in found])
+        values = np.concatenate([f[1] for f in found])
+        seqs, first = np.unique(seqs, return_index=True)  # a unit in two segments (a kill mid-compaction) once
+        return self._write_segment(seqs, values[first], tier=max(r.tier for r in group) + 1)
 
     def refresh(self) -> None:
         """Take in what other writers (shards) have done since this one opened."""
@@ -266,16 +233,15 @@ class Checkpoint:
         if latest is None:
             return
         with self._lock:
-            for record in latest.ledger.records():
-                self.ledger.add(record)
+            self.ledger.update(latest.ledger)
             merge_meta(self.meta, latest.meta)
 
     def record_run(self, run: dict[str, Any], *, whole: bool) -> None:
         """Add a run to the history and compact; `whole` (the job is complete):
-        a shard also writes the whole checkpoint into `_manifest.json`."""
+        `_manifest.json` lists every unit inline (a shard writes it whole, once)."""
         with self._lock:
             self.meta["runs"] = [*self.meta.get("runs", []), run][-MAX_RUNS_KEPT:]
-        self.compact()
+        self.compact(whole=whole and self.shard is None)
         if whole and self.shard is not None:
             with self._lock:
                 data = snapshot_json(self.meta, self.ledger, lambda _: True)
@@ -286,7 +252,7 @@ class Checkpoint:
     def clean(self) -> None:
         """Remove what a killed run left of this writer's units: temp files,
         parts and reject files without a record, journals of committed units,
-        another job's records, format 1's partial copies."""
+        another job's records, segments no snapshot names, format 1's partial copies."""
         output, shard = self.output, self.shard
         output.clean_temp_files(layout.FOLDERS)
 
@@ -305,20 +271,35 @@ class Checkpoint:
         for rel in output.list(layout.RECORDS_DIR, layout.RECORD_PATTERN):
             if mine(rel) and rel not in ours:
                 output.delete(rel)  # not read as ours: another job's (a --restart cut short), or torn
+        named = {ref.name for ref in self._segments}
+        # The unsharded writer's snapshot holds every unit (open): every other writer's segments go too.
+        for rel in output.list(layout.SEGMENTS_DIR, layout.segments_pattern(None if shard is None else self.writer)):
+            if rel not in named:
+                output.delete(rel)
         for rel in output.list(layout.LEGACY_PARTIAL_DIR, "*"):
             if mine(rel):
                 output.delete(rel)
 
 
+def _tier_for(units: int) -> int:
+    """The tier of a new segment: 0 for a compaction's, higher for one as
+    large as a merge would make (format 2's units, the shards' taken over),
+    so it is not rewritten through the tiers below."""
+    tier = 0
+    while tier < TOP_TIER and units >= COMPACT_EVERY_RECORDS * TIER_FANOUT ** (tier + 1):
+        tier += 1
+    return tier
+
+
 def discard_outputs(output: Output) -> None:
     """--restart: remove what earlier runs wrote (only files this tool names).
-    `_SUCCESS` and the snapshots go first, then the records, then the parts:
+    `_SUCCESS` and the snapshots go first, then the records and segments, then the parts:
     a kill halfway leaves orphans, never a record of a part that is gone."""
     output.delete(layout.SUCCESS)
     output.delete(layout.MANIFEST)
     for rel in output.list(layout.MANIFEST_DIR, "*.json"):
         output.delete(rel)
-    for folder in (layout.RECORDS_DIR, layout.BATCHES_DIR):  # batches: cancelled first by the run (commands/run.py)
+    for folder in (layout.RECORDS_DIR, layout.SEGMENTS_DIR, layout.BATCHES_DIR):  # batches: cancelled first by the run (commands/run.py)
         for rel in output.list(folder, "*"):
             output.delete(rel)
     for name in (layout.SUMMARY, layout.REJECTS):
@@ -330,30 +311,6 @@ def discard_outputs(output: Output) -> None:
             output.delete(rel)
     for rel in output.list_logs(layout.JOURNAL_DIR):
         output.delete_log(rel)
-
-
-def _parse(output: Output, rel: str, obj: Any) -> tuple[dict[str, Any], list[UnitRecord]]:
-    try:
-        return parse_snapshot(obj)
-    except (ValueError, TypeError, KeyError) as err:
-        raise ConfigError(f"{output.display(rel)}: {err}; rerun with --restart to start over") from None
-
-
-def _read_json(output: Output, rel: str) -> Any:
-    """A snapshot, or None when absent; a ConfigError when unreadable."""
-    for attempt in range(READ_ATTEMPTS):
-        try:
-            return json.loads(output.read_bytes(rel))
-        except FileNotFoundError:
-            return None
-        except (ValueError, OSError) as err:
-            # Caught mid-overwrite by a store that is not atomic, or a read failed under load.
-            if attempt + 1 < READ_ATTEMPTS:
-                time.sleep(READ_RETRY_S)
-                continue
-            why = "not JSON" if isinstance(err, ValueError) else (err.strerror or store_error(err))
-        raise ConfigError(f"{output.display(rel)}: unreadable manifest ({why}); rerun with --restart to start over")
-    return None
 
 
 def _dump(obj: Any) -> bytes:

@@ -3,14 +3,19 @@ holds them in memory.
 
 A *record* is one small immutable file per unit, written after its part:
 `committed` (the part holds all its rows) or `partial` (a `--limit` run cut
-it short: the part holds its first `rows` rows). A *snapshot* compacts the
-records of one writer (`_manifest.json`, or a shard's own) with what the job
-has learned (vector length, probe vectors, totals, run history). Readers take
-every snapshot plus the records not yet compacted; a unit in both is the same
-unit, so the merge is a union.
+it short: the part holds its first `rows` rows). A *snapshot* is one
+writer's head (`_manifest.json`, or a shard's own): what the job has learned
+(vector length, probe vectors, totals, run history), its partial units, and
+the names of its *segments* (segments.py), immutable files of its committed
+units. Readers take every snapshot, its segments and the records not yet
+compacted; a unit seen twice is the same unit, so the merge is a union.
 
-Format 1 (one manifest rewritten whole at every commit) is read too: its
-committed units carry over, its partial units are redone.
+Format 3 names segments; the snapshot a job's last writer writes into
+`_manifest.json` also lists every unit inline. Format 2 (every unit inline
+in each writer's snapshot) and format 1 (one manifest rewritten whole at
+every commit) are read too: their committed units carry over (a format-1
+partial unit is redone), and the next compaction moves them into segments.
+Unit and batch records keep format 2: their files are unchanged.
 
 A *batch record* (a job with an `openai_batch` provider, batch/strategy.py) is one
 small JSON file per batch, rewritten atomically as the batch moves on, beside
@@ -25,13 +30,17 @@ import json
 import struct
 from array import array
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Iterator, Literal, Mapping, get_args
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence, get_args
+
+import numpy as np
 
 from ..cache.vectors import KEY_BYTES
 from ..inputs.texts import RejectReason
+from .segments import SegmentRef
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # snapshots
+READABLE_VERSIONS = (1, 2, 3)
+RECORD_VERSION = 2  # unit and batch records: the same files since format 2
 MAX_RUNS_KEPT = 50  # run history in a snapshot stays small
 V1_PART_DIGITS = 5  # format 1 named parts part-00000.parquet, and never went past 99,999
 
@@ -66,7 +75,7 @@ class UnitRecord:
         return {reason: n for reason in REJECT_REASONS if (n := getattr(self, f"rejected_{reason}"))}
 
     def to_json(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, **asdict(self)}
+        return {"format_version": RECORD_VERSION, **asdict(self)}
 
     @classmethod
     def from_json(cls, obj: Any) -> UnitRecord:
@@ -82,7 +91,7 @@ UNIT_FIELDS = tuple(f.name for f in fields(UnitRecord) if f.name not in ("seq", 
 
 def _fields_of(cls: Any, obj: Any, what: str) -> dict[str, Any]:
     """A record's fields from its JSON; ValueError if it is not one of this format."""
-    if not isinstance(obj, dict) or obj.get("format_version") != FORMAT_VERSION:
+    if not isinstance(obj, dict) or obj.get("format_version") != RECORD_VERSION:
         raise ValueError(f"not a {what} of this format")
     return {f.name: obj[f.name] for f in fields(cls) if f.name in obj}
 
@@ -99,25 +108,64 @@ class Ledger:
         self._totals = [0] * len(UNIT_FIELDS)
         self.partial: dict[int, UnitRecord] = {}
 
-    def add(self, record: UnitRecord) -> None:
+    def add(self, record: UnitRecord) -> bool:
         """Take a record; the same unit seen twice (a snapshot and its record) counts once,
-        and a committed unit supersedes a partial one."""
+        and a committed unit supersedes a partial one. Whether it newly committed a unit."""
         if self.is_done(record.seq):
-            return
+            return False
         if record.state == "partial":
             known = self.partial.get(record.seq)
             if known is None or record.rows > known.rows:
                 self.partial[record.seq] = record
-            return
+            return False
         self.partial.pop(record.seq, None)
+        self._grow(record.seq)
         byte, bit = divmod(record.seq, 8)
-        if byte >= len(self._done):
-            self._done.extend(bytes(byte + 1 - len(self._done) + len(self._done) // 2))
         self._done[byte] |= 1 << bit
         self._seqs.append(record.seq)
         values = record.values()
         self._values.extend(values)
         self._totals = [t + v for t, v in zip(self._totals, values)]
+        return True
+
+    def add_committed(self, seqs: np.ndarray, values: np.ndarray) -> None:
+        """Take many committed units at once (a segment, another ledger); those done already count once."""
+        if not len(seqs):
+            return
+        seqs = np.asarray(seqs, dtype=np.int64)
+        seqs, first = np.unique(seqs, return_index=True)
+        values = np.asarray(values, dtype=np.int64).reshape(-1, len(UNIT_FIELDS))[first]
+        self._grow(int(seqs[-1]))
+        done = np.frombuffer(self._done, dtype=np.uint8)
+        new = (done[seqs >> 3] >> (seqs & 7) & 1) == 0
+        seqs, values = seqs[new], values[new]
+        if not len(seqs):
+            return
+        bits = np.unpackbits(done, bitorder="little")
+        bits[seqs] = 1
+        self._done[:] = np.packbits(bits, bitorder="little").tobytes()
+        for seq in set(self.partial).intersection(seqs.tolist()):
+            del self.partial[seq]
+        self._seqs.frombytes(seqs.astype(np.int64).tobytes())
+        self._values.frombytes(np.ascontiguousarray(values, dtype=np.int64).tobytes())
+        self._totals = [t + int(v) for t, v in zip(self._totals, values.sum(axis=0))]
+
+    def update(self, other: Ledger) -> None:
+        """Take every unit of `other`."""
+        self.add_committed(*other.committed_arrays())
+        for record in other.partial.values():
+            self.add(record)
+
+    def committed_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(seqs, values of shape (units, UNIT_FIELDS)) of the committed units, copies."""
+        seqs = np.frombuffer(self._seqs, dtype=np.int64).copy() if self._seqs else np.zeros(0, np.int64)
+        values = np.frombuffer(self._values, dtype=np.int64).copy() if self._values else np.zeros(0, np.int64)
+        return seqs, values.reshape(len(seqs), len(UNIT_FIELDS))
+
+    def _grow(self, seq: int) -> None:
+        byte = seq // 8
+        if byte >= len(self._done):
+            self._done.extend(bytes(byte + 1 - len(self._done) + len(self._done) // 2))
 
     def is_done(self, seq: int) -> bool:
         byte, bit = divmod(seq, 8)
@@ -156,8 +204,10 @@ class Ledger:
         width = len(UNIT_FIELDS)
         values = self._values.tolist()
         committed = {str(seq): values[i * width:(i + 1) * width] for i, seq in enumerate(self._seqs) if keep(seq)}
-        partial = {str(seq): list(r.values()) for seq, r in self.partial.items() if keep(seq)}
-        return committed, partial
+        return committed, self.partial_json(keep)
+
+    def partial_json(self, keep: Callable[[int], bool]) -> dict[str, list[int]]:
+        return {str(seq): list(r.values()) for seq, r in self.partial.items() if keep(seq)}
 
 
 # -- snapshots -------------------------------------------------------------------------
@@ -182,23 +232,38 @@ def new_meta(job: str, fingerprint: dict[str, Any], part_digits: int, now: str) 
     }
 
 
-def snapshot_json(meta: dict[str, Any], ledger: Ledger, keep: Callable[[int], bool]) -> dict[str, Any]:
-    committed, partial = ledger.units_json(keep)
+def snapshot_json(meta: dict[str, Any], ledger: Ledger, keep: Callable[[int], bool],
+                  segments: Sequence[SegmentRef] = (), *, inline: bool = True) -> dict[str, Any]:
+    """A writer's snapshot: its segments, and its committed units inline
+    too when `inline` (the whole checkpoint, or format 2's way)."""
+    committed, partial = ledger.units_json(keep) if inline else ({}, ledger.partial_json(keep))
     return {**meta, "format_version": FORMAT_VERSION, "counters": ledger.counters(),
-            "unit_fields": list(UNIT_FIELDS), "units": committed, "partial": partial}
+            "unit_fields": list(UNIT_FIELDS), "units": committed, "partial": partial,
+            "segments": [s.to_json() for s in segments]}
+
+
+def snapshot_segments(obj: Any) -> list[SegmentRef]:
+    """The segments a snapshot names (none before format 3); ValueError if malformed."""
+    if not isinstance(obj, dict):
+        raise ValueError("not a snapshot")
+    refs = obj.get("segments", [])
+    if not isinstance(refs, list):
+        raise ValueError("manifest segments is not a list")
+    return [SegmentRef.from_json(r) for r in refs]
 
 
 def parse_snapshot(obj: Any) -> tuple[dict[str, Any], list[UnitRecord]]:
-    """(meta, unit records) of a snapshot of either format; ValueError if it is none."""
+    """(meta, inline unit records) of a snapshot of any readable format; ValueError if it is none."""
     if not isinstance(obj, dict) or obj.get("format_version") not in READABLE_VERSIONS:
         version = obj.get("format_version") if isinstance(obj, dict) else None
         raise ValueError(f"manifest format {version!r} is not one of {READABLE_VERSIONS}")
-    meta = {k: copy.deepcopy(v) for k, v in obj.items() if k not in ("units", "partial", "counters", "unit_fields")}
+    meta = {k: copy.deepcopy(v) for k, v in obj.items()
+            if k not in ("units", "partial", "counters", "unit_fields", "segments")}
     meta.setdefault("runs", [])
     for key in LEARNED_KEYS:
         meta.setdefault(key, None)
+    meta["format_version"] = FORMAT_VERSION
     if obj["format_version"] == 1:
-        meta["format_version"] = FORMAT_VERSION
         meta["part_digits"] = V1_PART_DIGITS
         records = [_v1_unit(int(seq), unit) for seq, unit in obj.get("units", {}).items()]
         return meta, records  # a format-1 partial unit is redone: its rows kept no journal
@@ -211,6 +276,49 @@ def parse_snapshot(obj: Any) -> tuple[dict[str, Any], list[UnitRecord]]:
             named = dict(zip(names, values))
             records.append(UnitRecord(int(seq), state, **named))  # type: ignore[arg-type]
     return meta, records
+
+
+def snapshot_meta(obj: Any) -> dict[str, Any]:
+    """What a snapshot says besides its units (its inline units left unread); ValueError as parse_snapshot."""
+    if isinstance(obj, dict) and obj.get("format_version") != 1:
+        obj = {**obj, "units": {}, "partial": {}}
+    return parse_snapshot(obj)[0]
+
+
+def snapshot_units(obj: Any) -> tuple[np.ndarray, np.ndarray, list[UnitRecord]]:
+    """A snapshot's inline units as arrays (committed seqs, their values in
+    UNIT_FIELDS order) and its partial records: a whole checkpoint of a
+    million units reads in a second. ValueError as parse_snapshot."""
+    if not isinstance(obj, dict) or obj.get("format_version") == 1:
+        _, found = parse_snapshot(obj)
+        committed = [r for r in found if r.state == "committed"]
+        seqs = np.array([r.seq for r in committed], dtype=np.int64)
+        values = np.array([r.values() for r in committed], dtype=np.int64).reshape(len(committed), len(UNIT_FIELDS))
+        return seqs, values, [r for r in found if r.state == "partial"]
+    parse_snapshot({**obj, "units": {}})  # the format, the fields and the partial units checked
+    names = list(obj["unit_fields"])
+    units = obj.get("units", {})
+    if not isinstance(units, dict):
+        raise ValueError("manifest units is not a mapping")
+    seqs = np.fromiter((int(seq) for seq in units), dtype=np.int64, count=len(units))
+    given = np.array(list(units.values()), dtype=np.int64).reshape(len(units), len(names))
+    if len(seqs) and (seqs.min() < 0 or given.min() < 0):
+        raise ValueError("negative counter in a manifest unit")
+    values = unit_values(given, names)
+    partial = [UnitRecord(int(seq), "partial", **dict(zip(names, v)))  # type: ignore[arg-type]
+               for seq, v in obj.get("partial", {}).items()]
+    return seqs, values, partial
+
+
+def unit_values(given: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """Counters stored as columns `names` (a snapshot's or a segment's) in UNIT_FIELDS order;
+    a field an older writer did not know is 0."""
+    if set(names) - set(UNIT_FIELDS):
+        raise ValueError(f"unknown unit fields {sorted(set(names) - set(UNIT_FIELDS))}")
+    values = np.zeros((len(given), len(UNIT_FIELDS)), dtype=np.int64)
+    for i, name in enumerate(names):
+        values[:, UNIT_FIELDS.index(name)] = given[:, i]
+    return values
 
 
 def _v1_unit(seq: int, unit: Mapping[str, Any]) -> UnitRecord:
@@ -275,7 +383,7 @@ class BatchRecord:
         return self.state in OPEN_BATCH_STATES
 
     def to_json(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, **asdict(self)}
+        return {"format_version": RECORD_VERSION, **asdict(self)}
 
     @classmethod
     def from_json(cls, obj: Any) -> BatchRecord:
