@@ -23,6 +23,7 @@ from typing import Any, Iterable
 
 from . import layout
 from ..config.job import JobConfig
+from ..core.quantize import columns_fingerprint
 from ..errors import ConfigError, JobChangedError
 from ..storage.fs import store_error
 from .layout import Shard
@@ -42,7 +43,7 @@ READ_RETRY_S = 0.2
 # of these on an output with progress is refused unless --restart.
 VECTOR_KEYS = (
     "inputs", "text", "model", "dimensions", "too_long", "max_input_tokens", "empty", "id_column",
-    "keep_columns", "vector_column", "rows_per_part",
+    "keep_columns", "vector_column", "rows_per_part", "columns",
 )
 
 
@@ -59,6 +60,7 @@ def job_fingerprint(job: JobConfig, files: list[InputFile]) -> dict[str, Any]:
         "keep_columns": list(job.input.keep_columns),
         "vector_column": job.output.vector_column,
         "rows_per_part": job.output.rows_per_part,
+        "columns": columns_fingerprint(job),
     }
 
 
@@ -86,6 +88,9 @@ def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
                 if f != before[path]:
                     return f"input {path} changed (size or modification time)"
             return "the order of the inputs changed"
+        if key == "columns":
+            return ("the vector columns changed (output.vector_dtype or output.vectors); with a cache, "
+                    "--restart writes the parts again from it without paying for the texts again")
         return f"{key} changed from {old.get(key)!r} to {new.get(key)!r}"
     return None
 
