@@ -1,0 +1,225 @@
+"""What each output dtype costs in retrieval quality and saves on disk (issue 22).
+
+Real vectors: the realistic corpus (bench/corpus.py) embedded by a real job,
+`python -m pipeline run`, with the bundled local model (all-MiniLM-L6-v2, 384
+dims) writing every dtype from the same answer: the float32 vector column and
+`output.vectors` columns in float16, int8 and binary. The last QUERIES rows'
+float32 vectors are the queries; the other rows are searched.
+
+- recall@10 of each dtype against float32 exact search (cosine = dot: the
+  vectors are unit length): float16 and int8 (mapped back with the ranges in
+  the part's metadata) scored against the float32 query; binary by Hamming
+  distance to the query's bits; binary with rescoring: its top RESCORE_TOP by
+  Hamming, reordered by the float16 column's dot product with the query.
+- bytes per row of each column on disk: the compressed size of its column
+  chunks in the parts (Parquet metadata), over the rows.
+
+Then the same job shape at 1,536 and 3,072 dimensions against the bench
+server (its vectors are drawn from a hash of the text, not a model's: no
+recall there, only bytes per row at the real dimensions).
+
+No second model: none can be had offline here (the one package in the index
+that claims to bundle bge-small-en-v1.5 ships without its weights).
+
+    python bench/quality.py [--rows N] [--queries Q] [--work DIR] [--json OUT]
+
+Exits 1 when a target is missed: float16 >= 0.999, int8 >= 0.98, binary
+with rescoring >= 0.90; bytes per row within 10% of d x 2, d, d / 8 (or below).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent))
+from figures import Row, table  # noqa: E402
+from harness import KEY_VAR, PYTHON, REPO, Server  # noqa: E402
+
+from pipeline.checkpoint.columns import read_ranges  # noqa: E402
+from pipeline.core.quantize import dequantize  # noqa: E402
+
+K = 10
+RESCORE_TOP = 100  # binary candidates rescored with float16
+TARGETS = {"float16": 0.999, "int8": 0.98, "binary+rescore": 0.90}
+BYTES_TOLERANCE = 0.10  # bytes per row at most 10% over d*2, d, d/8
+COLUMNS = {"float32": "embedding", "float16": "embedding_f16", "int8": "embedding_i8", "binary": "embedding_bits"}
+SERVER_DIMS = (1536, 3072)
+SERVER_ROWS = 4_000
+
+
+def job(work: Path, name: str, inputs: Path, provider: dict[str, Any], dim: int | None) -> Path:
+    doc: dict[str, Any] = {
+        "name": name,
+        "input": {"path": str(inputs), "text_column": "body"},
+        "output": {"path": str(work / "out" / name),
+                   "vectors": [{"column": c, "dtype": d} for d, c in COLUMNS.items() if d != "float32"]},
+        "embedding": {"model": "text-embedding-3-small" if dim else "all-MiniLM-L6-v2",
+                      **({"dimensions": dim} if dim else {})},
+        "providers": [provider],
+    }
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    shutil.rmtree(work / "out" / name, ignore_errors=True)
+    return path
+
+
+def run(path: Path) -> None:
+    env = {**os.environ, KEY_VAR: "bench-key"}
+    done = subprocess.run([PYTHON, "-m", "pipeline", "run", str(path), "--no-progress"], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{path.name}: exit {done.returncode}\n{done.stderr[-2000:]}")
+
+
+def bytes_per_row(out: Path) -> tuple[dict[str, float], int]:
+    """Each vector column's compressed bytes on disk per row, over every part."""
+    sizes = {c: 0 for c in COLUMNS.values()}
+    rows = 0
+    for part in sorted(out.glob("part-*.parquet")):
+        meta = pq.read_metadata(part)
+        rows += meta.num_rows
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                chunk = group.column(c)
+                top = chunk.path_in_schema.split(".")[0]
+                if top in sizes:
+                    sizes[top] += chunk.total_compressed_size
+    return {c: n / rows for c, n in sizes.items()}, rows
+
+
+def read_columns(out: Path) -> dict[str, np.ndarray]:
+    """The non-null rows' vectors of every column, int8 mapped back to floats."""
+    parts = sorted(out.glob("part-*.parquet"))
+    tables = [pq.read_table(p) for p in parts]
+    ranges = [read_ranges(t.schema.metadata, COLUMNS["int8"]) for t in tables]
+    assert all(r == ranges[0] for r in ranges), "int8 ranges differ between parts"
+    whole = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    keep = whole.column(COLUMNS["float32"]).is_valid()
+    whole = whole.filter(keep)
+    n = whole.num_rows
+
+    def floats(name: str, dtype: Any) -> np.ndarray:
+        col = whole.column(name).combine_chunks()
+        return col.values.to_numpy(zero_copy_only=False).astype(dtype).reshape(n, -1)
+
+    bits = whole.column(COLUMNS["binary"]).combine_chunks()
+    return {
+        "float32": floats(COLUMNS["float32"], np.float32),
+        "float16": floats(COLUMNS["float16"], np.float32),
+        "int8": dequantize(floats(COLUMNS["int8"], np.int8), ranges[0]),
+        "binary": np.frombuffer(bits.buffers()[1], dtype=np.uint8)[bits.offset * bits.type.byte_width:]
+        .reshape(-1, bits.type.byte_width)[:n],
+    }
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest scores of each row, best first (ties: lower index first)."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int32)
+
+
+def hamming(q_bits: np.ndarray, d_bits: np.ndarray, chunk: int = 16) -> np.ndarray:
+    """[queries, docs] bit distances, a few queries at a time (the xor is queries x docs x bytes)."""
+    return np.concatenate([POPCOUNT[np.bitwise_xor(q_bits[i:i + chunk, None, :], d_bits[None, :, :])].sum(axis=2)
+                           for i in range(0, len(q_bits), chunk)])
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / truth.shape[1] for f, t in zip(found, truth)]))
+
+
+def recalls(cols: dict[str, np.ndarray], queries: int) -> dict[str, float]:
+    f32 = cols["float32"]
+    q, docs = f32[-queries:], slice(0, f32.shape[0] - queries)
+    truth = top_k(q @ f32[docs].T, K)
+    out = {"float16": recall(top_k(q @ cols["float16"][docs].T, K), truth),
+           "int8": recall(top_k(q @ cols["int8"][docs].T, K), truth)}
+    q_bits = np.packbits(q > 0, axis=1)
+    dist = hamming(q_bits, cols["binary"][docs])
+    out["binary"] = recall(top_k(-dist, K), truth)
+    candidates = top_k(-dist, RESCORE_TOP)
+    rescored = np.einsum("qd,qcd->qc", q, cols["float16"][docs][candidates])
+    out["binary+rescore"] = recall(np.take_along_axis(candidates, top_k(rescored, K), axis=1), truth)
+    return out
+
+
+def bytes_rows(label: str, per_row: dict[str, float], dim: int) -> list[Row]:
+    rows = []
+    for dtype, column in COLUMNS.items():
+        ideal = {"float32": 4 * dim, "float16": 2 * dim, "int8": dim, "binary": -(-dim // 8)}[dtype]
+        ratio = per_row[column] / ideal
+        judged = dtype != "float32"
+        rows.append(Row(f"{label}: {dtype} bytes/row on disk", f"{per_row[column]:,.1f}",
+                        f"{'d x 4' if dtype == 'float32' else {'float16': 'd x 2', 'int8': 'd', 'binary': 'd / 8'}[dtype]}"
+                        f" = {ideal:,}", ratio, f"<= {1 + BYTES_TOLERANCE:.2f}" if judged else "",
+                        ratio <= 1 + BYTES_TOLERANCE if judged else None))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=6_000)
+    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/pipeline-bench"))
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--skip-server", action="store_true", help="only the local model's figures")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    corpus = args.work / f"corpus-{args.rows}"
+    subprocess.run([PYTHON, "bench/corpus.py", str(corpus), str(args.rows)], cwd=REPO, check=True, capture_output=True)
+
+    name = f"quality-local-{args.rows}"
+    print(f"embedding {args.rows:,} rows with the local model ...", file=sys.stderr)
+    run(job(args.work, name, corpus, {"name": "local", "type": "local"}, None))
+    out = args.work / "out" / name
+    cols = read_columns(out)
+    found = recalls(cols, args.queries)
+    per_row, rows = bytes_per_row(out)
+    dim = cols["float32"].shape[1]
+    searched = cols["float32"].shape[0] - args.queries
+    label = f"all-MiniLM-L6-v2 ({dim} dims), {searched:,} rows, {args.queries} queries"
+    result: dict[str, Any] = {"local": {"recall_at_10": found, "bytes_per_row": per_row, "rows": rows, "dim": dim}}
+    table_rows = [Row(f"{label}: recall@10 {d}", f"{r:.4f}", "float32 exact search", r,
+                      f">= {TARGETS[d]}" if d in TARGETS else "(no target)", r >= TARGETS[d] if d in TARGETS else None)
+                  for d, r in found.items()]
+    table_rows += bytes_rows(f"all-MiniLM-L6-v2 ({dim} dims)", per_row, dim)
+    if not args.skip_server:
+        with Server() as server:
+            for d in SERVER_DIMS:
+                sname = f"quality-server-{d}"
+                provider = {"name": "bench", "base_url": server.base_url, "api_key": "${" + KEY_VAR + "}"}
+                print(f"writing {SERVER_ROWS:,} rows at {d} dims from the bench server ...", file=sys.stderr)
+                small = args.work / f"corpus-{SERVER_ROWS}"
+                subprocess.run([PYTHON, "bench/corpus.py", str(small), str(SERVER_ROWS)], cwd=REPO, check=True,
+                               capture_output=True)
+                run(job(args.work, sname, small, provider, d))
+                sizes, _ = bytes_per_row(args.work / "out" / sname)
+                result[f"server-{d}"] = {"bytes_per_row": sizes, "dim": d}
+                table_rows += bytes_rows(f"bench server vectors ({d} dims)", sizes, d)
+    print(table(table_rows))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    missed = [r.figure for r in table_rows if r.met is False]
+    if missed:
+        print("missed: " + "; ".join(missed), file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
