@@ -65,7 +65,7 @@ class VectorColumns:
     """The job's vector columns for vectors of `dim` components; shared by a run's part writers."""
 
     def __init__(self, job: JobConfig, output: Output, epoch: str | None, dim: int) -> None:
-        quantize.check_columns(job, dim, where="the provider's")
+        quantize.check_vector_columns(job, dim, where="the provider's")
         self.dim = dim
         self.specs = [ColumnSpec(c.column, c.dtype, quantize.column_dimensions(c, dim),
                                  c.dimensions is not None and c.dimensions < dim) for c in job.output.columns]

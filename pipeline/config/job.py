@@ -266,6 +266,14 @@ class JobConfig:
             if vec in self.input.keep_columns or vec == self.id_column_out:
                 key = "output.vector_column" if i == 0 else f"output.vectors[{i - 1}].column"
                 raise Invalid(key, f"{vec!r} clashes with an input column kept in the output")
+        dims = self.embedding.dimensions
+        for i, column in enumerate(self.output.vectors):
+            if dims is not None and column.dimensions is not None and column.dimensions > dims:
+                raise Invalid(f"output.vectors[{i}].dimensions", f"{column.dimensions} is more than embedding.dimensions ({dims})")
+            if column.dtype == "binary" and column.dimensions is not None and column.dimensions != dims:
+                raise Invalid(f"output.vectors[{i}].dimensions",
+                              "a binary column is the sign of every component of the model's vector: drop `dimensions` "
+                              "(its first N bits are the first N/8 bytes)")
         batch = self.batch_provider
         if batch is not None and len(self.providers) > 1:
             raise Invalid("providers", f"an openai_batch provider ({batch.name}) runs alone: make it the job's only provider")

@@ -107,7 +107,8 @@ def prefix(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
 
 
 def to_float16(vectors: np.ndarray) -> np.ndarray:
-    return np.asarray(vectors, dtype=np.float32).astype(np.float16)
+    with np.errstate(over="ignore"):  # past 65,504 is inf, as IEEE rounding says
+        return np.asarray(vectors, dtype=np.float32).astype(np.float16)
 
 
 def to_binary(vectors: np.ndarray) -> np.ndarray:
@@ -142,7 +143,7 @@ def column_dimensions(column: VectorColumnConfig, model_dim: int) -> int:
     return column.dimensions or model_dim
 
 
-def check_columns(job: JobConfig, model_dim: int, *, where: str = "the model's") -> None:
+def check_vector_columns(job: JobConfig, model_dim: int, *, where: str = "the model's") -> None:
     """What cannot work with vectors of `model_dim` components: a prefix
     longer than the vector, a binary column that is not the whole vector.
     One ConfigError (exit 2) naming the key."""
@@ -151,9 +152,20 @@ def check_columns(job: JobConfig, model_dim: int, *, where: str = "the model's")
         if column.dimensions is not None and column.dimensions > model_dim:
             raise ConfigError(f"{key}: {column.dimensions} is more than {where} {model_dim} dimensions")
         if column.dtype == "binary" and column.dimensions not in (None, model_dim):
-            raise ConfigError(
-                f"{key}: a binary column is the sign of every component ({model_dim} bits here), not a "
-                f"prefix of {column.dimensions}: drop `dimensions` (a reader takes the first bytes of it)")
+            raise ConfigError(f"{key}: a binary column is the sign of every component of {where} vector "
+                              f"({model_dim} bits), not of a prefix of {column.dimensions}: drop `dimensions` "
+                              f"(its first N bits are the first N/8 bytes)")
+
+
+def output_sizes(job: JobConfig, model_dim: int, rows: int) -> list[dict[str, Any]]:
+    """Each vector column's bytes for `rows` vectors, before compression (for `estimate`)."""
+    sizes = []
+    for column in job.output.columns:
+        dims = column_dimensions(column, model_dim)
+        per_row = bytes_per_row(column.dtype, dims)
+        sizes.append({"column": column.column, "dtype": column.dtype, "dimensions": dims,
+                      "bytes_per_row": per_row, "bytes": int(per_row * rows)})
+    return sizes
 
 
 def columns_fingerprint(job: JobConfig) -> list[dict[str, Any]] | None:
