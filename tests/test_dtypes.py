@@ -251,3 +251,21 @@ def test_estimate_shows_the_output_size_of_each_column_and_each_dtype(tmp_path: 
     text = run_cli("estimate", str(job)).stdout
     assert "embedding int8 x 1,536: 1.5 kB/row, 16.9 kB" in text
     assert "embedding in each output.vector_dtype: float32 67.6 kB, float16 33.8 kB, int8 16.9 kB, binary 2.1 kB" in text
+
+
+@pytest.mark.parametrize("path", ["sync", "batch"])
+def test_a_prefix_longer_than_an_unknown_models_answer_stops_the_run_with_exit_2(tmp_path: Path, path: str) -> None:
+    write_parquet(tmp_path / "data.parquet", docs_table(_texts(6)))
+    server = FakeProvider(dim=DIM, model="house-model") if path == "sync" else \
+        FakeBatchAPI(dim=DIM, model="house-model", duration_s=0.1)
+    with server as fp:
+        extra = {} if path == "sync" else {"type": "openai_batch", "poll_interval_s": 0.05}
+        job = write_job(tmp_path, [provider_entry(fp, **extra)], embedding={"model": "house-model"})
+        with_output(job, vectors=[{"column": "small", "dimensions": 2 * DIM}])
+        assert run_cli("validate", str(job)).returncode == 0  # the model's length is not known before an answer
+        result = run_job(job)
+        assert rows_sent(fp) == {}  # only the start-up probe
+    assert result.returncode == 2, result.stderr
+    assert error_lines(result.stderr) == [
+        f"error: output.vectors[0].dimensions: {2 * DIM} is more than the provider's {DIM} dimensions"]
+    assert not part_files(tmp_path / "out")
