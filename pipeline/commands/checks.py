@@ -21,8 +21,8 @@ from ..errors import ConfigError, JobChangedError
 from ..storage.fs import is_remote, store_error
 from ..checkpoint.manifest import Checkpoint, describe_change, job_fingerprint
 from ..core.packing import pack
-from ..core.models import expected_dimensions, list_price
-from ..core.quantize import DTYPES, bytes_per_row, check_vector_columns, known_dimensions, output_sizes
+from ..core.models import expected_dimensions, known_dimensions, list_price
+from ..core.quantize import DTYPES, bytes_per_row, check_vector_columns, output_sizes
 from ..core.pricing import BATCH_WINDOW_H, batch_price, cost_usd, job_price
 from ..engine.progress import rejects_text
 from ..engine.reuse import RecentKeys, memory_entries, plan_keys

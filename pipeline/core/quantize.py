@@ -27,7 +27,6 @@ import numpy as np
 
 from ..config.job import JobConfig, VectorColumnConfig, VectorDtype
 from ..errors import ConfigError
-from .models import KNOWN, LOCAL_MODEL
 
 DTYPES: tuple[VectorDtype, ...] = get_args(VectorDtype)
 Int8Scheme = Literal["per-dimension-minmax"]
@@ -174,13 +173,3 @@ def columns_fingerprint(job: JobConfig) -> list[dict[str, Any]] | None:
     if job.output.vector_dtype == "float32" and not job.output.vectors:
         return None
     return [{"column": c.column, "dtype": c.dtype, "dimensions": c.dimensions} for c in job.output.columns]
-
-
-def known_dimensions(job: JobConfig) -> int | None:
-    """The vectors' length before any request, where the job or the known models' table says it."""
-    if job.embedding.dimensions:
-        return job.embedding.dimensions
-    if min(job.providers, key=lambda p: p.priority).type == "local":
-        return LOCAL_MODEL.dimensions
-    known = KNOWN.get(job.embedding.model)
-    return known.dimensions if known is not None else None
