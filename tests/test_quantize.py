@@ -309,3 +309,16 @@ def test_write_once_keeps_the_first_file_and_tells_the_others(tmp_path: Path) ->
     assert sorted(results) == [False] * 5 + [True]
     assert (tmp_path / "f.json").read_text() in {str(i) for i in range(6)}
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_write_once_without_hard_links_is_still_an_exclusive_create(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(*_: Any) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("os.link", no_links)
+    out = LocalOutput(str(tmp_path))
+    assert out.write_once("f.json", b"first") is True
+    assert out.write_once("f.json", b"second") is False
+    assert (tmp_path / "f.json").read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]

@@ -24,6 +24,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,8 @@ from ..errors import ConfigError
 from ..storage.output import Output
 
 COLUMNS_META = "pipeline.columns"  # a part's schema metadata: JSON list of its vector columns
+READ_ATTEMPTS = 5  # another writer's ranges, read again while torn (a store without atomic create)
+READ_RETRY_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,11 @@ class VectorColumns:
             body = {"epoch": self._epoch, "column": spec.name, "dimensions": spec.dimensions, **mine.to_json()}
             if not self._output.write_once(ranges_name(spec.name), (json.dumps(body) + "\n").encode("utf-8")):
                 theirs = self._read(spec)
+                for _ in range(READ_ATTEMPTS):  # another writer's file may be seen before it is whole
+                    if theirs is not None:
+                        break
+                    time.sleep(READ_RETRY_S)
+                    theirs = self._read(spec)
                 if theirs is None:
                     raise ConfigError(f"{self._output.display(ranges_name(spec.name))}: unreadable int8 ranges; "
                                       f"rerun with --restart to start over")

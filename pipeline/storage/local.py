@@ -80,6 +80,15 @@ class LocalOutput(Output):
             os.link(tmp, final)  # atomic, and refused when the name exists: the first writer's file stays
         except FileExistsError:
             return False
+        except OSError:  # a file system without hard links: an exclusive create (readers may see it half written)
+            try:
+                fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
         finally:
             tmp.unlink(missing_ok=True)
         fsync_dir(final.parent)
