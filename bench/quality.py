@@ -55,7 +55,7 @@ from figures import Row, table  # noqa: E402
 from harness import KEY_VAR, PYTHON, REPO, Server  # noqa: E402
 
 from pipeline.checkpoint.columns import read_ranges  # noqa: E402
-from pipeline.core.quantize import dequantize  # noqa: E402
+from pipeline.core.quantize import Int8Ranges, calibrate, dequantize, to_int8  # noqa: E402
 
 K = 10
 RESCORE_TOP = 100  # binary candidates rescored with float16
@@ -64,6 +64,7 @@ BYTES_TOLERANCE = 0.10  # bytes per row at most 10% over d*2, d, d/8
 COLUMNS = {"float32": "embedding", "float16": "embedding_f16", "int8": "embedding_i8", "binary": "embedding_bits"}
 SERVER_DIMS = (1536, 3072)
 SERVER_ROWS = 4_000
+CALIBRATION_SIZES = (1, 10, 100, 1_000)  # the first answers an output's int8 ranges may come from
 SECOND_MAX_TOKENS = 128  # the second model's texts are cut here: its CPU engine takes ~0.4 s a 100-token text here
 
 
@@ -168,6 +169,25 @@ def recalls(cols: dict[str, np.ndarray], queries: int) -> dict[str, float]:
     return out
 
 
+def calibration_rows(label: str, cols: dict[str, np.ndarray], queries: int) -> list[Row]:
+    """int8 recall@10 when the output's ranges come from only its first n answers
+    (a small first slice, a `--limit` smoke run), beside plain per-dimension
+    min/max of the same n rows (what the widening in core/quantize.py is for)."""
+    f32 = cols["float32"]
+    q, docs = f32[-queries:], f32[:-queries]
+    truth = top_k(q @ docs.T, K)
+    rows = []
+    for n in CALIBRATION_SIZES:
+        sample = docs[:n]
+        ours = calibrate(sample)
+        plain = Int8Ranges(sample.min(axis=0), np.maximum(sample.max(axis=0), sample.min(axis=0) + 1e-6), n)
+        got = [recall(top_k(q @ dequantize(to_int8(docs, r), r).T, K), truth) for r in (ours, plain)]
+        rows.append(Row(f"{label}: int8 recall@10, ranges from the first {n:,} rows", f"{got[0]:.4f}",
+                        f"min/max of those rows alone: {got[1]:.4f}", got[0], f">= {TARGETS['int8']}",
+                        got[0] >= TARGETS["int8"]))
+    return rows
+
+
 def bytes_rows(label: str, per_row: dict[str, float], dim: int) -> list[Row]:
     rows = []
     for dtype, column in COLUMNS.items():
@@ -198,6 +218,7 @@ def quality_rows(label: str, out: Path, queries: int) -> tuple[list[Row], dict[s
     table_rows = [Row(f"{long_label}: recall@10 {d}", f"{r:.4f}", "float32 exact search", r,
                       f">= {TARGETS[d]}" if d in TARGETS else "(no target)", r >= TARGETS[d] if d in TARGETS else None)
                   for d, r in found.items()]
+    table_rows += calibration_rows(f"{label} ({dim} dims)", cols, queries)
     table_rows += bytes_rows(f"{label} ({dim} dims)", per_row, dim)
     return table_rows, {"recall_at_10": found, "bytes_per_row": per_row, "rows": rows, "dim": dim}
 

@@ -105,7 +105,7 @@ def test_a_small_first_sample_still_gives_ranges_wide_enough_for_later_answers(r
     ranges = quantize.calibrate(unit_rows(rows, d))
     later = unit_rows(5000, d)
     clipped = np.mean((later < ranges.lo) | (later > ranges.hi))
-    assert clipped < 1e-4
+    assert clipped < 1e-3  # a component in a thousand at most (min/max of 10 rows alone: about one in six)
     # and no wider than needed: the widest range stays within a few times the spread
     assert float(np.max(ranges.hi - ranges.lo)) < 20 / np.sqrt(d)
 

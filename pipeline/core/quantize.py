@@ -32,13 +32,15 @@ DTYPES: tuple[VectorDtype, ...] = get_args(VectorDtype)
 Int8Scheme = Literal["per-dimension-minmax"]
 INT8_SCHEME: Int8Scheme = "per-dimension-minmax"
 INT8_LEVELS = 255  # steps between a range's ends: -128 .. 127
-# A dimension's range covers at least this many root-mean-squares of all the
-# sample's components either side of 0, whatever the sample's min and max: a
-# small first sample (a `--limit 10` smoke test starts the output) would
-# otherwise fix ranges too narrow for every later row. Unit vectors' components
-# spread about 1/sqrt(d); a wider range costs resolution only in the last of
-# 255 steps (bench/quality.py: recall@10 0.99+ at 10 rows as at 10,000).
-INT8_BAND_RMS = 5.0
+# A dimension's range covers at least this many standard deviations either
+# side of its mean in the sample, whatever the sample's min and max: a small
+# first sample (a `--limit 10` smoke run starts the output) would otherwise
+# fix ranges too narrow for every later row (min/max of 10 rows: recall@10
+# 0.89 on MiniLM, 0.75 on E5). A dimension's deviation is its own, shrunk
+# toward the sample's pooled one by INT8_SHRINK_ROWS pseudo-rows, so a few
+# rows cannot make it tiny. bench/quality.py measured 4 against 3.5 and 5.
+INT8_BAND_SD = 4.0
+INT8_SHRINK_ROWS = 10.0
 INT8_MARGIN = 0.02  # and the sample's own min/max widened by this share of the width, each side
 # Calibration takes at most this many of the first answers: per-dimension
 # min/max settle by then, and the ranges stay one small record.
@@ -83,16 +85,25 @@ class Int8Ranges:
 def calibrate(sample: np.ndarray) -> Int8Ranges:
     """Ranges from the first answers (rows of `sample`, at most INT8_CALIBRATION_ROWS):
     each dimension's min and max, widened by INT8_MARGIN each side, and at
-    least +-INT8_BAND_RMS root-mean-squares of the sample's components."""
+    least its mean +- INT8_BAND_SD deviations of a later row (from one row: +- that many
+    root-mean-squares of its components about 0)."""
     if sample.ndim != 2 or sample.shape[0] == 0:
         raise ValueError("int8 calibration needs at least one vector")
-    sample = np.asarray(sample[:INT8_CALIBRATION_ROWS], dtype=np.float32)
-    lo, hi = sample.min(axis=0), sample.max(axis=0)
+    x = np.asarray(sample[:INT8_CALIBRATION_ROWS], dtype=np.float64)
+    n = x.shape[0]
+    lo, hi = x.min(axis=0), x.max(axis=0)
     pad = np.maximum(hi - lo, MIN_WIDTH) * INT8_MARGIN
-    band = INT8_BAND_RMS * float(np.sqrt(np.mean(np.square(sample, dtype=np.float64))))
-    lo = np.minimum(lo - pad, -band)
-    hi = np.maximum(hi + pad, band)
-    return Int8Ranges(lo.astype(np.float32), hi.astype(np.float32), int(sample.shape[0]))
+    if n >= 2:
+        var = x.var(axis=0, ddof=1)
+        own = (n - 1) / (n - 1 + INT8_SHRINK_ROWS)
+        # sqrt(1 + 1/n): a later value's deviation from a mean of n rows (the mean is uncertain too)
+        spread = np.sqrt((own * var + (1 - own) * float(var.mean())) * (1 + 1 / n))
+        center = x.mean(axis=0)
+    else:
+        center, spread = np.zeros(x.shape[1]), np.full(x.shape[1], float(np.sqrt(np.mean(np.square(x)))))
+    lo = np.minimum(lo - pad, center - INT8_BAND_SD * spread)
+    hi = np.maximum(hi + pad, center + INT8_BAND_SD * spread)
+    return Int8Ranges(lo.astype(np.float32), hi.astype(np.float32), n)
 
 
 def prefix(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
