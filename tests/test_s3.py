@@ -42,8 +42,10 @@ from conftest import (
     run_cli,
     sample_texts,
 )
-from fakeprovider import FakeProvider
+from fakeprovider import FakeProvider, vector_for
+from pipeline.checkpoint.columns import read_ranges
 from pipeline.config.job import StorageConfig
+from pipeline.core.quantize import Int8Ranges, to_int8
 from pipeline.storage.fs import glob_regex
 from pipeline.checkpoint.manifest import Checkpoint
 from pipeline.storage.objectstore import ObjectOutput
@@ -226,6 +228,34 @@ def test_local_input_to_s3_output_with_endpoint_from_the_job_file(tmp_path: Path
     assert result.returncode == 0, result.stderr
     assert_vectors_exact(_read_parts(_fs(s3_endpoint), f"{bucket}/emb"), texts, DIM)
     assert ACCESS_KEY not in result.stderr + result.stdout and SECRET_KEY not in result.stderr + result.stdout
+
+
+def test_int8_ranges_on_s3_are_recorded_once_and_every_part_and_rerun_uses_them(tmp_path: Path, s3_endpoint: str,
+                                                                                bucket: str) -> None:
+    texts = sample_texts(30)
+    pacsv.write_csv(docs_table(texts), tmp_path / "data.csv")
+    env = _aws_env(s3_endpoint)
+    with FakeProvider(dim=DIM) as fp:
+        job = _job(tmp_path, fp, "data.csv", f"s3://{bucket}/emb", rows_per_part=6)
+        doc = json.loads(job.read_text())
+        doc["output"]["vectors"] = [{"column": "q", "dtype": "int8"}]
+        job.write_text(json.dumps(doc))
+        first = run_cli("run", str(job), "--no-progress", "--limit", "4", env_extra=env)
+        assert first.returncode == 0, first.stderr
+        rest = run_cli("run", str(job), "--no-progress", env_extra=env)
+        assert rest.returncode == 0, rest.stderr
+    fs = _fs(s3_endpoint)
+    [ranges_key] = [k for k in _keys(fs, f"{bucket}/emb") if k.startswith("_manifest.d/int8-ranges.q.")]
+    recorded = Int8Ranges.from_json(_read_json(fs, f"{bucket}/emb/{ranges_key}"))
+    assert recorded.rows == 4  # calibrated by the --limit run's answers, kept by the next run
+    table = _read_parts(fs, f"{bucket}/emb")
+    parts = [k for k in _keys(fs, f"{bucket}/emb") if re.fullmatch(r"part-\d{5}\.parquet", k)]
+    for key in parts:
+        with fs.open_input_file(f"{bucket}/emb/{key}") as fh:
+            assert read_ranges(pq.read_schema(fh).metadata, "q") == recorded
+    assert_vectors_exact(table, texts, DIM)
+    codes = [to_int8(vector_for(t, DIM)[None, :], recorded)[0].tolist() for t in texts]
+    assert table.column("q").to_pylist() == codes
 
 
 def test_limit_on_s3_keeps_a_cut_short_part_that_a_later_run_finishes(tmp_path: Path, s3_endpoint: str, bucket: str) -> None:

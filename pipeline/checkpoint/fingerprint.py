@@ -7,13 +7,14 @@ import json
 from typing import Any
 
 from ..config.job import JobConfig
+from ..core.quantize import columns_fingerprint
 from ..inputs.sources import InputFile
 
 # What makes the vectors (or the output layout) what they are: changing any
 # of these on an output with progress is refused unless --restart.
 VECTOR_KEYS = (
     "inputs", "text", "model", "dimensions", "too_long", "max_input_tokens", "empty", "id_column",
-    "keep_columns", "vector_column", "rows_per_part", "vector_options",
+    "keep_columns", "vector_column", "rows_per_part", "vector_options", "columns",
 )
 
 
@@ -35,6 +36,8 @@ def job_fingerprint(job: JobConfig, files: list[InputFile]) -> dict[str, Any]:
         "rows_per_part": job.output.rows_per_part,
         # extra_body, text_prefix, normalize: only when set, so an output begun before they existed is the same job
         **({"vector_options": job.vector_options} if job.vector_options else {}),
+        # vector_dtype, vectors: only when not the default float32 column alone, likewise
+        **({"columns": columns} if (columns := columns_fingerprint(job)) is not None else {}),
     }
 
 
@@ -64,5 +67,8 @@ def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
                 if f != before[path]:
                     return f"input {path} changed (size or modification time)"
             return "the order of the inputs changed"
+        if key == "columns":
+            return ("the vector columns changed (output.vector_dtype or output.vectors); with a cache, "
+                    "--restart writes the parts again from it without paying for the texts again")
         return f"{key} changed from {old.get(key)!r} to {new.get(key)!r}"
     return None

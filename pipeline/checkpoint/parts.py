@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import layout
+from .columns import VectorColumns
 from ..config.job import JobConfig
 from ..storage.output import Output, Staged
 
@@ -36,16 +37,29 @@ def write_json(output: Output, rel: str, obj: Any) -> None:
 
 def parquet_options(schema: pa.Schema) -> dict[str, Any]:
     """Vector values never repeat and no reader filters on their min/max: a
-    dictionary and statistics are work for nothing. Split into byte streams
-    they compress better and faster (bench/README.md)."""
-    vectors = [f.name for f in schema if pa.types.is_fixed_size_list(f.type) and pa.types.is_floating(f.type.value_type)]
+    dictionary and statistics are work for nothing. float32 split into byte
+    streams compresses better and faster (bench/README.md); float16 and bits
+    are written plain (a float16's two bytes split gain little, and not every
+    reader decodes split halffloats). int8 is the exception to the dictionary
+    rule: Parquet stores an int8 in an INT32, and its 256 values as dictionary
+    indices take a byte each (bench/quality.py: 0.85 bytes a dimension on
+    disk, against 1.3 plain)."""
+    vectors = [f.name for f in schema if _is_vector(f.type)]
+    floats = [f.name for f in schema if pa.types.is_fixed_size_list(f.type) and pa.types.is_float32(f.type.value_type)]
+    codes = [f.name for f in schema if pa.types.is_fixed_size_list(f.type) and pa.types.is_int8(f.type.value_type)]
     others = [n for n in schema.names if n not in vectors]
     return {
         "compression": COMPRESSION,
-        "use_dictionary": others,
+        "use_dictionary": others + [f"{n}.list.element" for n in codes] if codes else others,
         "write_statistics": others,
-        "column_encoding": {f"{n}.list.element": "BYTE_STREAM_SPLIT" for n in vectors} or None,
+        "column_encoding": {f"{n}.list.element": "BYTE_STREAM_SPLIT" for n in floats} or None,
     }
+
+
+def _is_vector(t: pa.DataType) -> bool:
+    if pa.types.is_fixed_size_list(t):
+        return pa.types.is_floating(t.value_type) or pa.types.is_int8(t.value_type)
+    return pa.types.is_fixed_size_binary(t)
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -66,21 +80,22 @@ def id_array(table: pa.Table, job: JobConfig, row_offset: int) -> pa.Array:
     return pa.array(np.arange(row_offset, row_offset + table.num_rows, dtype=np.int64))
 
 
-def part_table(job: JobConfig, table: pa.Table, row_offset: int, vectors: pa.Array, dim: int) -> pa.Table:
-    """id, keep_columns, vector: the output layout, with the job's metadata."""
+def part_table(job: JobConfig, table: pa.Table, row_offset: int, vectors: dict[str, pa.Array], dim: int,
+               meta: dict[str, str] | None = None) -> pa.Table:
+    """id, keep_columns, the vector columns: the output layout, with the job's metadata."""
     columns: dict[str, pa.Array | pa.ChunkedArray] = {job.id_column_out: id_array(table, job, row_offset)}
     for name in job.input.keep_columns:
         if name not in columns:
             columns[name] = table.column(name)
-    columns[job.output.vector_column] = vectors
+    columns.update(vectors)
     out = pa.table(columns)
-    meta = {
+    return out.replace_schema_metadata({
         "pipeline.job": job.name,
         "pipeline.model": job.embedding.model,
         "pipeline.dimensions": str(dim),
         "pipeline.vector_column": job.output.vector_column,
-    }
-    return out.replace_schema_metadata(meta)
+        **(meta or {}),
+    })
 
 
 def rejects_table(ids: Iterable[object], reasons: Iterable[str], codes: Iterable[str | None], part: str) -> pa.Table:
@@ -94,10 +109,15 @@ def rejects_table(ids: Iterable[object], reasons: Iterable[str], codes: Iterable
 class PartWriter:
     """One unit's part, a row group at a time in input order, and its rejected rows."""
 
-    def __init__(self, output: Output, job: JobConfig, seq: int, digits: int, dim: int) -> None:
+    def __init__(self, output: Output, job: JobConfig, seq: int, digits: int, dim: int,
+                 columns: VectorColumns | None = None) -> None:
         self._output = output
         self._job = job
         self._dim = dim
+        self._columns = columns or VectorColumns(job, output, None, dim)
+        # Rows held back while an int8 column has no ranges yet (none of the
+        # output's rows had a vector): a part's metadata is written first.
+        self._held: list[pa.Table] = []
         self.name = layout.part_name(seq, digits)
         self._rejects_name = layout.rejects_name(seq, digits)
         self._staged = output.stage(self.name)
@@ -108,12 +128,12 @@ class PartWriter:
 
     def write(self, table: pa.Table, row_offset: int, vectors: pa.Array,
               reasons: list[str | None], codes: list[str | None]) -> None:
-        """The next rows of the part: their input columns, vectors, and why a row has none."""
-        part = part_table(self._job, table, row_offset, vectors, self._dim)
-        with WRITE_LOCK:  # encoding a row group holds buffers the size of its vectors: one at a time
-            if self._writer is None:
-                self._writer = pq.ParquetWriter(self._staged.path, part.schema, **parquet_options(part.schema))
-            self._writer.write_table(part, row_group_size=max(1, ROW_GROUP_BYTES // (4 * self._dim)))
+        """The next rows of the part: their input columns, vectors (float32; each
+        vector column is made from them), and why a row has none."""
+        part = part_table(self._job, table, row_offset, self._columns.arrays(vectors), self._dim)
+        self._held.append(part)
+        if self._writer is not None or self._columns.ranges_known():
+            self._write_held()
         rejected = [i for i, reason in enumerate(reasons) if reason is not None]
         if rejected:
             ids, why, error_codes = self._rejected
@@ -122,8 +142,21 @@ class PartWriter:
             error_codes.extend(codes[i] for i in rejected)
         self.rows += part.num_rows
 
+    def _write_held(self) -> None:
+        with WRITE_LOCK:  # encoding a row group holds buffers the size of its vectors: one at a time
+            if self._writer is None:
+                schema = self._held[0].schema.with_metadata({**self._held[0].schema.metadata,
+                                                             **{k.encode(): v.encode() for k, v in self._columns.metadata().items()}})
+                self._writer = pq.ParquetWriter(self._staged.path, schema, **parquet_options(schema))
+            for part in self._held:
+                self._writer.write_table(part.replace_schema_metadata(self._writer.schema.metadata),
+                                         row_group_size=max(1, ROW_GROUP_BYTES // (4 * self._dim)))
+            self._held.clear()
+
     def finish(self) -> list[Staged]:
         """Close the part (fsynced at publish); stage its reject file. What the checkpoint commits."""
+        if self._held:
+            self._write_held()
         assert self._writer is not None, "a part holds at least one row"
         self._writer.close()
         staged = [self._staged]

@@ -23,8 +23,9 @@ from ..errors import ConfigError, JobChangedError
 from ..storage.fs import is_remote, store_error
 from ..checkpoint.manifest import Checkpoint, describe_change, job_fingerprint
 from ..core.packing import pack
-from ..core.models import expected_dimensions, list_price
+from ..core.models import expected_dimensions, known_dimensions, list_price
 from ..core.money import BATCH_WINDOW_H, Spend, batch_price, cost_usd, job_price
+from ..core.quantize import DTYPES, bytes_per_row, check_vector_columns, output_sizes
 from ..engine.progress import rejects_text
 from ..engine.reuse import RecentKeys, memory_entries, plan_keys
 from ..inputs.sources import check_columns, find_inputs, iter_units
@@ -42,6 +43,11 @@ def validate_job(job_file: str) -> list[str]:
     files = find_inputs(job.input)
     check_columns(files, job.input)
     lines = [f"ok: job {job.name!r} is valid", f"ok: {len(files)} input file(s), columns present in each"]
+    model_dim = known_dimensions(job)
+    if model_dim is not None:
+        check_vector_columns(job, model_dim)
+    lines.append("ok: vector columns " + ", ".join(
+        f"{c.column} ({c.dtype}{f', first {c.dimensions} dims' if c.dimensions else ''})" for c in job.output.columns))
     Spend(job.budget_usd, job_price(job)[0], 0)  # a budget needs a price
     for p in job.providers:
         if p.type == "local":
@@ -94,6 +100,9 @@ def estimate_job(job_file: str) -> dict[str, Any]:
         policy = replace(policy, empty="skip" if policy.empty == "fail" else policy.empty,
                          too_long="skip" if policy.too_long == "fail" else policy.too_long)
     dim = expected_dimensions(job)
+    model_dim = known_dimensions(job)
+    if model_dim is not None:
+        check_vector_columns(job, model_dim)
     max_inputs, max_tokens = job.request_limits(dim)
     recent = RecentKeys(memory_entries(dim))  # the run's in-run dedupe memory, keys only
     cache = open_cache(job.cache, job.cache_storage, readonly=True)
@@ -137,6 +146,9 @@ def estimate_job(job_file: str) -> dict[str, Any]:
         "price_source": price_source,
         "minutes_at_rate_limits": round(minutes, 2) if (rpm or tpm) else None,
         "budget_usd": job.budget_usd,
+        "dimensions": dim,
+        "dimensions_known": model_dim is not None,
+        "output_vectors": output_sizes(job, dim, rows - sum(rejected.values())),
         **_batch_estimate(job, distinct - cache_hits, tokens, requests),
     }
 
@@ -171,6 +183,7 @@ def estimate_lines(r: dict[str, Any]) -> list[str]:
         f"{r['tokens']:,} tokens to send in {r['requests']:,} requests",
         f"cost: {cost}",
     ]
+    lines += _size_lines(r)
     if r["minutes_at_rate_limits"] is not None:
         lines.append(f"time at the providers' rate limits: at least {r['minutes_at_rate_limits']:,.1f} min")
     if r.get("budget_usd") is not None and r["cost_usd"] is not None:
@@ -188,6 +201,30 @@ def estimate_lines(r: dict[str, Any]) -> list[str]:
         lines.append(f"batches: about {r['batches']:,}; each batch's results come within {r['batch_window_hours']} "
                      f"hours of its submission (the Batch API's window){rounds}")
     return lines
+
+
+def _size_lines(r: dict[str, Any]) -> list[str]:
+    """The output's vectors by column, and what the first column would take in each dtype."""
+    columns = r.get("output_vectors") or []
+    if not columns:
+        return []
+    guess = "" if r.get("dimensions_known") else f" (assuming {r['dimensions']:,} dims: the model's length is not known)"
+    lines = [f"output vectors{guess}, before compression: " + "; ".join(
+        f"{c['column']} {c['dtype']} x {c['dimensions']:,}: {_size(c['bytes_per_row'])}/row, {_size(c['bytes'])}"
+        for c in columns)]
+    first = columns[0]
+    rows = first["bytes"] / first["bytes_per_row"] if first["bytes_per_row"] else 0
+    dims = first["dimensions"]
+    other = {dtype: bytes_per_row(dtype, dims) * rows for dtype in DTYPES}
+    lines.append(f"{first['column']} in each output.vector_dtype: " + ", ".join(f"{d} {_size(b)}" for d, b in other.items()))
+    return lines
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,.0f} B"
 
 
 def job_status(job_file: str) -> dict[str, Any]:

@@ -27,6 +27,7 @@ EmptyPolicy = Literal["skip", "fail"]
 ProviderType = Literal["openai", "local", "openai_batch"]
 AuthScheme = Literal["bearer", "api-key", "none"]  # Authorization: Bearer KEY | api-key: KEY (Azure) | no key
 AUTH_HEADERS: dict[str, str] = {"bearer": "authorization", "api-key": "api-key"}  # the header each scheme sets
+VectorDtype = Literal["float32", "float16", "int8", "binary"]  # how a vector column is stored (core/quantize.py)
 
 MAX_INPUTS_PER_REQUEST = 2048  # the OpenAI API's own limit
 MAX_TOKENS_PER_INPUT = 8192  # the OpenAI API's own limit
@@ -98,9 +99,26 @@ class InputConfig:
 
 
 @dataclass(frozen=True)
+class VectorColumnConfig:
+    """One of `output.vectors`: a further column written from the same answer."""
+
+    column: str
+    dtype: VectorDtype = "float32"
+    # a Matryoshka prefix: the first N components, renormalised to unit length before any cast
+    dimensions: int | None = setting(None, low=1, high=65_536)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.column:
+            raise Invalid("column", "required (the output column's name)")
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     path: str = field(metadata=rules(path=True))
     vector_column: str = "embedding"
+    vector_dtype: VectorDtype = "float32"
+    vectors: tuple[VectorColumnConfig, ...] = setting((), expect="a list of {column, dtype, dimensions} mappings")
     rows_per_part: int = setting(DEFAULT_ROWS_PER_PART, low=1, high=10_000_000)
     id_column_name: str = "row_id"  # used when input.id_column is not set
     storage: StorageConfig = StorageConfig()
@@ -111,6 +129,16 @@ class OutputConfig:
             raise Invalid("path", "required")
         if not self.vector_column:
             raise Invalid("vector_column", "must not be empty")
+        seen = {self.vector_column}
+        for i, column in enumerate(self.vectors):
+            if column.column in seen:
+                raise Invalid(f"vectors[{i}].column", f"{column.column!r} is used twice: every vector column needs its own name")
+            seen.add(column.column)
+
+    @property
+    def columns(self) -> tuple[VectorColumnConfig, ...]:
+        """Every vector column, `vector_column` first (full length, `vector_dtype`)."""
+        return (VectorColumnConfig(self.vector_column, self.vector_dtype), *self.vectors)
 
 
 @dataclass(frozen=True)
@@ -290,9 +318,19 @@ class JobConfig:
             raise Invalid("providers", f"duplicate name {dupes[0]!r}")
         if self.embedding.max_input_tokens > self.batching.max_tokens_per_request:
             raise Invalid("batching.max_tokens_per_request", "must be at least embedding.max_input_tokens")
-        vec = self.output.vector_column
-        if vec in self.input.keep_columns or vec == self.input.id_column:
-            raise Invalid("output.vector_column", f"{vec!r} clashes with an input column kept in the output")
+        for i, column in enumerate(self.output.columns):
+            vec = column.column
+            if vec in self.input.keep_columns or vec == self.id_column_out:
+                key = "output.vector_column" if i == 0 else f"output.vectors[{i - 1}].column"
+                raise Invalid(key, f"{vec!r} clashes with an input column kept in the output")
+        dims = self.embedding.dimensions
+        for i, column in enumerate(self.output.vectors):
+            if dims is not None and column.dimensions is not None and column.dimensions > dims:
+                raise Invalid(f"output.vectors[{i}].dimensions", f"{column.dimensions} is more than embedding.dimensions ({dims})")
+            if column.dtype == "binary" and column.dimensions is not None and column.dimensions != dims:
+                raise Invalid(f"output.vectors[{i}].dimensions",
+                              "a binary column is the sign of every component of the model's vector: drop `dimensions` "
+                              "(its first N bits are the first N/8 bytes)")
         first = self.providers[0].vector_options
         for i, p in enumerate(self.providers[1:], start=1):
             if p.vector_options != first:

@@ -33,11 +33,16 @@ def list_price(model: str) -> float | None:
     return known.price_per_m_tokens if known is not None else None
 
 
-def expected_dimensions(job: JobConfig) -> int:
-    """The vectors' length a run will find, before it asks: the job's, else the model's."""
+def known_dimensions(job: JobConfig) -> int | None:
+    """The vectors' length before any request, where the job or this table says it."""
     if job.embedding.dimensions:
         return job.embedding.dimensions
     if min(job.providers, key=lambda p: p.priority).type == "local":
         return LOCAL_MODEL.dimensions
     known = KNOWN.get(job.embedding.model)
-    return known.dimensions if known is not None else DEFAULT_DIMENSIONS
+    return known.dimensions if known is not None else None
+
+
+def expected_dimensions(job: JobConfig) -> int:
+    """The vectors' length a run will find, before it asks: the job's, else the model's, else a guess."""
+    return known_dimensions(job) or DEFAULT_DIMENSIONS

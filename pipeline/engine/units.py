@@ -15,6 +15,7 @@ from collections import Counter
 import pyarrow as pa
 
 from ..checkpoint import parts
+from ..checkpoint.columns import VectorColumns
 from .inflight import MemoryBudget, Reservation
 from ..config.job import JobConfig
 from .embedder import Embedded, Embedder
@@ -48,6 +49,7 @@ class UnitWork:
         self.counters = counters  # this run's share of each unit it commits
         self._rows_per_slice = slice_rows(self.dim, job.request_limits(self.dim)[0], job.output.rows_per_part)
         self._exact = needs_exact_tokens(job)  # else a byte bound stands for most texts' tokens (texts.py)
+        self.columns = VectorColumns(job, output, checkpoint.epoch, self.dim)  # every part's vector columns
 
     def reserve(self, end: int, budget: MemoryBudget) -> tuple[list[tuple[int, int]], list[Reservation]]:
         """A unit's first `end` rows as slices, each with its place in the budget's queue."""
@@ -70,7 +72,8 @@ class UnitWork:
             self.embedder.spend.settle(0, max(0, known.tokens_for(unit.seq) - (earlier.tokens if earlier else 0)))
         table = unit.table.slice(0, end)
         ids = parts.id_array(table, self.job, unit.row_offset)
-        writer = parts.PartWriter(self.output, self.job, unit.seq, self.checkpoint.part_digits, self.dim)
+        writer = parts.PartWriter(self.output, self.job, unit.seq, self.checkpoint.part_digits, self.dim,
+                                  self.columns)
         tasks: list[asyncio.Future[Embedded] | None] = [
             asyncio.ensure_future(self._slice(table.slice(a, b - a), ids[a:b], held, journal, known))
             for (a, b), held in zip(slices, reservations)]

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from ..errors import ConfigError
 from .fs import HOST, process_alive
 from .locks import FlockLock, flock_holders
-from .output import TEMP_MARK, Output, Staged, fsync_dir, fsync_file, temp_path, write_atomic
+from .output import TEMP_MARK, Output, Staged, fsync_dir, fsync_file, temp_path, write_atomic, write_durable
 
 
 class _LocalStaged(Staged):
@@ -71,6 +71,28 @@ class LocalOutput(Output):
 
     def write(self, rel: str, data: bytes) -> None:
         write_atomic(self.dir / rel, data)
+
+    def write_once(self, rel: str, data: bytes) -> bool:
+        final = self.dir / rel
+        tmp = temp_path(final)
+        write_durable(tmp, data)
+        try:
+            os.link(tmp, final)  # atomic, and refused when the name exists: the first writer's file stays
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: an exclusive create (readers may see it half written)
+            try:
+                fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(final.parent)
+        return True
 
     def stage(self, rel: str) -> Staged:
         return _LocalStaged(self.dir / rel)

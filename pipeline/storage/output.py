@@ -141,6 +141,17 @@ class Output(ABC):
     def write(self, rel: str, data: bytes) -> None:
         """Atomically: the file is seen whole or not at all."""
 
+    def write_once(self, rel: str, data: bytes) -> bool:
+        """Write `rel` unless it exists: True when this call wrote it, False
+        when it was there (the one there stays). Locally atomic (a hard link
+        fails on an existing name); on an object store without conditional
+        writes, a check then a write: two writers in the same instant may both
+        write, and the last one's stays."""
+        if self.exists(rel):
+            return False
+        self.write(rel, data)
+        return True
+
     @abstractmethod
     def stage(self, rel: str) -> Staged:
         """A local file to write `rel` into; it appears at `publish`."""
