@@ -30,7 +30,8 @@ print(json.dumps(state))
 
 IMPORT_ALL = """
 import pipeline, pipeline.__main__, pipeline.cli.main, pipeline.engine.runner, pipeline.batch.strategy
-import pipeline.commands.checks, pipeline.commands.run, pipeline.providers.openai
+import pipeline.commands.estimate, pipeline.commands.status, pipeline.commands.validate, pipeline.commands.run
+import pipeline.providers.openai
 """
 RUN_MAIN = """
 import pipeline.cli.main

@@ -39,7 +39,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from ..batch.watch import utc_stamp, waiting_for
 from ..checkpoint import layout
-from ..commands.checks import job_status
+from ..commands.status import job_status
 from ..config.job import JobConfig, load_job
 from ..commands.run import RunOptions
 from ..commands.run import run as run_job

@@ -8,7 +8,9 @@ import sys
 from dataclasses import replace
 from typing import Sequence
 
-from ..commands.checks import estimate_job, estimate_lines, job_status, status_lines, validate_job
+from ..commands.estimate import estimate_job, estimate_lines
+from ..commands.status import job_status, status_lines
+from ..commands.validate import validate_job
 from ..checkpoint.layout import parse_shard
 from ..commands.run import RunOptions, run
 from ..config.job import load_job

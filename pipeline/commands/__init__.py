@@ -1,1 +1,1 @@
-"""The commands that are not a run: validate, estimate, status."""
+"""The commands: run.py (a run through the engine), validate.py, estimate.py and status.py (no API call)."""
