@@ -19,7 +19,7 @@ from pipeline.config.job import load_job
 from pipeline.errors import ConfigError
 from pipeline.providers.classify import classify
 from pipeline.core.money import batch_price, job_price
-from pipeline.checkpoint.records import BatchRecord, BatchRequest, parse_requests, requests_bytes
+from pipeline.checkpoint.batch_records import BatchRecord, BatchRequest, parse_requests, requests_bytes
 from pipeline.core.money import BudgetExceededError, Spend
 
 

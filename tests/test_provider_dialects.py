@@ -15,7 +15,7 @@ import pytest
 from fakebatch import FakeBatchAPI
 from fakeprovider import FakeProvider, salted, vector_for
 from pipeline.config.job import ProviderConfig, RetryConfig
-from pipeline.errors import (BadInputError, EndpointMissingError, ProviderError, ProviderUnusableError,
+from pipeline.errors import (BadInputError, EndpointMissingError, ProviderUnusableError,
                              RateLimitedError, TooManyInputsError)
 from pipeline.providers.batch_api import BatchClient
 from pipeline.providers.classify import classify

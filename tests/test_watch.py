@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.batch.files import BACKOFF_AFTER_INTERVALS, FIRST_POLL_FACTOR, MAX_POLL_FACTOR
 from pipeline.batch.watch import epoch_s, key_variable, next_check_s, utc_stamp
-from pipeline.checkpoint.records import BatchRecord
+from pipeline.checkpoint.batch_records import BatchRecord
 from pipeline.config.job import ProviderConfig
 
 NOW = 1_800_000_000.0

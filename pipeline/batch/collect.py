@@ -42,7 +42,7 @@ from ..checkpoint.journal import JournalContents
 from ..engine.progress import RunCounters
 from ..providers.base import check_vectors
 from ..providers.batch_api import RESULT_STATUSES, BatchClient, BatchInfo
-from ..checkpoint.records import BatchRecord, BatchRequest
+from ..checkpoint.batch_records import BatchRecord, BatchRequest
 from ..core.money import Spend
 from ..storage.output import Output
 

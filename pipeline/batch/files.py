@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from ..cache.vectors import KEY_BYTES
-from ..checkpoint.records import BatchRequest
+from ..checkpoint.batch_records import BatchRequest
 
 MAX_REQUESTS_PER_BATCH = 50_000  # the API's cap on lines in one input file
 MAX_FILE_BYTES = 190 * 10**6  # under the API's 200 MB a file, whichever megabyte it counts

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..checkpoint import layout
 from ..checkpoint.journal import JournalContents, parse, refused_piece, vectors_piece
-from ..checkpoint.records import BatchRecord, BatchRequest, parse_requests, requests_bytes
+from ..checkpoint.batch_records import BatchRecord, BatchRequest, parse_requests, requests_bytes
 from ..storage.output import Output
 
 log = logging.getLogger("pipeline")

@@ -44,7 +44,7 @@ import numpy as np
 from ..cache.vectors import text_keys
 from ..checkpoint import layout, parts
 from ..checkpoint.journal import Journal, JournalContents
-from ..checkpoint.records import BatchRecord, BatchRequest
+from ..checkpoint.batch_records import BatchRecord, BatchRequest
 from ..core import probe
 from ..core.packing import pack
 from ..engine.dispatch import ProviderStats

@@ -30,7 +30,7 @@ from .state import delete_batch, read_records, write_record, write_requests
 from ..config.job import JobConfig
 from ..errors import EndpointMissingError, PipelineError, WorkLeftError
 from ..providers.batch_api import RESULT_STATUSES, BatchClient
-from ..checkpoint.records import BatchRecord, BatchRequest
+from ..checkpoint.batch_records import BatchRecord, BatchRequest
 from ..core.money import Spend
 from ..engine.stopper import Stopper
 from ..storage.output import Output

@@ -21,7 +21,7 @@ import yaml
 
 from ..checkpoint import layout
 from ..checkpoint.manifest import Checkpoint
-from ..checkpoint.records import BatchRecord
+from ..checkpoint.batch_records import BatchRecord
 from ..config.job import JobConfig, ProviderConfig
 from ..config.schema import WHOLE_ENV_REF
 from ..providers.batch_api import RESULT_STATUSES

@@ -5,6 +5,8 @@ wrong, so a bad job fails at start, not at row three million. A key is a
 dataclass field: its type hint and `setting(...)` (range, secret, path) are
 all the generic reader and checks in schema.py need; `__post_init__` adds the
 rules that tie fields together.
+
+Over 400 lines: every key of the job file is here, in one place, as users read them.
 """
 from __future__ import annotations
 
