@@ -35,7 +35,7 @@ from ..inputs.sources import InputFile, Unit, check_columns, find_inputs, iter_u
 from ..core.spend import Spend
 from .stopper import Stopper
 from ..storage import open_output
-from ..inputs.texts import encoding
+from ..inputs.texts import utf8_len
 from .units import UnitWork
 
 log = logging.getLogger("pipeline")
@@ -172,7 +172,7 @@ class _Run:
         reference = probe.decode(recorded) if recorded else None
         routes = sorted(self.dispatcher.routes, key=lambda r: r.priority)
         texts = list(probe.PROBE_TEXTS)
-        tokens = sum(len(t) for t in encoding().encode_ordinary_batch(texts))
+        tokens = sum(utf8_len(t) for t in texts)  # a bound: no tokenizer loaded for it
         answers = await asyncio.gather(
             *(self.dispatcher.embed_on(r, texts, tokens) for r in routes), return_exceptions=True
         )
