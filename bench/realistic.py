@@ -1,7 +1,14 @@
 """The figures on realistic documents (bench/corpus.py): the client's CPU and
-rows/s against the plain SDK loop at 1,536 and 3,072 dimensions with the
-stage split, the latency-bound share on a server whose latency follows the
-request's size, and peak memory of a default job at 20,000 and 200,000 rows."""
+rows/s against the fair SDK loop (bench/baseline.py) at 1,536 and 3,072
+dimensions with the stage split, the latency-bound share on a server whose
+latency follows the request's size, and peak memory of a default job at
+20,000 and 200,000 rows.
+
+Every speed figure is a ratio against the fair loop run on the same server a
+moment apart: REPEATS rounds, each the pipeline then the loop, the ratio taken
+within each round; the table shows the median round and the spread (lowest
+to highest) of the rounds, so a neighbour's burst on a shared machine moves
+one round, not the figure."""
 from __future__ import annotations
 
 import subprocess
@@ -9,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from figures import Row, Sizes, at_floor, check, fresh, peak_text
+from statistics import median
+
 from harness import (
     PYTHON,
     REPO,
@@ -26,8 +35,12 @@ CONCURRENCY = 16
 ROWS_PER_REQUEST = 100  # the issue's job: 100 inputs a request, 16 in flight
 CPU_LATENCY_MS = 20  # a fast loopback server: the client's CPU is what binds
 CPU_DIMS = (1536, 3072)
-JUDGED_DIM = 1536  # the targets are judged here; 3,072 is shown beside it
-REPEATS = 2  # each side run twice, interleaved; the better of each is kept (a shared machine)
+JUDGED_DIM = 1536  # the latency-bound figure's
+JUDGED_DIMS = (1536, 3072)  # the CPU-bound targets hold at both (issue 25)
+SPEED_TARGET = 2.5  # rows/s against the fair SDK loop's
+CPU_TARGET = 0.30  # client CPU a row against the fair SDK loop's
+LATENCY_RUNS = 3  # the latency-bound share must hold in every one
+REPEATS = 3  # rounds of (pipeline, fair loop); the ratio is taken within a round, the median round shown
 SIZE_LATENCY_MS, SIZE_LATENCY_MS_PER_1K = 300, 50  # a provider's time: fixed + per 1,000 tokens
 MEMORY_DIMS = (1536, 3072)
 MEMORY_LIMIT_MB = 500
@@ -43,9 +56,15 @@ def corpus(work: Path, rows: int) -> tuple[Path, str]:
     return path, done.stdout.strip()
 
 
-def baseline(inputs: Path, out: Path, server: Server, dim: int) -> Measured:
+def baseline(inputs: Path, out: Path, server: Server, dim: int, *, naive: bool = False) -> Measured:
+    """The fair SDK loop (or, `naive`, the SDK's defaults with every vector held to the end)."""
     return run([PYTHON, "bench/baseline.py", str(inputs), str(out), "--base-url", server.base_url, "--dim", str(dim),
-                "--batch", str(ROWS_PER_REQUEST), "--concurrency", str(CONCURRENCY)])
+                "--batch", str(ROWS_PER_REQUEST), "--concurrency", str(CONCURRENCY), *(["--naive"] if naive else [])])
+
+
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    """The median of `values` and their range, for the table."""
+    return f"{fmt.format(median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
 def cpu_real(work: Path, sizes: Sizes) -> list[Row]:
@@ -57,35 +76,50 @@ def cpu_real(work: Path, sizes: Sizes) -> list[Row]:
             name = f"cpu-real-{dim}"
             job = job_file(work, name, inputs, server, dim=dim, concurrency=CONCURRENCY,
                            rows_per_request=ROWS_PER_REQUEST, rows_per_part=None)
-            ours: list[Measured] = []
-            sdk: list[Measured] = []
+            rounds: list[tuple[Measured, Measured]] = []
             for _ in range(REPEATS):
                 fresh(work, name)
-                ours.append(run(pipeline_args(job)))
-                check(ours[-1], f"CPU-bound run at {dim} dims")
+                ours = run(pipeline_args(job))
+                check(ours, f"CPU-bound run at {dim} dims")
                 assert output_rows(work / "out" / name) == n
-                sdk.append(baseline(inputs, work / "baseline.parquet", server, dim))
-                check(sdk[-1], f"SDK baseline at {dim} dims")
-            wall, cpu = min(m.wall_s for m in ours), min(m.cpu_s for m in ours)
-            sys_s = min(ours, key=lambda m: m.cpu_s).sys_s
-            base_wall, base_cpu = min(m.wall_s for m in sdk), min(m.cpu_s for m in sdk)
-            judged = dim == JUDGED_DIM
-            speed, cpu_share = base_wall / wall, cpu / base_cpu
+                fair = baseline(inputs, work / "baseline.f32", server, dim)
+                check(fair, f"fair SDK loop at {dim} dims")
+                rounds.append((ours, fair))
+            naive = baseline(inputs, work / "baseline.parquet", server, dim, naive=True)
+            check(naive, f"naive SDK loop at {dim} dims")
+            (work / "baseline.parquet").unlink(missing_ok=True)
+            (work / "baseline.f32").unlink(missing_ok=True)
+            speeds = [fair.wall_s / ours.wall_s for ours, fair in rounds]
+            cpu_shares = [ours.cpu_s / fair.cpu_s for ours, fair in rounds]
+            mid = sorted(range(REPEATS), key=lambda i: speeds[i])[REPEATS // 2]  # the median round, shown
+            ours, fair = rounds[mid]
+            us = [o.cpu_s / n * 1e6 for o, _ in rounds]
+            fair_us = [f.cpu_s / n * 1e6 for _, f in rounds]
+            speed, cpu_share = median(speeds), median(cpu_shares)
+            judged = dim in JUDGED_DIMS
             rows += [
-                Row(f"CPU-bound real text {dim}: rows/s", f"{n / wall:,.0f}", f"SDK loop {n / base_wall:,.0f} rows/s",
-                    speed, ">= 2", speed >= 2 if judged else None),
-                Row(f"CPU-bound real text {dim}: client CPU per row", f"{cpu / n * 1e6:,.0f} us (sys {sys_s / n * 1e6:,.0f})",
-                    f"SDK loop {base_cpu / n * 1e6:,.0f} us", cpu_share, "<= 0.40", cpu_share <= 0.40 if judged else None),
-                Row(f"CPU-bound real text {dim}: peak RSS", f"{min(m.peak_rss_mb for m in ours):,.0f} MB",
-                    f"SDK loop {min(m.peak_rss_mb for m in sdk):,.0f} MB", None, "", None),
+                Row(f"CPU-bound real text {dim}: rows/s", f"{n / ours.wall_s:,.0f}; x{spread(speeds)}",
+                    f"fair SDK loop {n / fair.wall_s:,.0f} rows/s", speed, f">= {SPEED_TARGET}",
+                    speed >= SPEED_TARGET if judged else None),
+                Row(f"CPU-bound real text {dim}: client CPU per row",
+                    f"{spread(us, '{:,.0f}')} us (sys {ours.sys_s / n * 1e6:,.0f}); x{spread(cpu_shares)}",
+                    f"fair SDK loop {spread(fair_us, '{:,.0f}')} us", cpu_share, f"<= {CPU_TARGET}",
+                    cpu_share <= CPU_TARGET if judged else None),
+                Row(f"CPU-bound real text {dim}: peak RSS", f"{max(o.peak_rss_mb for o, _ in rounds):,.0f} MB",
+                    f"fair SDK loop {max(f.peak_rss_mb for _, f in rounds):,.0f} MB", None, f"< {MEMORY_LIMIT_MB} MB",
+                    max(o.peak_rss_mb for o, _ in rounds) < MEMORY_LIMIT_MB),
+                Row(f"CPU-bound real text {dim}: naive SDK loop", f"{n / naive.wall_s:,.0f} rows/s, "
+                    f"{naive.cpu_s / n * 1e6:,.0f} us/row, {naive.peak_rss_mb:,.0f} MB",
+                    f"the pipeline, median round: {n / ours.wall_s / (n / naive.wall_s):.2f}x rows/s",
+                    naive.wall_s / ours.wall_s, "", None),
             ]
-            if judged:
+            if dim == CPU_DIMS[0]:
                 profile = work / "cpu-real-profile.txt"
                 fresh(work, name)
                 prof = run([PY_SPY, "record", "-r", "250", "-f", "raw", "-o", str(profile), "--", *pipeline_args(job)])
                 check(prof, "CPU-bound run under py-spy")
                 shares = split(profile)
-                us_row = cpu / n * 1e6
+                us_row = median(us)
                 rows += [Row(f"  stage {stage}", f"{shares[stage] * us_row:,.1f} us/row", "client CPU", shares[stage],
                              "", None) for stage in STAGES]
         fresh(work, f"cpu-real-{CPU_DIMS[-1]}")
@@ -103,25 +137,39 @@ def served(st: dict[str, np.ndarray], rows: int) -> tuple[float, float, float]:
 
 
 def latency_real(work: Path, sizes: Sizes) -> list[Row]:
+    """LATENCY_RUNS rounds of (pipeline, fair loop) on the size-dependent
+    server: the share of the ideal must hold in every round (not the best
+    one), and at least the loop's own in the same round."""
     n = sizes.real_rows
     inputs, _ = corpus(work, n)
+    ours: list[tuple[float, float, float]] = []
+    sdk: list[tuple[float, float, float]] = []
     with Server(latency_ms=SIZE_LATENCY_MS, latency_ms_per_1k_tokens=SIZE_LATENCY_MS_PER_1K) as server:
         job = job_file(work, "latency-real", inputs, server, dim=JUDGED_DIM, concurrency=CONCURRENCY,
                        rows_per_request=ROWS_PER_REQUEST, rows_per_part=None)
+        for _ in range(LATENCY_RUNS):
+            fresh(work, "latency-real")
+            server.reset()
+            check(run(pipeline_args(job)), "latency-bound run on real text")
+            ours.append(served(server.stats(), n))
+            server.reset()
+            check(baseline(inputs, work / "baseline.f32", server, JUDGED_DIM), "fair SDK loop, latency-bound")
+            sdk.append(served(server.stats(), n))
         fresh(work, "latency-real")
-        m = run(pipeline_args(job))
-        check(m, "latency-bound run on real text")
-        ours = served(server.stats(), n)
-        server.reset()
-        check(baseline(inputs, work / "baseline.parquet", server, JUDGED_DIM), "SDK baseline, latency-bound")
-        sdk = served(server.stats(), n)
-        fresh(work, "latency-real")
+        (work / "baseline.f32").unlink(missing_ok=True)
     limit = f"{SIZE_LATENCY_MS} ms + {SIZE_LATENCY_MS_PER_1K} ms/1k tokens x {CONCURRENCY}"
+    shares, sdk_shares = [o[2] for o in ours], [s[2] for s in sdk]
+    every = ", ".join(f"{x:.3f}" for x in shares)
+    lowest = min(shares)
+    beats = [o[2] >= s[2] for o, s in zip(ours, sdk)]
     return [
-        Row("latency-bound real text: rows/s", f"{ours[0]:,.0f}", f"ideal {ours[1]:,.0f} ({limit})", ours[2],
-            ">= 0.95", ours[2] >= 0.95),
-        Row("latency-bound real text: SDK loop rows/s", f"{sdk[0]:,.0f}", f"ideal {sdk[1]:,.0f}", sdk[2], "", None),
-        Row("latency-bound real text: pipeline / SDK", f"{ours[0] / sdk[0]:.2f}x", "rows/s", ours[0] / sdk[0], "", None),
+        Row("latency-bound real text: rows/s", f"{spread([o[0] for o in ours], '{:,.0f}')}; shares {every}",
+            f"ideal {ours[0][1]:,.0f} ({limit})", lowest, ">= 0.95 every run", lowest >= 0.95),
+        Row("latency-bound real text: fair SDK loop rows/s", f"{spread([s[0] for s in sdk], '{:,.0f}')}; shares "
+            + ", ".join(f"{x:.3f}" for x in sdk_shares), f"ideal {sdk[0][1]:,.0f}", median(sdk_shares), "", None),
+        Row("latency-bound real text: pipeline / SDK share", f"{sum(beats)} of {len(beats)} rounds at least the loop's",
+            "the loop's share in the same round", median(o / s for o, s in zip(shares, sdk_shares)),
+            ">= 1 every round", all(beats)),
     ]
 
 

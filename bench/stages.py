@@ -24,25 +24,21 @@ STAGES = ("read", "tokenize", "pack", "dedupe", "request + decode", "combine", "
 # OpenAIProvider._post decoding); a stack with none goes by its libraries.
 PIPELINE_RULES = (
     ("<frozen importlib", "startup"),  # imports, wherever they happen
-    ("pipeline/sources.py", "read"),
-    ("combine (pipeline/texts.py", "combine"),
-    ("pipeline/texts.py", "tokenize"),
-    ("pipeline/packing.py", "pack"),
-    ("pipeline/reuse.py", "dedupe"),  # the in-run dedupe ring and the cache lookups
-    ("pipeline/cache.py", "dedupe"),
-    ("pipeline/segments.py", "dedupe"),
+    ("pipeline/cli/process.py", "startup"),  # the process settings (allocators, probes)
+    ("pipeline/inputs/sources.py", "read"),
+    ("combine (pipeline/inputs/texts.py", "combine"),
+    ("pipeline/inputs/texts.py", "tokenize"),
+    ("pipeline/core/packing.py", "pack"),
+    ("pipeline/engine/reuse.py", "dedupe"),  # the in-run dedupe ring and the cache lookups
+    ("pipeline/cache/", "dedupe"),
     ("pipeline/providers/", "request + decode"),
-    ("pipeline/dispatch.py", "request + decode"),
-    ("pipeline/limits.py", "request + decode"),
-    ("pipeline/embedder.py", "combine"),  # piece vectors into a unit's rows
-    ("pipeline/sink.py", "write"),  # Parquet parts
-    ("pipeline/manifest.py", "checkpoint"),
-    ("pipeline/storage.py", "checkpoint"),
-    ("pipeline/locks.py", "checkpoint"),
-    ("pipeline/records.py", "checkpoint"),
-    ("pipeline/journal.py", "checkpoint"),
-    ("pipeline/checkpoint.py", "checkpoint"),
-    ("_commit (pipeline/runner.py", "checkpoint"),
+    ("pipeline/engine/dispatch.py", "request + decode"),
+    ("pipeline/core/limits.py", "request + decode"),
+    ("pipeline/engine/embedder.py", "combine"),  # piece vectors into a unit's rows
+    ("pipeline/checkpoint/parts.py", "write"),  # Parquet parts
+    ("pipeline/checkpoint/", "checkpoint"),  # manifest, records, journal
+    ("pipeline/storage/", "checkpoint"),
+    ("_commit (pipeline/engine/runner.py", "checkpoint"),
 )
 LIBRARY_RULES = (
     ("tiktoken/", "tokenize"),

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from typing import Any, Awaitable, Callable
 
 import numpy as np
@@ -19,7 +21,7 @@ from pipeline.errors import (
     TransientError,
 )
 from pipeline.providers.base import EmbedResult
-from pipeline.providers.openai import OpenAIProvider
+from pipeline.providers.openai import OpenAIProvider, _base64_answer
 
 SECRET = "sk-live-SECRET-0123456789abcdef"
 MODEL = "text-embedding-3-small"
@@ -388,3 +390,36 @@ def test_an_answer_without_limit_headers_has_no_reading() -> None:
         assert embed_error(fp, ["a"]).limits is None
     with FakeProvider(dim=8) as fp:
         assert embed_texts(fp, ["a"]).limits is None
+
+
+def _answer_body(vectors: np.ndarray, *, indent: int | None = None, model: str = "text-embedding-3-small") -> bytes:
+    data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()}
+            for i, v in enumerate(vectors)]
+    return json.dumps({"object": "list", "data": data, "model": model,
+                       "usage": {"prompt_tokens": 7, "total_tokens": 7}}, indent=indent).encode()
+
+
+@pytest.mark.parametrize("indent", [None, 2], ids=["compact", "pretty"])
+@pytest.mark.parametrize("model", ["text-embedding-3-small", 'x "embedding": "AAAAAAAAAAAAAAAA"'], ids=["model", "key_in_string"])
+def test_the_usual_answer_is_decoded_without_parsing_its_base64_as_json(indent: int | None, model: str) -> None:
+    vectors = np.random.default_rng(0).standard_normal((5, 12)).astype(np.float32)
+    found = _base64_answer(_answer_body(vectors, indent=indent, model=model), 5)
+    assert found is not None
+    payload, decoded = found
+    assert np.array_equal(decoded, vectors)
+    assert payload["usage"]["total_tokens"] == 7 and payload["model"] == model
+
+
+@pytest.mark.parametrize(
+    "body, n",
+    [
+        (_answer_body(np.ones((3, 8), np.float32)), 3),  # padded base64: item by item
+        (_answer_body(np.ones((3, 12), np.float32)), 4),  # a vector short
+        (_answer_body(np.ones((3, 12), np.float32)).replace(b'"index": 1', b'"index": 2'), 3),  # out of order
+        (b'{"data": [{"embedding": [0.5, 0.25]}]}', 1),  # floats
+        (b'{"error": {"message": "no"}, "data": [{"embedding": "AAAAAAAAAAAAAAAA"}]}', 1),
+    ],
+    ids=["padded", "count", "order", "floats", "error"],
+)
+def test_anything_but_the_usual_answer_takes_the_json_path(body: bytes, n: int) -> None:
+    assert _base64_answer(body, n) is None

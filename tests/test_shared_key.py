@@ -3,7 +3,7 @@ against one loopback server that enforces the key's RPM and TPM over a
 sliding window, stay under it together and still use it.
 
 The server and the runs are told the same short window (a 4-second "minute",
-the client through its test-only variable) so a few windows pass in seconds.
+the client through its provider's `rate_window_s`) so a few windows pass in seconds.
 Figures come from what the server counted: the requests it refused (429) over
 the whole run, and the requests and tokens it accepted in whole windows once
 every run is under way (one window after the last run's start-up probe: a run
@@ -45,12 +45,12 @@ def texts_for(n: int, prefix: str, seed: int) -> list[str]:
     return [f"{prefix} {i} " + " ".join(rng.choice(words) for _ in range(rng.randint(10, 38))) for i in range(n)]
 
 
-def make_job(directory: Path, fp: FakeProvider, name: str, rows: int, seed: int) -> Path:
+def make_job(directory: Path, fp: FakeProvider, name: str, rows: int, seed: int, *, rpm: int = RPM,
+             tpm: int | None = TPM) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     write_parquet(directory / "data.parquet", docs_table(texts_for(rows, name, seed)))
-    provider = provider_entry(fp, requests_per_minute=RPM, tokens_per_minute=TPM, max_concurrency=CONCURRENCY,
-                              rate_window_s=WINDOW_S,
-                              timeout_s=10)
+    limits = {"requests_per_minute": rpm, **({"tokens_per_minute": tpm} if tpm else {})}
+    provider = provider_entry(fp, **limits, max_concurrency=CONCURRENCY, rate_window_s=WINDOW_S, timeout_s=10)
     return write_job(directory, [provider], rows_per_part=ROWS_PER_PART, job_name=name,
                      batching={"max_inputs_per_request": ROWS_PER_REQUEST},
                      retry={"max_attempts": 6, "initial_backoff_s": 0.2, "max_backoff_s": 2})
@@ -133,3 +133,30 @@ def test_two_jobs_on_one_key_share_it_by_its_headers(tmp_path: Path) -> None:
         assert_complete(result, job.parent / "out", rows)
     assert refused <= MAX_REFUSED_SHARE
     assert pace >= MIN_PACE
+
+
+KEY_RPM = 120  # issue 25: two unrelated jobs, 2,400 and 600 rows, each naming the key's whole RPM
+MIN_PACE_TOGETHER = 0.95
+MAX_REFUSED_TOGETHER = 0.01
+
+
+def test_two_jobs_of_four_to_one_rows_use_the_whole_key_with_the_smaller_gone(tmp_path: Path) -> None:
+    """When the smaller job ends, its requests age out of the key's window
+    over the next one; the other takes that room as it frees (it took a
+    window to grow into it: 88% of the key's pace together). Pace: every
+    request the key accepted, probes included, from the first arrival to the
+    last, against the key's RPM over that span."""
+    sizes = {"docs": 2400, "tickets": 600}
+    with FakeProvider(dim=8, rpm=KEY_RPM, window_s=WINDOW_S) as fp:
+        jobs = [make_job(tmp_path / name, fp, name, rows, seed=i, rpm=KEY_RPM, tpm=None)
+                for i, (name, rows) in enumerate(sizes.items())]
+        results = run_together([(job, []) for job in jobs])
+        metered = fp.metered
+    for job, result, rows in zip(jobs, results, sizes.values()):
+        assert_complete(result, job.parent / "out", rows)
+    refused = refused_share(fp)
+    span = metered[-1][0] - metered[0][0]
+    pace = sum(1 for _, _, accepted in metered if accepted) / (KEY_RPM * span / WINDOW_S)
+    print(f"2 jobs 4:1 on {KEY_RPM} RPM: {refused:.2%} refused of {len(metered)}, pace {pace:.1%} over {span:.1f} s")
+    assert refused <= MAX_REFUSED_TOGETHER
+    assert pace >= MIN_PACE_TOGETHER

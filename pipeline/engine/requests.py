@@ -15,7 +15,7 @@ import math
 from typing import Any
 
 from ..inputs.sources import Unit
-from ..inputs.texts import encoding
+from ..inputs.texts import utf8_len
 from ..core import probe
 from ..errors import ProviderError, WorkLeftError
 from ..providers import Provider, build_provider
@@ -57,7 +57,7 @@ class RequestStrategy:
         provider's by priority). Returns the vectors' length."""
         routes = sorted(self.dispatcher.routes, key=lambda r: r.priority)
         texts = list(probe.PROBE_TEXTS)
-        tokens = sum(len(t) for t in encoding().encode_ordinary_batch(texts))
+        tokens = sum(utf8_len(t) for t in texts)  # a bound: no tokenizer loaded for it
         answers = await asyncio.gather(*(self.dispatcher.embed_on(r, texts, tokens) for r in routes),
                                        return_exceptions=True)
         answered = []

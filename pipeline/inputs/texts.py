@@ -10,7 +10,9 @@ need truncation or chunking, and its byte count serves as its token count for
 packing (an upper bound: a request within the budget by bounds is within it).
 Exact counts are taken where a bound is not enough: a row over the limit by
 bytes (to truncate or chunk it), a request a bound would end early
-(`request_tokens`), a provider paced by `tokens_per_minute`, and `estimate`.
+(`request_tokens`), and `estimate`. A provider paced by `tokens_per_minute`
+is paced on the bounds scaled by the usage its answers report
+(`core.limits.RateWindow.token_scale`), not on exact counts.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import tiktoken
 
-from ..config.job import EmbeddingConfig, InputConfig, JobConfig
+from ..config.job import EmbeddingConfig, InputConfig
 from ..errors import ConfigError, RowPolicyError
 from ..core.packing import tighten
 
@@ -83,12 +85,6 @@ def row_texts(table: pa.Table, cfg: InputConfig) -> list[str | None]:
     return texts
 
 
-def needs_exact_tokens(job: JobConfig) -> bool:
-    """A provider paced by tokens_per_minute spends exact counts; a byte bound
-    would leave most of its allowance unused on prose."""
-    return any(p.tokens_per_minute for p in job.providers)
-
-
 def utf8_len(text: str) -> int:
     # An ASCII str is its own UTF-8 (isascii is O(1)); surrogatepass: a lone
     # surrogate counts as the 3 bytes of the U+FFFD tiktoken puts in its place.
@@ -109,11 +105,10 @@ def prepare(texts: list[str | None], emb: EmbeddingConfig, row_ids: list[object]
     `max_input_tokens` by its UTF-8 bytes is not tokenized: its byte count
     stands for its tokens (`tokens_exact` False); the pieces are the same.
     """
-    enc = encoding()
     # A plain loop: tiktoken's encode_ordinary_batch starts a thread pool and
     # one future per text, which cost 5x the encoding itself on short texts
     # (bench/README.md); the Rust encoder holds the GIL, so threads gain nothing.
-    encode = enc.encode_ordinary
+    # The tokenizer (0.15 s to load) is loaded by the first text that needs it.
     limit = emb.max_input_tokens
     reasons: list[RejectReason | None] = [None] * len(texts)
     pieces: list[str] = []
@@ -135,7 +130,8 @@ def prepare(texts: list[str | None], emb: EmbeddingConfig, row_ids: list[object]
             sizes.append(nbytes)
             known.append(False)
             continue
-        tokens = encode(text)
+        enc = encoding()
+        tokens = enc.encode_ordinary(text)
         n = len(tokens)
         if n <= limit:
             pieces.append(text)
