@@ -39,10 +39,10 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from ..batch.watch import utc_stamp, waiting_for
 from ..checkpoint import layout
-from ..commands.status import job_status
-from ..config.job import JobConfig, load_job
 from ..commands.run import RunOptions
 from ..commands.run import run as run_job
+from ..commands.status import job_status
+from ..config.job import JobConfig, load_job
 from ..engine.runner import GRACE_S
 from ..engine.stopper import SIGNALS
 from ..errors import EXIT_BAD_JOB, EXIT_BATCHES_RUNNING, EXIT_OK, EXIT_WORK_LEFT, ConfigError, PipelineError

@@ -30,21 +30,21 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from ..cache.vectors import KEY_BYTES
+from ..checkpoint.batch_records import BatchRecord, BatchRequest
+from ..checkpoint.journal import JournalContents
+from ..config.job import JobConfig
 from ..core import probe
+from ..core.money import Spend
+from ..engine.progress import RunCounters
+from ..errors import BadResponseError, ProviderError
+from ..providers.base import check_vectors
+from ..providers.batch_api import RESULT_STATUSES, BatchClient, BatchInfo
+from ..providers.classify import classify
+from ..storage.output import Output
 from .files import PROBE_ID, poll_delay_s, request_index, results
 from .state import BatchJournal, delete_requests, write_record
 from .submit import OpenBatch, Stopped, Submitter, Waker
-from ..cache.vectors import KEY_BYTES
-from ..config.job import JobConfig
-from ..errors import BadResponseError, ProviderError
-from ..providers.classify import classify
-from ..checkpoint.journal import JournalContents
-from ..engine.progress import RunCounters
-from ..providers.base import check_vectors
-from ..providers.batch_api import RESULT_STATUSES, BatchClient, BatchInfo
-from ..checkpoint.batch_records import BatchRecord, BatchRequest
-from ..core.money import Spend
-from ..storage.output import Output
 
 log = logging.getLogger("pipeline")
 

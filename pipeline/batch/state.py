@@ -21,8 +21,8 @@ from typing import Any, Container, Iterable
 import numpy as np
 
 from ..checkpoint import layout
-from ..checkpoint.journal import JournalContents, parse, refused_piece, vectors_piece
 from ..checkpoint.batch_records import BatchRecord, BatchRequest, parse_requests, requests_bytes
+from ..checkpoint.journal import JournalContents, parse, refused_piece, vectors_piece
 from ..storage.output import Output
 
 log = logging.getLogger("pipeline")

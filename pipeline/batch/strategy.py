@@ -43,8 +43,8 @@ import numpy as np
 
 from ..cache.vectors import text_keys
 from ..checkpoint import layout, parts
-from ..checkpoint.journal import Journal, JournalContents
 from ..checkpoint.batch_records import BatchRecord, BatchRequest
+from ..checkpoint.journal import Journal, JournalContents
 from ..core import probe
 from ..core.packing import pack
 from ..engine.dispatch import ProviderStats
@@ -60,7 +60,16 @@ from ..storage.output import private_temp_dir
 from .collect import Collector, delete_files
 from .files import keys_array
 from .links import Links
-from .state import Answers, BatchJournal, UnitKnown, delete_batch, delete_requests, orphan_files, read_records, read_requests
+from .state import (
+    Answers,
+    BatchJournal,
+    UnitKnown,
+    delete_batch,
+    delete_requests,
+    orphan_files,
+    read_records,
+    read_requests,
+)
 from .submit import Stopped, Submitter, Waker
 
 log = logging.getLogger("pipeline")

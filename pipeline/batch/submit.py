@@ -24,16 +24,16 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..core import probe
-from .files import BatchFile, BatchLimits, KeySet, poll_delay_s
-from .state import delete_batch, read_records, write_record, write_requests
-from ..config.job import JobConfig
-from ..errors import EndpointMissingError, PipelineError, WorkLeftError
-from ..providers.batch_api import RESULT_STATUSES, BatchClient
 from ..checkpoint.batch_records import BatchRecord, BatchRequest
+from ..config.job import JobConfig
+from ..core import probe
 from ..core.money import Spend
 from ..engine.stopper import Stopper
+from ..errors import EndpointMissingError, PipelineError, WorkLeftError
+from ..providers.batch_api import RESULT_STATUSES, BatchClient
 from ..storage.output import Output
+from .files import BatchFile, BatchLimits, KeySet, poll_delay_s
+from .state import delete_batch, read_records, write_record, write_requests
 
 log = logging.getLogger("pipeline")
 

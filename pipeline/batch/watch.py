@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 
 from ..checkpoint import layout
-from ..checkpoint.manifest import Checkpoint
 from ..checkpoint.batch_records import BatchRecord
+from ..checkpoint.manifest import Checkpoint
 from ..config.job import JobConfig, ProviderConfig
 from ..config.schema import WHOLE_ENV_REF
 from ..providers.batch_api import RESULT_STATUSES

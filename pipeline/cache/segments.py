@@ -30,12 +30,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from .vectors import VectorCache
 from ..config.job import StorageConfig
 from ..errors import ConfigError
 from ..storage.fs import HOST, S3_SCHEMES, store_error
 from ..storage.objectstore import ObjectOutput
 from ..storage.output import private_temp_dir
+from .vectors import VectorCache
 
 log = logging.getLogger("pipeline")
 

@@ -16,7 +16,6 @@ from typing import Any, Literal, get_args
 from ..cache.vectors import KEY_BYTES
 from .records import RECORD_VERSION, fields_of
 
-
 # submitting: recorded before upload and create (a kill there is resolved by
 # listing the provider's files and batches at the next start); submitted: the
 # provider has it, it is polled; collected: its answers are in its journal;

@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import layout
 from ..config.job import JobConfig, VectorDtype
 from ..core import quantize
 from ..core.quantize import Int8Ranges
 from ..errors import ConfigError
 from ..storage.output import Output
+from . import layout
 
 COLUMNS_META = "pipeline.columns"  # a part's schema metadata: JSON list of its vector columns
 READ_ATTEMPTS = 5  # another writer's ranges, read again while torn (a store without atomic create)

@@ -26,8 +26,8 @@ import numpy as np
 from crc32c import crc32c
 
 from ..cache.vectors import KEY_BYTES
-from .layout import journal_name
 from ..storage.output import Output
+from .layout import journal_name
 
 log = logging.getLogger("pipeline")
 

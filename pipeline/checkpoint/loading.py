@@ -19,10 +19,10 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from . import layout, segments
 from ..errors import ConfigError
 from ..storage.fs import store_error
 from ..storage.output import Output
+from . import layout, segments
 from .fingerprint import epoch_of
 from .layout import Shard
 from .records import Ledger, UnitRecord, merge_meta, snapshot_meta, snapshot_segments, snapshot_units, unit_values

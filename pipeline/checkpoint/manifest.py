@@ -28,15 +28,15 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import layout, segments
 from ..config.job import JobConfig
 from ..errors import JobChangedError
+from ..storage.output import Output, Staged
+from . import layout, segments
 from .fingerprint import describe_change, epoch_of, job_fingerprint
 from .layout import Shard
 from .loading import load, read_segment
 from .records import FORMAT_VERSION, MAX_RUNS_KEPT, UNIT_FIELDS, Ledger, UnitRecord, merge_meta, new_meta, snapshot_json
 from .segments import SegmentRef
-from ..storage.output import Output, Staged
 
 COMPACT_EVERY_RECORDS = 1000  # a restart reads at most this many records per writer
 COMPACT_EVERY_S = 300.0  # ... or what a writer committed in the last five minutes

@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import layout
-from .columns import VectorColumns
 from ..config.job import JobConfig
 from ..storage.output import Output, Staged
+from . import layout
+from .columns import VectorColumns
 
 REJECT_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("error_code", pa.string()), ("part", pa.string())])
 COMPRESSION = "zstd"

@@ -8,11 +8,11 @@ import sys
 from dataclasses import replace
 from typing import Sequence
 
+from ..checkpoint.layout import parse_shard
 from ..commands.estimate import estimate_job, estimate_lines
+from ..commands.run import RunOptions, run
 from ..commands.status import job_status, status_lines
 from ..commands.validate import validate_job
-from ..checkpoint.layout import parse_shard
-from ..commands.run import RunOptions, run
 from ..config.job import load_job
 from ..errors import EXIT_OK, EXIT_WORK_LEFT, PipelineError
 from ..logfmt import LOG_FORMATS, configure, error_line

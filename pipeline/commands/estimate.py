@@ -13,9 +13,9 @@ from ..batch.files import MAX_REQUESTS_PER_BATCH
 from ..cache import open_cache
 from ..cache.vectors import text_keys
 from ..config.job import JobConfig, load_job
-from ..core.packing import pack
 from ..core.models import expected_dimensions, known_dimensions, list_price
 from ..core.money import BATCH_WINDOW_H, batch_price, cost_usd, job_price
+from ..core.packing import pack
 from ..core.quantize import DTYPES, bytes_per_row, check_vector_columns, output_sizes
 from ..engine.progress import rejects_text
 from ..engine.reuse import RecentKeys, memory_entries, plan_keys

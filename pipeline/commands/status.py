@@ -8,16 +8,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..checkpoint import layout
 from ..batch.state import read_records
 from ..batch.watch import batch_status_fields
-from ..config.job import load_job
-from ..errors import ConfigError
-from ..storage.fs import store_error
+from ..checkpoint import layout
 from ..checkpoint.manifest import Checkpoint
+from ..config.job import load_job
 from ..engine.progress import rejects_text
+from ..errors import ConfigError
 from ..storage import open_output
-
+from ..storage.fs import store_error
 
 MAX_BATCHES_LISTED = 20  # status names this many open batches; --json lists every recorded one
 

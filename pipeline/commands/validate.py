@@ -5,16 +5,16 @@ import importlib.util
 import os
 
 from ..cache import open_cache
-from ..config.job import load_job
-from ..errors import ConfigError, JobChangedError
-from ..storage.fs import is_remote
 from ..checkpoint.manifest import Checkpoint, describe_change, job_fingerprint
+from ..config.job import load_job
 from ..core.models import known_dimensions
 from ..core.money import Spend, job_price
 from ..core.quantize import check_vector_columns
+from ..errors import ConfigError, JobChangedError
 from ..inputs.sources import check_columns, find_inputs
-from ..storage import LocalOutput, open_output
 from ..providers.local import model_folder
+from ..storage import LocalOutput, open_output
+from ..storage.fs import is_remote
 
 
 def validate_job(job_file: str) -> list[str]:

@@ -19,8 +19,15 @@ from typing import Any, Literal
 import yaml
 
 from ..errors import ConfigError
-from .extras import (RESERVED_BODY_KEYS, TRANSPORT_BODY_KEYS, Fields, as_fields, header_problem, read_body,
-                     read_text_fields)
+from .extras import (
+    RESERVED_BODY_KEYS,
+    TRANSPORT_BODY_KEYS,
+    Fields,
+    as_fields,
+    header_problem,
+    read_body,
+    read_text_fields,
+)
 from .schema import Invalid, Reader, check_fields, rules, setting, spec_of
 
 Format = Literal["auto", "parquet", "csv"]

@@ -22,11 +22,11 @@ from typing import Awaitable, Callable, Literal
 import numpy as np
 
 from ..config.job import RetryConfig
-from ..errors import BadResponseError, ProviderError, ProviderUnusableError, WorkLeftError
-from ..providers.classify import classify
 from ..core.limits import AdaptiveConcurrency, Circuit, Permit, RateWindow
 from ..core.retry import retry_delay_s
+from ..errors import BadResponseError, ProviderError, ProviderUnusableError, WorkLeftError
 from ..providers import EmbedResult, Provider
+from ..providers.classify import classify
 
 log = logging.getLogger(__name__)
 

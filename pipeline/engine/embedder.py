@@ -16,14 +16,14 @@ import numpy as np
 import pyarrow as pa
 
 from ..checkpoint import parts
-from ..config.job import JobConfig
-from .dispatch import Dispatcher
-from ..errors import BadInputError, WorkLeftError
 from ..checkpoint.journal import Journal, Known
-from ..core.packing import pack
-from .reuse import ORIGIN_CODE, Claim, Origin, Refused, Reuse, origin_counts
+from ..config.job import JobConfig
 from ..core.money import Spend
+from ..core.packing import pack
+from ..errors import BadInputError, WorkLeftError
 from ..inputs.texts import PreparedTexts, combine, count_tokens, request_tokens
+from .dispatch import Dispatcher
+from .reuse import ORIGIN_CODE, Claim, Origin, Refused, Reuse, origin_counts
 
 ProgressCallback = Callable[[int, int], None]  # (rows finished, tokens paid)
 

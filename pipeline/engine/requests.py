@@ -14,10 +14,10 @@ import logging
 import math
 from typing import Any
 
-from ..inputs.sources import Unit
-from ..inputs.texts import utf8_len
 from ..core import probe
 from ..errors import ProviderError, WorkLeftError
+from ..inputs.sources import Unit
+from ..inputs.texts import utf8_len
 from ..providers import Provider, build_provider
 from .dispatch import Dispatcher
 from .inflight import MemoryBudget, Reservation

@@ -20,9 +20,9 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..storage import fs
 from ..config.job import InputConfig, StorageConfig
 from ..errors import ConfigError, WorkLeftError
+from ..storage import fs
 
 FileFormat = Literal["parquet", "csv"]
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")

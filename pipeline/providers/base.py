@@ -7,8 +7,8 @@ from typing import Protocol
 import numpy as np
 
 from ..config.job import ProviderConfig
-from ..errors import BadResponseError
 from ..core.limits import KeyReading
+from ..errors import BadResponseError
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,16 @@ from typing import Mapping
 import aiohttp
 
 from ..core.limits import KeyReading, LimitReading
-from ..errors import (BadInputError, BadResponseError, EndpointMissingError, ProviderError, ProviderUnusableError,
-                      RateLimitedError, TooManyInputsError, TransientError)
+from ..errors import (
+    BadInputError,
+    BadResponseError,
+    EndpointMissingError,
+    ProviderError,
+    ProviderUnusableError,
+    RateLimitedError,
+    TooManyInputsError,
+    TransientError,
+)
 
 MAX_ERROR_TEXT_CHARS = 200  # provider messages are quoted, not dumped
 

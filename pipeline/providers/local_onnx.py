@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from ..storage import output
 from ..core.models import LOCAL_MODEL
+from ..storage import output
 
 log = logging.getLogger("pipeline")
 

@@ -26,10 +26,10 @@ import numpy as np
 import pybase64  # SIMD base64: 0.3 us a 1536-dim vector where the standard library takes 9
 
 from ..config.job import ProviderConfig
-from ..errors import BadResponseError, ProviderError, ProviderUnusableError, TooManyInputsError
-from .classify import classify, key_reading
 from ..core.limits import KeyReading
+from ..errors import BadResponseError, ProviderError, ProviderUnusableError, TooManyInputsError
 from .base import EmbedResult, check_vectors
+from .classify import classify, key_reading
 
 log = logging.getLogger(__name__)
 
