@@ -104,14 +104,14 @@ def test_unlimited_window_never_delays() -> None:
 
 @pytest.mark.slow  # a few windows of real time
 def test_provider_rpm_holds_over_real_http_as_the_server_counts_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(limits, "WINDOW_S", 2.0)  # a 2-second "minute" keeps the test short
+    window_s = 2.0  # the provider's rate_window_s: a 2-second "minute" keeps the test short
     monkeypatch.setattr(limits, "SAFETY_S", 0.02)
     rpm, n = 8, 30
 
     async def run(base_url: str) -> None:
         provider = OpenAIProvider(
             ProviderConfig(name="p", base_url=base_url, api_key="sk-test-key", model="text-embedding-3-small",
-                           max_concurrency=4, requests_per_minute=rpm), None)
+                           max_concurrency=4, requests_per_minute=rpm, rate_window_s=window_s), None)
         await provider.start()
         try:
             dispatcher = Dispatcher([provider], RetryConfig())
@@ -125,10 +125,10 @@ def test_provider_rpm_holds_over_real_http_as_the_server_counts_it(monkeypatch: 
         asyncio.run(run(server.base_url))
         arrivals = server.arrivals
     assert len(arrivals) == n
-    assert _max_in_any_window(arrivals, limits.WINDOW_S) <= rpm
+    assert _max_in_any_window(arrivals, window_s) <= rpm
     # No slower than the limit allows (the pace itself is proven on an injected
     # clock above): the first window's whole allowance went out in that window.
-    assert sum(1 for t in arrivals if t < arrivals[0] + limits.WINDOW_S) == rpm
+    assert sum(1 for t in arrivals if t < arrivals[0] + window_s) == rpm
 
 
 # ---------------------------------------------------------------- the provider's readings
