@@ -25,7 +25,7 @@ from ..checkpoint.records import REJECT_REASONS, UnitRecord
 from ..inputs.sources import Unit
 from .stopper import Stopper
 from ..storage.output import Output
-from ..inputs.texts import PreparedTexts, prepare, row_texts
+from ..inputs.texts import PreparedTexts, needs_exact_tokens, prepare, row_texts
 
 SLICE_BYTES = 16 * 2**20  # a slice (a row group of its part) holds about this much of vectors
 
@@ -47,6 +47,7 @@ class UnitWork:
         self.stop = stop
         self.counters = counters  # this run's share of each unit it commits
         self._rows_per_slice = slice_rows(self.dim, job.request_limits(self.dim)[0], job.output.rows_per_part)
+        self._exact = needs_exact_tokens(job)  # else a byte bound stands for most texts' tokens (texts.py)
 
     def reserve(self, end: int, budget: MemoryBudget) -> tuple[list[tuple[int, int]], list[Reservation]]:
         """A unit's first `end` rows as slices, each with its place in the budget's queue."""
@@ -108,7 +109,7 @@ class UnitWork:
         return await self.embedder.embed(prepared, journal, known)
 
     def _prepare(self, table: pa.Table, ids: pa.Array) -> PreparedTexts:
-        return prepare(row_texts(table, self.job.input), self.job.embedding, ids.to_pylist(), exact=False)
+        return prepare(row_texts(table, self.job.input), self.job.embedding, ids.to_pylist(), exact=self._exact)
 
     def _count(self, record: UnitRecord, earlier: UnitRecord | None, totals: UnitTotals) -> None:
         """This run's share of a unit: all of it, less what a --limit run recorded of it."""
