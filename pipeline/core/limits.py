@@ -61,12 +61,7 @@ LOG_PRUNE_AT = 64  # sends kept before the log of sends is pruned
 READING_LIFE_WINDOWS = 5  # a reading this old is dropped: the key may have changed hands since
 ANSWERS_WITHOUT_READING = 3  # answers in a row without a reading: the provider stopped sending them
 LATENCY_EWMA_ALPHA = 0.2  # weight of each answer in the recent latency that pacing allows for
-# The provider's tokens per token we counted (a byte bound for most texts):
-# the ratio of the usage answers report to our counts, both summed with this
-# weight on each answer, so the first answer sets it (an average started at
-# 1 took 20 answers to reach prose's 0.23, and a window of 21,000-token
-# requests went a quarter unused).
-TOKEN_SCALE_ALPHA = 0.1
+TOKEN_SCALE_ALPHA = 0.1  # weight of each answer's usage in the provider's tokens per token we counted
 TOKEN_SCALE_RANGE = (1e-3, 1e3)  # a usage further from our count than this is nonsense, not a scale
 
 
@@ -228,11 +223,8 @@ class RateWindow:
         self._window_s = WINDOW_S if window_s is None else window_s
         self.requests = KeyShare(requests_per_minute, shards, min_step=MIN_REQUEST_STEP, window_s=self._window_s)
         self.tokens = KeyShare(tokens_per_minute, shards, window_s=self._window_s)
-        # (completed at, tokens, the usage its answer reported or -1), in completion order
-        self._done: deque[tuple[float, int, int]] = deque()
+        self._done: deque[tuple[float, int]] = deque()  # (completed at, tokens), in completion order
         self._done_tokens = 0
-        self._done_usage = 0  # the usage reported by those answers in the window that reported it
-        self._done_usage_counted = 0  # ... and our count of their tokens
         self._in_flight = 0
         self._in_flight_tokens = 0
         # Every send, by ticket - _log_base: (sent at, requests and tokens sent before it, its tokens)
@@ -246,9 +238,7 @@ class RateWindow:
         self._slots: dict[bool, float] = {}
         self._due: dict[bool, float] = {}
         self._held_by_pacing = False  # the last wait was the pacing's (not the window's)
-        self.token_scale = 1.0  # the provider's tokens per token we counted, from reported usage
-        self._usage_sum = 0.0  # ... its parts: usage reported and our counts, recent answers weighted more
-        self._counted_sum = 0.0
+        self.token_scale = 1.0  # the provider's tokens per token we counted, from reported usage (EWMA)
 
     def delay_s(self, tokens: int, now: float) -> float:
         """Seconds until a request of `tokens` may be sent (0: now)."""
@@ -265,7 +255,7 @@ class RateWindow:
         if cap is None:
             return 0.0, 0.0
         live = share.live(now)
-        scale = self.token_scale if by_tokens else 1.0  # to the provider's tokens, which every cap is in
+        scale = self.token_scale if by_tokens and live else 1.0  # to the units the cap is in
         self._expire(now)
         wait = 0.0
         if self._done or self._in_flight:  # a lone request always fits an empty window, even one over the limit
@@ -312,23 +302,17 @@ class RateWindow:
         its answer said about the key and the tokens it billed, if anything."""
         self._in_flight -= 1
         self._in_flight_tokens -= tokens
-        known = usage is not None and tokens > 0 and TOKEN_SCALE_RANGE[0] <= usage / tokens <= TOKEN_SCALE_RANGE[1]
-        self._done.append((now, tokens, usage if known and usage is not None else -1))
+        self._done.append((now, tokens))
         self._done_tokens += tokens
-        if known and usage is not None:
-            self._done_usage += usage
-            self._done_usage_counted += tokens
         self._expire(now)  # here too: a provider without limits is never asked for a delay
         i = ticket - self._log_base
         if 0 <= i < len(self._log):
             self._latency_s += LATENCY_EWMA_ALPHA * (max(0.0, now - self._log[i][0]) - self._latency_s)
-        if known and usage is not None:
-            self._usage_sum += TOKEN_SCALE_ALPHA * (usage - self._usage_sum) if self._counted_sum else usage
-            self._counted_sum += TOKEN_SCALE_ALPHA * (tokens - self._counted_sum) if self._counted_sum else tokens
-            self.token_scale = self._usage_sum / self._counted_sum
+        if usage is not None and tokens > 0 and TOKEN_SCALE_RANGE[0] <= usage / tokens <= TOKEN_SCALE_RANGE[1]:
+            self.token_scale += TOKEN_SCALE_ALPHA * (usage / tokens - self.token_scale)
         own = self._own_use(ticket)
         for share, limit, used in ((self.requests, reading and reading.requests, own and own[0]),
-                                   (self.tokens, reading and reading.tokens, own and own[1] * self._window_scale())):
+                                   (self.tokens, reading and reading.tokens, own and own[1] * self.token_scale)):
             if limit is None:
                 share.unread()
             elif used is not None:  # else sent longer ago than any window: nothing current to learn
@@ -354,7 +338,7 @@ class RateWindow:
     def _age_out_s(self, amount: float, now: float, *, by_tokens: bool) -> float:
         """Time until `amount` requests (or tokens) of the window have aged out."""
         freed = 0
-        for done_at, tokens, _ in self._done:
+        for done_at, tokens in self._done:
             freed += tokens if by_tokens else 1
             if freed >= amount:
                 return max(0.0, done_at + self._window_s + SAFETY_S - now)
@@ -362,19 +346,7 @@ class RateWindow:
 
     def _expire(self, now: float) -> None:
         while self._done and self._done[0][0] + self._window_s + SAFETY_S <= now:
-            _, tokens, usage = self._done.popleft()
-            self._done_tokens -= tokens
-            if usage >= 0:
-                self._done_usage -= usage
-                self._done_usage_counted -= tokens
-
-    def _window_scale(self) -> float:
-        """The provider's tokens per token we counted over the answers in the
-        window: our own use of a window is converted with the mix of texts it
-        held, not the last few answers' (bytes per token vary by language)."""
-        if self._done_usage_counted > 0:
-            return self._done_usage / self._done_usage_counted
-        return self.token_scale
+            self._done_tokens -= self._done.popleft()[1]
 
 
 LATENCY_RISE_FACTOR = 2.0  # recent latency this many times what the size predicts: the provider is saturating
