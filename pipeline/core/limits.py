@@ -255,7 +255,7 @@ class RateWindow:
         if cap is None:
             return 0.0, 0.0
         live = share.live(now)
-        scale = self.token_scale if by_tokens else 1.0  # to the provider's tokens, which every cap is in
+        scale = self.token_scale if by_tokens and live else 1.0  # to the units the cap is in
         self._expire(now)
         wait = 0.0
         if self._done or self._in_flight:  # a lone request always fits an empty window, even one over the limit

@@ -16,17 +16,17 @@ import pyarrow as pa
 
 from ..checkpoint import parts
 from ..checkpoint.columns import VectorColumns
-from .inflight import MemoryBudget, Reservation
-from ..config.job import JobConfig
-from .embedder import Embedded, Embedder
 from ..checkpoint.journal import Journal, Known
 from ..checkpoint.manifest import Checkpoint
-from .progress import RunCounters
 from ..checkpoint.records import REJECT_REASONS, UnitRecord
+from ..config.job import JobConfig
 from ..inputs.sources import Unit
-from .stopper import Stopper
+from ..inputs.texts import PreparedTexts, needs_exact_tokens, prepare, row_texts
 from ..storage.output import Output
-from ..inputs.texts import PreparedTexts, prepare, row_texts
+from .embedder import Embedded, Embedder
+from .inflight import MemoryBudget, Reservation
+from .progress import RunCounters
+from .stopper import Stopper
 
 SLICE_BYTES = 16 * 2**20  # a slice (a row group of its part) holds about this much of vectors
 
@@ -48,6 +48,7 @@ class UnitWork:
         self.stop = stop
         self.counters = counters  # this run's share of each unit it commits
         self._rows_per_slice = slice_rows(self.dim, job.request_limits(self.dim)[0], job.output.rows_per_part)
+        self._exact = needs_exact_tokens(job)  # else a byte bound stands for most texts' tokens (texts.py)
         self.columns = VectorColumns(job, output, checkpoint.epoch, self.dim)  # every part's vector columns
 
     def reserve(self, end: int, budget: MemoryBudget) -> tuple[list[tuple[int, int]], list[Reservation]]:
@@ -111,7 +112,7 @@ class UnitWork:
         return await self.embedder.embed(prepared, journal, known)
 
     def _prepare(self, table: pa.Table, ids: pa.Array) -> PreparedTexts:
-        return prepare(row_texts(table, self.job.input), self.job.embedding, ids.to_pylist(), exact=False)
+        return prepare(row_texts(table, self.job.input), self.job.embedding, ids.to_pylist(), exact=self._exact)
 
     def _count(self, record: UnitRecord, earlier: UnitRecord | None, totals: UnitTotals) -> None:
         """This run's share of a unit: all of it, less what a --limit run recorded of it."""
