@@ -5,9 +5,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -195,3 +196,11 @@ def pytest_collection_modifyitems(items: list[Any]) -> None:
     for item in items:
         if item.module.__name__ in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    """Poll `condition` every 5 ms; fail the test if it is not true within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)

@@ -11,12 +11,13 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import (
+    wait_until,
     FAST_RETRY,
     assert_vectors_exact,
     docs_table,
@@ -100,12 +101,6 @@ def assert_tidy(out: Path, api: FakeBatchAPI) -> None:
     assert not list((out / "_journal.d").iterdir()), "journals left after the job completed"
     assert not [p for p in out.rglob("*") if TEMP_MARK in p.name]
 
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def one_error(stderr: str) -> str:

@@ -6,9 +6,8 @@ and what `validate` and `estimate` say."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import (
+    wait_until,
     committed_units,
     docs_table,
     error_lines,
@@ -151,12 +151,6 @@ def test_every_dtype_is_exact_against_the_float32_answer(tmp_path: Path, path: s
     assert {t: n for t, n in sent.items() if t in texts} == {t: 1 for t in texts if t and t.strip()}
 
 
-def _wait_until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
-
 
 def test_int8_ranges_are_identical_in_every_part_across_a_sigkill_and_rerun(tmp_path: Path) -> None:
     texts = _texts(48)
@@ -165,7 +159,7 @@ def test_int8_ranges_are_identical_in_every_part_across_a_sigkill_and_rerun(tmp_
     with FakeProvider(dim=DIM, latency_s=0.05) as fp:
         job = sync_job(tmp_path, fp, rows_per_part=3, max_concurrency=1)
         proc = start_run(job)
-        _wait_until(lambda: len(committed_units(out)) >= 3)
+        wait_until(lambda: len(committed_units(out)) >= 3, timeout_s=60)
         proc.kill()
         proc.wait(timeout=10)
         before = {c: recorded_ranges(out, c) for c in ("q", "q4")}

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import (
+    wait_until,
     KEY,
     KEY_VAR,
     PROBE_TEXTS,
@@ -73,13 +74,6 @@ def _job(tmp_path: Path, fp: FakeProvider, *, output: str = "out", file_name: st
         rows_per_part=rows_per_part, embedding={"dimensions": DIM},
         batching={"max_inputs_per_request": per_request}, output=output, file_name=file_name,
     )
-
-
-def _wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 def _committed(out: Path) -> set[int]:
@@ -210,10 +204,10 @@ def test_sigkill_at_random_instants_then_rerun_equals_an_uninterrupted_run_bit_f
             phase = rng.choice(PHASES)
             phases[phase] += 1
             if phase == "start-up":  # once it holds the output: checkpoint read, temp clean-up, orphan removal
-                _wait_until(lambda: _lock_holder(out) == proc.pid or proc.poll() is not None)
+                wait_until(lambda: _lock_holder(out) == proc.pid or proc.poll() is not None)
                 time.sleep(rng.uniform(0.0, 0.2))
             else:
-                _wait_until(lambda: fp.count() > requests + 1 or proc.poll() is not None)
+                wait_until(lambda: fp.count() > requests + 1 or proc.poll() is not None)
                 if phase == "requests":
                     time.sleep(rng.uniform(0.0, 0.3))
                 else:  # the moment a temp file of that kind shows up
@@ -262,7 +256,7 @@ def test_sigkill_at_random_instants_then_rerun_equals_an_uninterrupted_run_bit_f
 
 LARGE_ROWS_PER_PART = 800
 LARGE_PER_REQUEST = 4
-LARGE_KILLS = 4
+LARGE_KILLS = 3
 LOST_AT_KILL = 700  # texts of unfinished parts answered when a kill lands: what a run without a journal re-sends
 
 
@@ -272,7 +266,7 @@ def test_sigkill_in_the_middle_of_large_parts_re_sends_only_what_was_in_flight_n
     """Parts of 800 rows, 200 requests each: a kill lands when hundreds of a
     part's rows are answered and the part is not committed. Without the
     journal all of them would be sent again; with it, only what was in flight."""
-    texts = sample_texts(LARGE_ROWS_PER_PART * 5)
+    texts = sample_texts(LARGE_ROWS_PER_PART * 4)
     unit_of = {t: i // LARGE_ROWS_PER_PART for i, t in enumerate(texts)}
     write_parquet(tmp_path / "data.parquet", docs_table(texts))
     out = tmp_path / "out"
@@ -290,7 +284,7 @@ def test_sigkill_in_the_middle_of_large_parts_re_sends_only_what_was_in_flight_n
             ledger.started()
             requests = fp.count()
             proc = start_run(job)
-            _wait_until(lambda: (fp.count() > requests + 20 and lost_now() >= LOST_AT_KILL) or proc.poll() is not None,
+            wait_until(lambda: (fp.count() > requests + 20 and lost_now() >= LOST_AT_KILL) or proc.poll() is not None,
                         timeout_s=60)
             assert proc.poll() is None, f"the run ended before kill {k + 1}; give it more rows"
             at = ledger.killed(proc)
@@ -330,7 +324,7 @@ def test_sigterm_with_a_stalled_request_exits_within_the_grace_period_and_a_reru
     with FakeProvider(dim=DIM, script=["ok"] * ok + ["stall:60"] * 100) as fp:
         job = _job(tmp_path, fp, max_concurrency=2, timeout_s=120)
         proc = start_run(job, "--grace-seconds", str(GRACE_S))
-        _wait_until(lambda: fp.count() >= ok + 2)  # both slots now wait on a provider that stalls for 60 s
+        wait_until(lambda: fp.count() >= ok + 2)  # both slots now wait on a provider that stalls for 60 s
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
@@ -367,7 +361,7 @@ def test_a_second_signal_stops_at_once_without_waiting_out_the_grace_period(tmp_
     with FakeProvider(dim=DIM, script=["ok"] * ok + ["stall:60"] * 100) as fp:
         job = _job(tmp_path, fp, max_concurrency=2, timeout_s=120)
         proc = start_run(job)  # the default grace period: 20 s
-        _wait_until(lambda: fp.count() >= ok + 2)
+        wait_until(lambda: fp.count() >= ok + 2)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
@@ -394,7 +388,7 @@ def test_four_concurrent_shards_one_killed_and_rerun_alone_give_the_unsharded_ou
     with FakeProvider(dim=DIM, latency_s=0.03) as fp, FakeProvider(dim=DIM) as ref_fp:
         job = _job(tmp_path, fp, rows_per_part=4, per_request=2, max_concurrency=1)
         shards = {k: start_run(job, "--shard", f"{k}/4") for k in range(4)}
-        _wait_until(lambda: any(s % 4 == 2 for s in _committed(out)))
+        wait_until(lambda: any(s % 4 == 2 for s in _committed(out)))
         assert shards[2].poll() is None, "shard 2 finished before it could be killed; give it more rows"
         shards[2].kill()
         shards[2].wait(timeout=10)
@@ -461,7 +455,7 @@ def test_second_run_on_a_live_output_refuses_at_once_and_a_killed_holder_frees_i
         job = _job(tmp_path, slow, max_concurrency=1, per_request=3)
         same_job_other_provider = _job(tmp_path, fast, file_name="other.yaml", per_request=3)
         first = start_run(job, *extra)
-        _wait_until(lambda: slow.count() >= 2)  # it holds the output
+        wait_until(lambda: slow.count() >= 2)  # it holds the output
         second = run_cli("run", str(same_job_other_provider), "--no-progress", *extra)
         status = json.loads(run_cli("status", str(job), "--json", key=None).stdout)
         assert first.poll() is None
