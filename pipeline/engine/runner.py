@@ -84,7 +84,6 @@ class Engine:
         self.progress: Progress
         self.vectors = MemoryBudget(VECTOR_WINDOW_BYTES)
         self.spend: Spend
-        self.units: UnitWork | None = None
         self.dim = 0
 
     async def main(self, plan: Plan) -> int:
@@ -150,8 +149,7 @@ class Engine:
         self.dim = dim
         reuse = Reuse(self.job.embedding.model, self.job.embedding.dimensions, dim, self.cache, self.job.vector_options)
         embedder = Embedder(self.job, dispatcher, reuse, dim, self.progress.advance, self.spend)
-        self.units = UnitWork(self.job, self.output, self.checkpoint, embedder, self.stop, self.counters)
-        return self.units
+        return UnitWork(self.job, self.output, self.checkpoint, embedder, self.stop, self.counters)
 
     def owned(self, seq: int) -> bool:
         """A unit this writer owns and nobody has committed."""
