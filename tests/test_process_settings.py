@@ -4,6 +4,7 @@ own process only, and `EMBEDDING_PIPELINE_PROCESS_SETTINGS=off` keeps them off."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,15 +12,18 @@ import pytest
 
 from conftest import REPO, cli_env
 
-# What a process looks like: its environment, Arrow's default pool, and
-# whether pyarrow was told pandas is absent (pandas is installed here, so
-# pyarrow's own answer is True). glibc's settings cannot be read back.
+# What a process looks like: its environment, Arrow's default pool, whether
+# pyarrow was told pandas is absent (pandas is installed here, so pyarrow's
+# own answer is True), its threads, the collector's threshold. glibc's
+# settings cannot be read back.
 PROBE = r"""
-import json, os, sys
+import gc, json, os, sys
 env_before = dict(os.environ)
 {action}
 import pyarrow as pa
 state = {{
+    "threads": len(os.listdir("/proc/self/task")),  # native ones too: OpenBLAS's workers
+    "gc_young": gc.get_threshold()[0],
     "env_changed": sorted(k for k in set(os.environ) | set(env_before) if os.environ.get(k) != env_before.get(k)),
     "pool": pa.default_memory_pool().backend_name,
     "pandas_loaded": "pandas" in sys.modules,
@@ -62,6 +66,18 @@ def test_the_clis_main_applies_its_settings_to_its_own_process_without_touching_
     assert state["pool"] == "system"
     assert state["pandas_probe_done"] is True and state["pandas_loaded"] is False
     assert state["env_changed"] == []  # nothing a child process would inherit
+    assert state["gc_young"] >= 20_000
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="OpenBLAS starts no worker thread on one core")
+def test_numpys_blas_starts_no_spinning_workers_under_the_cli() -> None:
+    quiet, default = probe(RUN_MAIN), probe(RUN_MAIN, EMBEDDING_PIPELINE_PROCESS_SETTINGS="off")
+    assert quiet["threads"] < default["threads"]
+    assert quiet["env_changed"] == []  # set only while numpy loaded
+
+
+def test_a_users_own_blas_threads_are_kept() -> None:
+    assert probe(RUN_MAIN, OPENBLAS_NUM_THREADS="2")["threads"] >= 2
 
 
 @pytest.mark.parametrize("value", ["off", "0"])
@@ -69,6 +85,7 @@ def test_the_process_settings_have_an_opt_out(value: str) -> None:
     state = probe(RUN_MAIN, EMBEDDING_PIPELINE_PROCESS_SETTINGS=value)
     assert state["pool"] != "system"
     assert state["pandas_probe_done"] is False
+    assert state["gc_young"] < 20_000
 
 
 def test_a_users_own_arrow_pool_is_kept() -> None:

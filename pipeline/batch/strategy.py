@@ -53,7 +53,7 @@ from ..engine.runner import Engine
 from ..engine.units import UnitWork
 from ..errors import EndpointMissingError, PipelineError, ProviderError, WorkLeftError
 from ..inputs.sources import Unit
-from ..inputs.texts import PreparedTexts, prepare, row_texts
+from ..inputs.texts import PreparedTexts, prepare, row_texts, tokenizing
 from ..providers.batch_api import BatchClient
 from ..providers.openai import OpenAIProvider
 from ..storage.output import private_temp_dir
@@ -363,7 +363,7 @@ class BatchStrategy:
             return
         table = unit.table.slice(0, end)
         ids = parts.id_array(table, self.job, unit.row_offset).to_pylist()
-        prepared = await asyncio.to_thread(prepare, row_texts(table, self.job.input), self.job.embedding, ids)
+        prepared = await tokenizing(prepare, row_texts(table, self.job.input), self.job.embedding, ids)
         keys = text_keys(prepared.pieces, self.job.embedding.model, self.job.embedding.dimensions,
                          self.job.vector_options)
         first_of, _ = first_pieces(keys)

