@@ -11,7 +11,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from tqdm import tqdm
 
 from .. import logfmt
 
@@ -46,6 +45,8 @@ class Progress:
         self._plain = enabled is not False and not draw_bar
         self._bar = None
         if enabled is not False and draw_bar:
+            from tqdm import tqdm  # only for a bar: --no-progress and pipes never load it
+
             self._bar = tqdm(total=total_rows, unit="row", unit_scale=True, dynamic_ncols=True, file=sys.stderr)
 
     def advance(self, rows: int, tokens: int) -> None:

@@ -132,6 +132,8 @@ class Output(ABC):
         """Raises FileNotFoundError when absent."""
 
     def read_table(self, rel: str, schema: pa.Schema | None = None) -> pa.Table:
+        if schema is None:  # one file: no dataset machinery (pyarrow.dataset and compute, 20 ms to import)
+            return pq.ParquetFile(pa.BufferReader(self.read_bytes(rel))).read()
         return pq.read_table(pa.BufferReader(self.read_bytes(rel)), schema=schema)
 
     def read_metadata(self, rel: str) -> pq.FileMetaData:
