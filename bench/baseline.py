@@ -1,6 +1,6 @@
 """The rival: the loop a careful engineer writes by hand with the official `openai` SDK.
 
-    python bench/baseline.py INPUT_DIR OUT --base-url URL --dim 1536 --batch 100 --concurrency 16 [--naive]
+    python bench/baseline.py INPUT_DIR OUT --base-url URL --dim 1536 --batch 100 --concurrency 16 [--naive] [--limit N]
 
 The fair loop (the default): reads the Parquet text column a record batch at
 a time (`iter_batches`, never the whole table), sends each run of `--batch`
@@ -75,6 +75,10 @@ async def fair(args: argparse.Namespace) -> None:
     try:
         async with asyncio.TaskGroup() as tasks:
             for first, texts in batches(args.inputs, args.batch):
+                if args.limit is not None and first + len(texts) > args.limit:
+                    texts = texts[:max(0, args.limit - first)]
+                    if not texts:
+                        break
                 await gate.acquire()
                 tasks.create_task(one(first, texts))
     finally:
@@ -114,6 +118,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--naive", action="store_true", help="the SDK's defaults, every vector held to the end")
+    parser.add_argument("--limit", type=int, help="the fair loop: only the first LIMIT rows (its start-up cost)")
     args = parser.parse_args()
     asyncio.run(naive(args) if args.naive else fair(args))
 
