@@ -91,3 +91,19 @@ def test_the_process_settings_have_an_opt_out(value: str) -> None:
 def test_a_users_own_arrow_pool_is_kept() -> None:
     state = probe(RUN_MAIN, ARROW_DEFAULT_MEMORY_POOL="jemalloc")
     assert state["pool"] == "jemalloc"
+
+
+def applied(**env: str) -> list[str]:
+    code = "import json; from pipeline.cli.process import apply_process_settings; print(json.dumps(apply_process_settings()))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(env_extra=env), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_each_glibc_setting_yields_to_the_users_own_variable() -> None:
+    names = ("malloc_arenas", "malloc_mmap_threshold", "malloc_trim_threshold")
+    assert set(names) <= set(applied())  # glibc here
+    for name, var in zip(names, ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        got = applied(**{var: "1048576" if var != "MALLOC_ARENA_MAX" else "4"})
+        assert name not in got and set(names) - {name} <= set(got)
