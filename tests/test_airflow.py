@@ -352,6 +352,33 @@ def test_the_trigger_carries_batch_ids_url_and_the_key_variable_name_never_the_k
         assert api.user_agents[TRIGGER_AGENT] == polls
 
 
+def test_the_trigger_polls_with_the_providers_auth_headers_and_query_filled_from_the_triggerers_environment(
+        tmp_path: Path) -> None:
+    write_parquet(tmp_path / "data.parquet", docs_table(sample_texts(20)))
+    org = "org-secret-4711"
+    with FakeBatchAPI(dim=8, auth="api-key", required_query={"api-version": "2024-10-21"},
+                      required_headers={"X-Org": org}) as api:  # Azure's key header and route, a gateway's header
+        api.hold()
+        entry = {**batch_entry(api), "auth": "api-key", "query": {"api-version": "2024-10-21"},
+                 "headers": {"X-Org": "${ORG_ID}"}}
+        job = write_job(tmp_path, [entry], rows_per_part=ROWS_PER_PART)
+        env = {**airflow_env(tmp_path, job), "ORG_ID": org}
+        deferred = in_airflow(env, DIRECT, "defer", str(job))
+        kwargs = deferred["kwargs"]
+        assert deferred["deferred"] and kwargs["auth"] == "api-key"
+        assert kwargs["headers"] == {"X-Org": "${ORG_ID}"} and kwargs["query"] == {"api-version": "2024-10-21"}
+        assert org not in json.dumps(deferred) and KEY not in json.dumps(deferred)  # names stored, never values
+        serialised = json.dumps([deferred["path"], kwargs])
+
+        api.release()
+        fired = in_airflow(env, DIRECT, "trigger", serialised)  # a Bearer poll without them reads a 404
+        assert fired["event"]["status"] == "finished" and fired["event"]["batch_id"] in api.created
+        polls = api.user_agents[TRIGGER_AGENT]
+        no_org = in_airflow({k: v for k, v in env.items() if k != "ORG_ID"}, DIRECT, "trigger", serialised)
+        assert no_org["event"]["status"] == "error" and "ORG_ID" in no_org["event"]["message"]
+        assert api.user_agents[TRIGGER_AGENT] == polls  # nothing sent without it
+
+
 def test_a_synchronous_job_runs_to_its_end_in_execute_and_emits_the_output_asset(tmp_path: Path) -> None:
     texts = sample_texts(20)
     write_parquet(tmp_path / "data.parquet", docs_table(texts))

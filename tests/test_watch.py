@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.batch.files import BACKOFF_AFTER_INTERVALS, FIRST_POLL_FACTOR, MAX_POLL_FACTOR
-from pipeline.batch.watch import epoch_s, key_variable, next_check_s, utc_stamp
+from pipeline.batch.watch import epoch_s, key_variable, next_check_s, provider_entry, utc_stamp, written_fields
 from pipeline.checkpoint.batch_records import BatchRecord
 from pipeline.config.job import ProviderConfig
 
@@ -61,5 +61,16 @@ def provider(name: str = "openai-batch") -> ProviderConfig:
 def test_the_key_variable_is_read_by_name_from_the_job_file(tmp_path: Path, text: str, expected: str | None) -> None:
     job = tmp_path / "job.yaml"
     job.write_text(text)
-    assert key_variable(job, provider()) == expected
-    assert key_variable(tmp_path / "missing.yaml", provider()) is None
+    assert key_variable(provider_entry(job, provider())) == expected
+    assert key_variable(provider_entry(tmp_path / "missing.yaml", provider())) is None
+
+
+def test_headers_and_query_are_read_as_written_with_their_variables_unfilled(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("providers:\n  - name: openai-batch\n    api_key: ${K}\n"
+                   "    headers: {X-Org: '${ORG_ID}', X-Team: data, X-Seq: 7}\n"
+                   "    query: {api-version: 2024-10-21, sig: 'a${SIG}b'}\n")
+    entry = provider_entry(job, provider())
+    assert written_fields(entry, "headers") == {"X-Org": "${ORG_ID}", "X-Team": "data", "X-Seq": "7"}
+    assert written_fields(entry, "query") == {"api-version": "2024-10-21", "sig": "a${SIG}b"}  # a YAML date as text
+    assert written_fields({}, "headers") == {}

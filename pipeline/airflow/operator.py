@@ -166,7 +166,8 @@ class EmbeddingJobOperator(BaseOperator):
         self.defer(trigger=BatchTrigger(batch_ids=list(watch.batch_ids), created_s=list(watch.created_s),
                                         base_url=watch.base_url, api_key_env=watch.api_key_env,
                                         provider=watch.provider, poll_interval_s=watch.poll_interval_s,
-                                        max_attempts=job.retry.max_attempts),
+                                        max_attempts=job.retry.max_attempts, auth=watch.auth,
+                                        headers=dict(watch.headers), query=dict(watch.query)),
                    method_name="resume", timeout=self.defer_timeout)
 
     def _emit(self, context: Any, shard: layout.Shard | None) -> dict[str, Any]:

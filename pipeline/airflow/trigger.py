@@ -8,9 +8,12 @@ the job's backoff). The first batch that finishes (completed, expired,
 cancelled or failed) fires the event that resumes the task, whose run then
 collects it, writes what is answered and submits what is next.
 
-It serialises to the batch ids, the base URL and the *name* of the
-environment variable that holds the key; the key is read from the
-triggerer's environment when it runs, and never stored.
+It serialises to the batch ids, the base URL, the provider's `auth` and
+the *name* of the environment variable that holds the key, and its
+`headers` and `query` as the job file writes them; the key and every
+`${VAR}` in a header or query value are read from the triggerer's
+environment when it runs, and never stored. (A value written literally in
+the job file is stored as written: write secrets as `${VAR}`.)
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from ..batch.files import poll_delay_s
 from ..batch.watch import FINISHED_STATUSES
+from ..config.extras import Fields
 from ..config.job import ProviderConfig, RetryConfig
+from ..config.schema import fill_env
 from ..errors import PipelineError, ProviderError
 from ..providers.batch_api import BatchClient
 from ..providers.openai import USER_AGENT as CLIENT_AGENT
@@ -44,8 +49,13 @@ def event(status: EventStatus, **fields: Any) -> TriggerEvent:
 
 class BatchTrigger(BaseTrigger):
     def __init__(self, *, batch_ids: list[str], created_s: list[float], base_url: str, api_key_env: str | None,
-                 provider: str, poll_interval_s: float, max_attempts: int = 6) -> None:
+                 provider: str, poll_interval_s: float, max_attempts: int = 6, auth: str = "bearer",
+                 headers: dict[str, str] | None = None, query: dict[str, str] | None = None) -> None:
+        # auth, headers, query: defaults are what a trigger serialised before they were carried meant
         super().__init__()
+        self.auth = auth
+        self.headers = dict(headers or {})  # as written: ${VAR}s filled when it runs
+        self.query = dict(query or {})
         self.batch_ids = list(batch_ids)
         self.created_s = list(created_s)  # each batch's creation, epoch seconds: how often it is polled
         self.base_url = base_url
@@ -58,7 +68,7 @@ class BatchTrigger(BaseTrigger):
         return (f"{type(self).__module__}.{type(self).__qualname__}", {
             "batch_ids": self.batch_ids, "created_s": self.created_s, "base_url": self.base_url,
             "api_key_env": self.api_key_env, "provider": self.provider, "poll_interval_s": self.poll_interval_s,
-            "max_attempts": self.max_attempts,
+            "max_attempts": self.max_attempts, "auth": self.auth, "headers": self.headers, "query": self.query,
         })
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
@@ -67,12 +77,18 @@ class BatchTrigger(BaseTrigger):
             yield event("check", reason="batches without an id")
             return
         key = os.environ.get(self.api_key_env or "")
-        if not key:
-            yield event("error", message=f"the triggerer's environment has no {self.api_key_env or 'key variable'} "
-                                         f"to poll {self.provider}'s batches with: set it where the triggerer runs")
+        headers, missing = filled(self.headers)
+        query, missing_query = filled(self.query)
+        if not key and self.auth != "none":
+            missing.insert(0, self.api_key_env or "the key's variable")
+        if missing or missing_query:
+            names = ", ".join(dict.fromkeys(missing + missing_query))
+            yield event("error", message=f"the triggerer's environment has no {names} to poll {self.provider}'s "
+                                         f"batches with: set it where the triggerer runs")
             return
-        cfg = ProviderConfig(name=self.provider, type="openai_batch", base_url=self.base_url, api_key=key,
-                             timeout_s=TRIGGER_TIMEOUT_S, poll_interval_s=self.poll_interval_s)
+        cfg = ProviderConfig(name=self.provider, type="openai_batch", base_url=self.base_url, api_key=key or None,
+                             timeout_s=TRIGGER_TIMEOUT_S, poll_interval_s=self.poll_interval_s, auth=self.auth,
+                             headers=Fields(headers), query=Fields(query))
         client = BatchClient(cfg, RetryConfig(max_attempts=self.max_attempts), user_agent=USER_AGENT)
         await client.start()
         try:
@@ -102,3 +118,14 @@ class BatchTrigger(BaseTrigger):
                 age_s = max(0.0, time.time() - created.get(batch_id, 0.0))
                 due[batch_id] = time.monotonic() + poll_delay_s(age_s, self.poll_interval_s)
             await asyncio.sleep(max(0.0, min(due.values()) - time.monotonic()))
+
+
+def filled(fields: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Header or query values with their ${VAR}s filled from this process's
+    environment, and the variables it lacks."""
+    out: dict[str, str] = {}
+    missing: list[str] = []
+    for name, template in fields.items():
+        out[name], lacking = fill_env(template, os.environ)
+        missing += lacking
+    return out, missing

@@ -13,17 +13,18 @@ from __future__ import annotations
 import calendar
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
 from ..checkpoint import layout
 from ..checkpoint.batch_records import BatchRecord
 from ..checkpoint.manifest import Checkpoint
+from ..config.extras import scalar_text
 from ..config.job import JobConfig, ProviderConfig
-from ..config.schema import WHOLE_ENV_REF
+from ..config.schema import WHOLE_ENV_REF, Invalid
 from ..providers.batch_api import RESULT_STATUSES
 from ..storage import open_output
 from ..storage.output import Output
@@ -67,6 +68,11 @@ class Waiting:
     created_s: tuple[float, ...]  # ... and when each was created (epoch seconds)
     unsettled: int  # open batches recorded without an id yet (a run settles them)
     next_check_s: float | None  # epoch seconds; None when nothing runs
+    auth: str = "bearer"  # how the key is sent (providers' `auth`)
+    # The provider's headers and query as the job file writes them: `${VAR}`s
+    # unfilled, so whoever polls fills them from its own environment.
+    headers: Mapping[str, str] = field(default_factory=dict)
+    query: Mapping[str, str] = field(default_factory=dict)
 
 
 def open_records(output: Output, epoch: str, shard: layout.Shard | None) -> list[BatchRecord]:
@@ -85,9 +91,11 @@ def waiting(job: JobConfig, job_file: str | Path, output: Output, epoch: str, sh
     records = open_records(output, epoch, shard)
     checks = [next_check_s(r, cfg.poll_interval_s, now) for r in records]
     known = [r for r in records if r.batch_id and r.state == "submitted"]
-    return Waiting(cfg.name, str(cfg.base_url), key_variable(job_file, cfg), cfg.poll_interval_s,
+    entry = provider_entry(job_file, cfg)
+    return Waiting(cfg.name, str(cfg.base_url), key_variable(entry), cfg.poll_interval_s,
                    tuple(str(r.batch_id) for r in known), tuple(epoch_s(r.created_at) or now for r in known),
-                   len(records) - len(known), min(checks, default=None))
+                   len(records) - len(known), min(checks, default=None), cfg.auth,
+                   written_fields(entry, "headers"), written_fields(entry, "query"))
 
 
 def waiting_for(job: JobConfig, job_file: str | Path, shard: layout.Shard | None) -> Waiting | None:
@@ -100,20 +108,40 @@ def waiting_for(job: JobConfig, job_file: str | Path, shard: layout.Shard | None
         output.close()
 
 
-def key_variable(job_file: str | Path, cfg: ProviderConfig) -> str | None:
-    """The name of the environment variable the job file reads the provider's key from
-    (`api_key: ${NAME}`, the only form a key may take there)."""
+def provider_entry(job_file: str | Path, cfg: ProviderConfig) -> dict[str, Any]:
+    """The provider's entry as the job file writes it (`${VAR}`s unfilled); {} if unreadable."""
     try:
         doc = yaml.safe_load(Path(job_file).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
-        return None
+        return {}
     providers = doc.get("providers") if isinstance(doc, dict) else None
     for entry in providers if isinstance(providers, list) else []:
         if isinstance(entry, dict) and entry.get("name") == cfg.name:
-            value = entry.get("api_key")
-            if isinstance(value, str) and WHOLE_ENV_REF.fullmatch(value):
-                return re.sub(r"^\$\{|\}$", "", value)
+            return entry
+    return {}
+
+
+def key_variable(entry: Mapping[str, Any]) -> str | None:
+    """The name of the environment variable the provider's key is read from
+    (`api_key: ${NAME}`, the only form a key may take in a job file)."""
+    value = entry.get("api_key")
+    if isinstance(value, str) and WHOLE_ENV_REF.fullmatch(value):
+        return re.sub(r"^\$\{|\}$", "", value)
     return None
+
+
+def written_fields(entry: Mapping[str, Any], key: str) -> dict[str, str]:
+    """`headers:` or `query:` of the entry as written: names to text, `${VAR}`s unfilled."""
+    value = entry.get(key)
+    if not isinstance(value, Mapping):
+        return {}
+    out = {}
+    for name, item in value.items():
+        try:
+            out[str(name)] = scalar_text(item)
+        except Invalid:  # not text (load_job refuses such a job before this is read)
+            continue
+    return out
 
 
 def batch_status_fields(record: BatchRecord, interval_s: float | None, now_s: float) -> dict[str, Any]:

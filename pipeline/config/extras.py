@@ -86,7 +86,7 @@ def read_text_fields(key: str) -> Callable[[Any, Reader], dict[str, Any]]:
         out: dict[str, str] = {}
         for name, item in value.items():
             with at(str(name)):
-                out[str(name)] = reader.text(_scalar_text(item))
+                out[str(name)] = reader.text(scalar_text(item))
         return {key: Fields(out)}
 
     return read
@@ -101,7 +101,8 @@ def read_body(value: Any, reader: Reader) -> dict[str, Any]:
     return {"extra_body": Fields(_json_value(value, reader, 0))}
 
 
-def _scalar_text(item: Any) -> str:
+def scalar_text(item: Any) -> str:
+    """A header's or query value's text as the job file means it (YAML reads dates and numbers)."""
     if isinstance(item, bool):
         return "true" if item else "false"
     if isinstance(item, (datetime.date, datetime.datetime)):

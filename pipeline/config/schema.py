@@ -261,18 +261,28 @@ class Reader:
         return tuple(items)
 
     def _fill(self, text: str) -> str:
-        def fill(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name is None:
-                return "$"
-            if name in os.environ:
-                return os.environ[name]
-            if self.require_env:
-                raise Invalid("", f"environment variable ${{{name}}} is not set")
-            self.missing.append(name)
-            return match.group(0)
+        filled, missing = fill_env(text, os.environ)
+        if missing and self.require_env:
+            raise Invalid("", f"environment variable ${{{missing[0]}}} is not set")
+        self.missing.extend(missing)
+        return filled
 
-        return ENV_REF.sub(fill, text)
+
+def fill_env(text: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
+    """`text` with its `${VAR}`s filled from `env` (`$$` is a `$`), and the
+    names that `env` lacks (left as written)."""
+    missing: list[str] = []
+
+    def fill(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None:
+            return "$"
+        if name in env:
+            return env[name]
+        missing.append(name)
+        return match.group(0)
+
+    return ENV_REF.sub(fill, text), missing
 
 
 def _is_container(hint: Any) -> bool:
