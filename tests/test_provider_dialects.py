@@ -59,7 +59,8 @@ def test_azure_without_api_version_is_a_missing_endpoint_and_nothing_is_embedded
         assert fp.count() == 1 and fp.inputs_received == []
         assert fp.calls[0]["query"] == {}
     assert isinstance(err, EndpointMissingError) and err.kind == "unusable"
-    assert str(err) == "relay: HTTP 404 [404] Resource not found"
+    assert str(err) == "relay: HTTP 404 [404] Resource not found (check base_url, and for Azure the deployment in it " \
+                       "and query: {api-version: ...})"
 
 
 def test_azure_with_a_bearer_key_is_refused_as_unusable_and_the_key_never_travels_as_bearer_there() -> None:

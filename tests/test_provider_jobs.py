@@ -82,7 +82,8 @@ def test_an_azure_job_without_its_api_version_embeds_nothing_and_exits_1_naming_
         assert fp.count() == 1  # the probe, answered 404: a missing endpoint is not retried
     assert result.returncode == 1
     assert error_lines(result.stderr) == [
-        "error: no provider can take work (azure: HTTP 404 [404] Resource not found)"]
+        "error: no provider can take work (azure: HTTP 404 [404] Resource not found (check base_url, and for Azure "
+        "the deployment in it and query: {api-version: ...}))"]
 
 
 def test_a_gateways_secret_header_is_sent_on_every_request_and_is_nowhere_in_logs_or_files(tmp_path: Path) -> None:

@@ -68,6 +68,7 @@ TOO_MANY_INPUTS_PATTERN = re.compile(
 )
 # The 404 of an Azure route that does not exist: a wrong deployment, api-version or resource.
 MISSING_ENDPOINT_CODES = frozenset({"", "not_found", "404", "deploymentnotfound", "resourcenotfound"})
+ENDPOINT_HINT = "check base_url, and for Azure the deployment in it and query: {api-version: ...}"
 QUOTA_PATTERN = re.compile(
     r"额度已用尽|额度不足|余额不足|欠费|quota|insufficient.{0,20}balance|billing", re.IGNORECASE
 )
@@ -115,7 +116,7 @@ def classify(
     if status == 429 or code_l in RATE_LIMIT_CODES or RATE_LIMIT_PATTERN.search(text):
         return RateLimitedError(message or "rate limited", retry_after_s=rate_limit_wait, **fields)
     if status == 404 and code_l in MISSING_ENDPOINT_CODES:
-        return EndpointMissingError(message or "endpoint not found (check base_url)", **fields)
+        return EndpointMissingError(f"{message or 'endpoint not found'} ({ENDPOINT_HINT})", **fields)
     if status is not None and status >= 500:
         return TransientError(message or f"server error {status}", retry_after_s=retry_after, **fields)
     numbered_failure = code_l.isdigit() and status not in (400, 413, 422)  # under 400 a number is the rows' fault
