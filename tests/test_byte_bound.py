@@ -348,11 +348,14 @@ def test_the_summarys_tokens_are_the_providers_usage_else_an_exact_count(tmp_pat
         result = run_job(job)
         assert result.returncode == 0, result.stderr
         requests = sent_requests(fp)
-    run = read_summary(tmp_path / "out")["run"]
+    summary = read_summary(tmp_path / "out")
+    run = summary["run"]
     if usage == "none":  # counted with cl100k, bounds or not
         assert run["tokens"] == sum(n_tokens(t) for inputs in requests for t in inputs)
     else:  # what the provider billed, in its own unit
         assert run["tokens"] == sum(len(t) for inputs in requests for t in inputs)
+    # The provider's line says the same, not the bounds its requests were paced by.
+    assert summary["providers"]["fake"]["tokens"] == run["tokens"]
 
 
 def test_the_bound_holds_on_the_sample_corpus_real_prose_of_every_language():

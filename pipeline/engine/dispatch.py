@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Awaitable, Callable, Literal
 
 import numpy as np
@@ -54,7 +54,7 @@ Outcome = EmbedResult | ProviderError | NotSent
 class ProviderStats:
     requests: int = 0
     inputs: int = 0
-    tokens: int = 0  # our own count of what was sent and answered
+    tokens: int = 0  # paid for what it answered: its usage where it reports it, else our exact count (the embedder's)
     usage_tokens: int = 0  # what the provider reported billing
     retries: int = 0
     rate_limited: int = 0
@@ -188,6 +188,13 @@ class Dispatcher:
     def reasons(self) -> dict[str, str]:
         return {r.name: r.unusable_reason for r in self.routes if r.unusable_reason}
 
+    def billed(self, provider: str | None, tokens: int) -> None:
+        """What an answer of `provider` cost: the tokens its usage reported, else
+        our exact count (the request was paced by bounds, which overstate it)."""
+        for route in self.routes:
+            if route.name == provider:
+                route.stats.tokens += tokens
+
     def mark_unusable(self, route: Route, reason: str) -> None:
         if route.unusable_reason is None:
             route.unusable_reason = reason
@@ -297,7 +304,7 @@ class Dispatcher:
             self._record_failure(route, err, permit)
             return err
         self._record_success(route, len(texts), tokens, result, self._clock() - started)
-        return result
+        return replace(result, provider=route.name)
 
     def _record_failure(self, route: Route, err: ProviderError, permit: Permit) -> None:
         route.stats.failures[err.kind] += 1
@@ -344,7 +351,6 @@ class Dispatcher:
         route.concurrency.on_success(latency, tokens)
         s = route.stats
         s.inputs += n
-        s.tokens += tokens
         s.usage_tokens += result.usage_tokens or 0
         if len(s.latencies_s) >= LATENCY_SAMPLES:
             s.latencies_s[int(self._rand() * LATENCY_SAMPLES) % LATENCY_SAMPLES] = latency

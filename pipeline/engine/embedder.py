@@ -195,6 +195,7 @@ class _Sending:
                 else:
                     billed = int((await tokenizing(count_tokens, texts)).sum())
                 paid.append(billed)
+                dispatcher.billed(result.provider, billed)
         except BadInputError as err:
             if b - a == 1:
                 code = err.code or (str(err.status) if err.status else None)

@@ -16,6 +16,7 @@ class EmbedResult:
     vectors: np.ndarray  # float32 [n_inputs, dim], C-contiguous
     usage_tokens: int | None  # what the provider says it billed, when it says
     limits: KeyReading | None = None  # what the answer said of the key's rate limits (x-ratelimit-*)
+    provider: str | None = None  # the provider that answered (set by the dispatcher)
 
 
 class Provider(Protocol):
