@@ -195,10 +195,7 @@ def merge_rejects(output: Output, seqs: Iterable[int], digits: int) -> int:
     for seq in sorted(seqs):
         rel = layout.rejects_name(seq, digits)
         if rel in present:
-            table = output.read_table(rel)
-            if not table.schema.equals(REJECT_SCHEMA):  # e.g. an all-null column read back as another type
-                table = output.read_table(rel, schema=REJECT_SCHEMA)
-            tables.append(table)
+            tables.append(output.read_table(rel, schema=REJECT_SCHEMA))
     merged = pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()
     output.write(layout.REJECTS, table_bytes(merged))
     return merged.num_rows

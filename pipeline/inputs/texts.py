@@ -92,7 +92,7 @@ def _tokenizer_thread() -> ThreadPoolExecutor:
 
 
 async def tokenizing(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run `fn`, which may tokenize, on the run's one tokenizer thread.
+    """Run `fn`, which may tokenize, on this process's one tokenizer thread.
     tiktoken's regex keeps its match state in pools that are fast only for
     the thread that first used them: the same long texts cost 1.4-1.9x the
     CPU when encoded from a pool of threads (bench/README.md, issue 25). The
@@ -178,7 +178,8 @@ def prepare(texts: list[str | None], emb: EmbeddingConfig, row_ids: list[object]
             keep(i, text, nbytes, nbytes, False)
             continue
         enc = encoding()
-        if not exact and emb.too_long != "chunk_mean":  # a cut at most: only as far as the limit decides
+        prefix = not exact and emb.too_long != "chunk_mean"  # a cut at most: count only as far as the limit decides
+        if prefix:
             bound, whole, counted = count_from_start(enc, text, nbytes, limit)
             if counted is None:  # within the limit
                 keep(i, text, bound, nbytes, whole)
@@ -191,7 +192,8 @@ def prepare(texts: list[str | None], emb: EmbeddingConfig, row_ids: list[object]
             keep(i, text, n, nbytes, True)
             continue
         if emb.too_long == "fail":
-            n = len(enc.encode_ordinary(text))  # the whole count, for the message
+            if prefix:
+                n = len(enc.encode_ordinary(text))  # the whole count, for the message
             raise RowPolicyError(
                 f"row {row_ids[i]!r} has {n} tokens, over embedding.max_input_tokens "
                 f"({limit}), and embedding.too_long is 'fail'"
@@ -247,9 +249,10 @@ def count_from_start(enc: tiktoken.Encoding, text: str, nbytes: int,
 
 
 def safe_cut(text: str, start: int, want: int) -> int:
-    """A place in text[start + 1 : want + 1] where a cl100k piece must end
-    (so the tokens of text[:k] and text[k:] are those of the text), as late
-    as found; len(text) when `want` reaches it or none is found.
+    """A place k in (start, want] where a cl100k piece must end (so the
+    tokens of text[:k] and text[k:] are those of the text): the last safe
+    space there, else the last safe newline; len(text) when `want` reaches
+    it or neither is found within CUT_TRIES of each.
 
     Safe: a space after an ASCII letter or digit (no regex alternative takes
     a letter or digit and a space after it: the space begins the next

@@ -20,7 +20,17 @@ import pyarrow.parquet as pq
 from ..errors import ConfigError
 from .fs import HOST, process_alive
 from .locks import FlockLock, flock_holders
-from .output import TEMP_MARK, Output, Staged, fsync_dir, fsync_file, temp_path, write_atomic, write_durable
+from .output import (
+    TEMP_MARK,
+    Output,
+    Staged,
+    fsync_dir,
+    fsync_file,
+    read_parquet,
+    temp_path,
+    write_atomic,
+    write_durable,
+)
 
 
 class _LocalStaged(Staged):
@@ -64,9 +74,7 @@ class LocalOutput(Output):
         return (self.dir / rel).read_bytes()
 
     def read_table(self, rel: str, schema: pa.Schema | None = None) -> pa.Table:
-        if schema is None:  # one file: no dataset machinery (pyarrow.dataset and compute, 20 ms to import)
-            return pq.ParquetFile(self.dir / rel).read()
-        return pq.read_table(self.dir / rel, schema=schema)
+        return read_parquet(self.dir / rel, schema)
 
     def read_metadata(self, rel: str) -> pq.FileMetaData:
         return pq.read_metadata(self.dir / rel)

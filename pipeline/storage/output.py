@@ -108,6 +108,19 @@ class Staged(ABC):
 # -- the output directory -----------------------------------------------------------
 
 
+def read_parquet(source: str | Path | pa.BufferReader, schema: pa.Schema | None = None) -> pa.Table:
+    """One Parquet file as a table, read as `schema` when given. Read as a
+    single file, without pyarrow's dataset layer (pyarrow.dataset and compute
+    take 20 ms to import); that layer only where the file's own schema is
+    not `schema` (an all-null column, say), to convert it."""
+    table = pq.ParquetFile(source).read()
+    if schema is None or table.schema.equals(schema):
+        return table
+    if isinstance(source, pa.BufferReader):
+        source.seek(0)
+    return pq.read_table(source, schema=schema)
+
+
 class Output(ABC):
     """The output directory: files by name relative to it ("_rejects.d/part-00001.parquet")."""
 
@@ -132,9 +145,7 @@ class Output(ABC):
         """Raises FileNotFoundError when absent."""
 
     def read_table(self, rel: str, schema: pa.Schema | None = None) -> pa.Table:
-        if schema is None:  # one file: no dataset machinery (pyarrow.dataset and compute, 20 ms to import)
-            return pq.ParquetFile(pa.BufferReader(self.read_bytes(rel))).read()
-        return pq.read_table(pa.BufferReader(self.read_bytes(rel)), schema=schema)
+        return read_parquet(pa.BufferReader(self.read_bytes(rel)), schema)
 
     def read_metadata(self, rel: str) -> pq.FileMetaData:
         return pq.read_metadata(pa.BufferReader(self.read_bytes(rel)))
